@@ -1,0 +1,47 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Each works alone on a
+# fresh machine: it creates .venv, installs the pinned dependencies and builds the
+# extension (`pip install --no-build-isolation -e .`).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Exact pins: torch/torchvision come from wheels on local disk; a looser pin downloads
+# a different multi-GB build.
+DEPS := torch==2.14.1 torchvision==0.29.1 triton==3.8.0 numpy scikit-learn tqdm matplotlib \
+        pytest pytest-benchmark expecttest ninja setuptools wheel
+SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
+export MAX_JOBS ?= 2
+
+.PHONY: demo test test-core test-triton test-cmake bench clean
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(DEPS)
+	touch $@
+
+# Rebuilds the extension whenever a C++/CUDA source or setup.py changes.
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+demo: $(VENV)/.built
+	$(PY) bench/bench_threshold.py
+
+# The whole suite. Triton kernels run on the CPU under TRITON_INTERPRET=1, which must be
+# set before triton is imported, so they get their own pytest process.
+test: test-core test-triton test-cmake
+
+test-core: $(VENV)/.built
+	$(PY) -m pytest python_tests -m "not triton and not cmake" -q
+
+test-triton: $(VENV)/.built
+	TRITON_INTERPRET=1 $(PY) -m pytest python_tests -m triton -q
+
+test-cmake: $(VENV)/.built
+	$(PY) -m pytest python_tests -m cmake -q
+
+bench: $(VENV)/.built
+	$(PY) bench/bench_threshold.py
+
+clean:
+	rm -rf build build-cmake *.egg-info sparsekern/*.so $(VENV)/.built

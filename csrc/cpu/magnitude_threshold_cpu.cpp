@@ -1,0 +1,194 @@
+// Global magnitude threshold and keep-masks on the CPU: a two-pass radix select over
+// the 31-bit keys of |x| (magnitude_threshold.h), with one histogram per thread and no
+// concatenation or sort.
+//
+// Pass 1 histograms the top 15 key bits (32768 bins, 256 KiB of int64 per thread: fits
+// the 2 MiB per-core L2); pass 2 histograms the low 16 bits of the keys whose top bits
+// equal the selected bin. The masks add two passes: one writes |x| > t and counts ties
+// per chunk, one flips the first ties to "pruned" in (tensor, flat index) order.
+#include <algorithm>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "magnitude_threshold.h"
+
+namespace sparsekern {
+namespace {
+
+constexpr int kHighBits = 15;                 // pass 1 digit: key bits 30..16
+constexpr int kLowBits = 16;                  // pass 2 digit: key bits 15..0
+constexpr int64_t kChunk = int64_t{1} << 16;  // elements per parallel work item
+
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+// Contiguous views of the inputs (a copy only for non-contiguous ones: flat index order
+// is preserved) and the chunks that split them into parallel work.
+struct Inputs {
+  std::vector<at::Tensor> tensors;
+  std::vector<Chunk> chunks;
+};
+
+Inputs prepare(at::TensorList tensors) {
+  Inputs in;
+  in.tensors.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    in.tensors.push_back(tensors[i].detach().contiguous());
+    const int64_t n = tensors[i].numel();
+    for (int64_t b = 0; b < n; b += kChunk) {
+      in.chunks.push_back({static_cast<int64_t>(i), b, std::min(n, b + kChunk)});
+    }
+  }
+  return in;
+}
+
+// Calls f(flat_index, key) for every element of the chunk, dispatching on dtype once.
+template <typename F>
+void for_each_key(const Inputs& in, const Chunk& c, F&& f) {
+  const at::Tensor& t = in.tensors[c.tensor];
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "magnitude_threshold_cpu", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    for (int64_t i = c.begin; i < c.end; ++i) {
+      f(i, abs_key(static_cast<float>(p[i])));
+    }
+  });
+}
+
+// Histogram of digit (key >> shift) & (2^bits - 1) over the keys whose bits above
+// shift + bits equal those of `prefix`. One histogram per thread, summed at the end.
+std::vector<int64_t> histogram(const Inputs& in, int shift, int bits, uint32_t prefix) {
+  const int64_t nbins = int64_t{1} << bits;
+  const int high = shift + bits;  // <= 31, so the shifts below are defined
+  const uint32_t want = prefix >> high;
+  const uint32_t digit_mask = static_cast<uint32_t>(nbins - 1);
+  const int nthreads = at::get_num_threads();
+  std::vector<int64_t> per_thread(static_cast<size_t>(nthreads) * nbins, 0);
+  at::parallel_for(0, static_cast<int64_t>(in.chunks.size()), 1, [&](int64_t b, int64_t e) {
+    int64_t* h = per_thread.data() + static_cast<int64_t>(at::get_thread_num()) * nbins;
+    for (int64_t c = b; c < e; ++c) {
+      if (high == kKeyBits) {  // first pass: every key matches, skip the compare
+        for_each_key(in, in.chunks[c], [&](int64_t, uint32_t key) { ++h[(key >> shift) & digit_mask]; });
+      } else {
+        for_each_key(in, in.chunks[c], [&](int64_t, uint32_t key) {
+          if ((key >> high) == want) ++h[(key >> shift) & digit_mask];
+        });
+      }
+    }
+  });
+  std::vector<int64_t> hist(per_thread.begin(), per_thread.begin() + nbins);
+  for (int t = 1; t < nthreads; ++t) {
+    const int64_t* h = per_thread.data() + static_cast<int64_t>(t) * nbins;
+    for (int64_t i = 0; i < nbins; ++i) hist[i] += h[i];
+  }
+  return hist;
+}
+
+// Where the k-th smallest key (1-based) lies: the bin, and how many keys precede it.
+struct Selected {
+  uint32_t bin;
+  int64_t before;
+};
+
+Selected select_bin(const std::vector<int64_t>& hist, int64_t k) {
+  int64_t before = 0;
+  for (size_t b = 0; b < hist.size(); ++b) {
+    if (before + hist[b] >= k) return {static_cast<uint32_t>(b), before};
+    before += hist[b];
+  }
+  TORCH_INTERNAL_ASSERT(false, "magnitude_threshold: rank ", k, " exceeds the histogram total ", before);
+}
+
+struct Threshold {
+  float value;            // NaN when any input is NaN/Inf
+  uint32_t key;           // key of value (valid when k > 0 and all finite)
+  int64_t ties_to_prune;  // how many keys equal to `key` are pruned
+  bool finite;
+};
+
+Threshold select_threshold(const Inputs& in, int64_t k) {
+  const auto high = histogram(in, kLowBits, kHighBits, 0);
+  const int64_t nonfinite =
+      std::accumulate(high.begin() + (kNonFiniteKey >> kLowBits), high.end(), int64_t{0});
+  if (nonfinite > 0) {
+    return {std::numeric_limits<float>::quiet_NaN(), 0, 0, false};
+  }
+  if (k == 0) return {0.0f, 0, 0, true};
+  const Selected s1 = select_bin(high, k);
+  const uint32_t prefix = s1.bin << kLowBits;
+  const auto low = histogram(in, 0, kLowBits, prefix);
+  const Selected s2 = select_bin(low, k - s1.before);
+  const uint32_t key = prefix | s2.bin;
+  return {key_to_float(key), key, k - s1.before - s2.before, true};
+}
+
+at::Tensor scalar_result(float value) {
+  return at::scalar_tensor(value, at::TensorOptions().dtype(at::kFloat));
+}
+
+at::Tensor magnitude_threshold_cpu(at::TensorList tensors, int64_t n_prune) {
+  check_threshold_inputs(tensors, n_prune);
+  const Inputs in = prepare(tensors);
+  return scalar_result(select_threshold(in, n_prune).value);
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> magnitude_masks_cpu(at::TensorList tensors, int64_t n_prune) {
+  check_threshold_inputs(tensors, n_prune);
+  const Inputs in = prepare(tensors);
+  const Threshold thr = select_threshold(in, n_prune);
+
+  std::vector<at::Tensor> masks;
+  masks.reserve(tensors.size());
+  for (const auto& t : tensors) masks.push_back(at::empty(t.sizes(), t.options().dtype(at::kBool)));
+  if (n_prune == 0 || !thr.finite) {
+    // Nothing pruned (or no threshold exists): keep everything.
+    for (auto& m : masks) m.fill_(true);
+    return {masks, scalar_result(thr.value)};
+  }
+
+  // Pass 3: keep |x| > t, count the ties at t per chunk.
+  const int64_t nchunks = static_cast<int64_t>(in.chunks.size());
+  std::vector<int64_t> ties(nchunks, 0);
+  at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      bool* m = masks[in.chunks[c].tensor].data_ptr<bool>();
+      int64_t n_ties = 0;
+      for_each_key(in, in.chunks[c], [&](int64_t i, uint32_t key) {
+        m[i] = key > thr.key;
+        n_ties += key == thr.key;
+      });
+      ties[c] = n_ties;
+    }
+  });
+  // Ties before each chunk, in (tensor, flat index) order.
+  std::vector<int64_t> offset(nchunks, 0);
+  std::exclusive_scan(ties.begin(), ties.end(), offset.begin(), int64_t{0});
+
+  // Pass 4: ties of rank >= ties_to_prune are kept; only chunks holding such ties run.
+  at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      if (ties[c] == 0 || offset[c] + ties[c] <= thr.ties_to_prune) continue;
+      bool* m = masks[in.chunks[c].tensor].data_ptr<bool>();
+      int64_t rank = offset[c];
+      for_each_key(in, in.chunks[c], [&](int64_t i, uint32_t key) {
+        if (key == thr.key) m[i] = rank++ >= thr.ties_to_prune;
+      });
+    }
+  });
+  return {masks, scalar_result(thr.value)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("magnitude_threshold", &magnitude_threshold_cpu);
+  m.impl("magnitude_masks", &magnitude_masks_cpu);
+}
+
+}  // namespace sparsekern

@@ -1,0 +1,14 @@
+// Every C++ op's schema, in one place. Kernels register against these names in
+// csrc/cpu/<op>_cpu.cpp and csrc/cuda/<op>_cuda.cu; fakes and autograd live in
+// sparsekern/ops/.
+#include <torch/library.h>
+
+TORCH_LIBRARY(sparsekern, m) {
+  // The n_prune-th smallest |x| (1-based) over all elements of all tensors, as a 0-dim
+  // float32 tensor on their device; 0.0 when n_prune == 0; NaN when any value is NaN/Inf.
+  m.def("magnitude_threshold(Tensor[] tensors, int n_prune) -> Tensor");
+  // Keep-masks (True = keep) with exactly n_prune False in total: |x| below the threshold
+  // pruned, above kept, ties at it pruned in ascending (tensor, flat index) order.
+  // Also returns the threshold (same contract as magnitude_threshold).
+  m.def("magnitude_masks(Tensor[] tensors, int n_prune) -> (Tensor[], Tensor)");
+}

@@ -1,0 +1,7 @@
+"""sparsekern: fused kernels and pruning methods for training sparse neural networks."""
+from . import _extension
+from . import ops
+from ._extension import HAS_EXTENSION
+
+__all__ = ["ops", "HAS_EXTENSION"]
+__version__ = "0.1.0"

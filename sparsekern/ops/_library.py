@@ -1,0 +1,31 @@
+"""Registration helpers shared by every C++-backed op.
+
+The C++ schemas live in csrc/sparsekern.cpp. When the extension is missing, the same
+schemas are defined here with the reference as the kernel for every device, so fakes,
+torch.compile and the public wrappers work unchanged. test_ops_library.py checks that
+these strings equal the compiled ones.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .._extension import HAS_EXTENSION
+
+CPP_SCHEMAS = {
+    "magnitude_threshold": "magnitude_threshold(Tensor[] tensors, int n_prune) -> Tensor",
+    "magnitude_masks": "magnitude_masks(Tensor[] tensors, int n_prune) -> (Tensor[], Tensor)",
+}
+
+# A FRAGMENT, not a DEF: the Triton ops add to the same namespace.
+_fallback_lib = None if HAS_EXTENSION else torch.library.Library("sparsekern", "FRAGMENT")
+
+
+def cpp_op(name: str, reference: Callable) -> torch._ops.OpOverloadPacket:
+    """The torch.ops.sparsekern.<name> packet; defines it from the reference if the
+    compiled extension is missing."""
+    if _fallback_lib is not None:
+        _fallback_lib.define(CPP_SCHEMAS[name])
+        _fallback_lib.impl(name, reference, "CompositeExplicitAutograd")
+    return getattr(torch.ops.sparsekern, name)
