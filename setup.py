@@ -15,7 +15,20 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _find_cuda_home():
+    """The toolkit root. torch guesses it from the nvcc on PATH; here that can be a
+    wrapper script in /usr/local/bin, giving /usr/local (no lib64/libcudart). Resolve
+    the real nvcc instead, so the link finds libcudart."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    for candidate in ("/usr/local/cuda",):
+        if os.path.isfile(os.path.join(candidate, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = candidate
+            return
+
+
 def _extensions():
+    _find_cuda_home()  # before torch.utils.cpp_extension reads CUDA_HOME at import
     import torch
     from torch.utils import cpp_extension
 
@@ -37,6 +50,11 @@ def _extensions():
     )
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        # The cu13 wheels ship the CUDA library headers (cusparse.h, cublas_v2.h, which
+        # ATen/cuda headers include) in site-packages, not in the system toolkit.
+        wheel_include = os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu13", "include")
+        if os.path.isdir(wheel_include):
+            kwargs["include_dirs"].append(os.path.abspath(wheel_include))
         nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
         ext = cpp_extension.CUDAExtension(
             sources=sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, **kwargs

@@ -61,31 +61,77 @@ void for_each_key(const Inputs& in, const Chunk& c, F&& f) {
   });
 }
 
-// Histogram of digit (key >> shift) & (2^bits - 1) over the keys whose bits above
-// shift + bits equal those of `prefix`. One histogram per thread, summed at the end.
-std::vector<int64_t> histogram(const Inputs& in, int shift, int bits, uint32_t prefix) {
-  const int64_t nbins = int64_t{1} << bits;
-  const int high = shift + bits;  // <= 31, so the shifts below are defined
-  const uint32_t want = prefix >> high;
-  const uint32_t digit_mask = static_cast<uint32_t>(nbins - 1);
+// Adds the chunk's digits (key >> kShift) & (2^kBits - 1) to h.
+// kAll (the first pass): every key counts. Four interleaved sub-histograms ("lanes"): a
+// run of equal digits would otherwise serialise on store-to-load forwarding of one
+// counter (pass 1 on ResNet-50: 22 -> 11 ms with two threads).
+// Otherwise only keys whose bits above kShift + kBits equal `want` count; those are rare
+// (about 1 in 600 on ResNet-50 weights), so blocks of 16 keys are first tested with a
+// vectorisable any-match, and the histogram is touched only for blocks that hit.
+template <typename scalar_t, int kShift, int kBits, bool kAll>
+void histogram_chunk(const scalar_t* p, int64_t begin, int64_t end, uint32_t want, uint32_t* h) {
+  constexpr int64_t kBins = int64_t{1} << kBits;
+  constexpr uint32_t kMask = static_cast<uint32_t>(kBins - 1);
+  constexpr int kHigh = kShift + kBits;
+  int64_t i = begin;
+  if constexpr (kAll) {
+    for (; i + 4 <= end; i += 4) {
+      for (int lane = 0; lane < 4; ++lane) {
+        ++h[lane * kBins + ((abs_key(static_cast<float>(p[i + lane])) >> kShift) & kMask)];
+      }
+    }
+  } else {
+    constexpr int kBlock = 16;
+    for (; i + kBlock <= end; i += kBlock) {
+      uint32_t keys[kBlock];
+      bool any = false;
+      for (int j = 0; j < kBlock; ++j) {
+        keys[j] = abs_key(static_cast<float>(p[i + j]));
+        any |= (keys[j] >> kHigh) == want;
+      }
+      if (!any) continue;
+      for (int j = 0; j < kBlock; ++j) {
+        if ((keys[j] >> kHigh) == want) ++h[(keys[j] >> kShift) & kMask];
+      }
+    }
+  }
+  for (; i < end; ++i) {
+    const uint32_t key = abs_key(static_cast<float>(p[i]));
+    if (kAll || (key >> kHigh) == want) ++h[(key >> kShift) & kMask];
+  }
+}
+
+// Histogram of one digit over all chunks: per thread, 4 lanes of uint32 counters (a chunk
+// holds < 2^32 elements, and lanes are flushed to int64 after every chunk range).
+template <int kShift, int kBits, bool kAll>
+std::vector<int64_t> histogram(const Inputs& in, uint32_t prefix) {
+  constexpr int64_t kBins = int64_t{1} << kBits;
+  const uint32_t want = kAll ? 0u : prefix >> (kShift + kBits);
   const int nthreads = at::get_num_threads();
-  std::vector<int64_t> per_thread(static_cast<size_t>(nthreads) * nbins, 0);
+  std::vector<int64_t> per_thread(static_cast<size_t>(nthreads) * kBins, 0);
   at::parallel_for(0, static_cast<int64_t>(in.chunks.size()), 1, [&](int64_t b, int64_t e) {
-    int64_t* h = per_thread.data() + static_cast<int64_t>(at::get_thread_num()) * nbins;
+    std::vector<uint32_t> lanes(4 * kBins, 0);
+    int64_t* total = per_thread.data() + static_cast<int64_t>(at::get_thread_num()) * kBins;
     for (int64_t c = b; c < e; ++c) {
-      if (high == kKeyBits) {  // first pass: every key matches, skip the compare
-        for_each_key(in, in.chunks[c], [&](int64_t, uint32_t key) { ++h[(key >> shift) & digit_mask]; });
-      } else {
-        for_each_key(in, in.chunks[c], [&](int64_t, uint32_t key) {
-          if ((key >> high) == want) ++h[(key >> shift) & digit_mask];
-        });
+      const Chunk& ch = in.chunks[c];
+      const at::Tensor& t = in.tensors[ch.tensor];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "magnitude_threshold_cpu", [&] {
+        histogram_chunk<scalar_t, kShift, kBits, kAll>(t.const_data_ptr<scalar_t>(), ch.begin, ch.end, want,
+                                                       lanes.data());
+      });
+      // uint32 lanes cannot overflow within 2^16 chunks of 2^16 elements; flush sooner.
+      if ((c - b) % 60000 == 59999 || c + 1 == e) {
+        for (int64_t i = 0; i < kBins; ++i) {
+          total[i] += int64_t{lanes[i]} + lanes[kBins + i] + lanes[2 * kBins + i] + lanes[3 * kBins + i];
+        }
+        std::fill(lanes.begin(), lanes.end(), 0u);
       }
     }
   });
-  std::vector<int64_t> hist(per_thread.begin(), per_thread.begin() + nbins);
+  std::vector<int64_t> hist(per_thread.begin(), per_thread.begin() + kBins);
   for (int t = 1; t < nthreads; ++t) {
-    const int64_t* h = per_thread.data() + static_cast<int64_t>(t) * nbins;
-    for (int64_t i = 0; i < nbins; ++i) hist[i] += h[i];
+    const int64_t* h = per_thread.data() + static_cast<int64_t>(t) * kBins;
+    for (int64_t i = 0; i < kBins; ++i) hist[i] += h[i];
   }
   return hist;
 }
@@ -113,7 +159,7 @@ struct Threshold {
 };
 
 Threshold select_threshold(const Inputs& in, int64_t k) {
-  const auto high = histogram(in, kLowBits, kHighBits, 0);
+  const auto high = histogram<kLowBits, kHighBits, true>(in, 0);
   const int64_t nonfinite =
       std::accumulate(high.begin() + (kNonFiniteKey >> kLowBits), high.end(), int64_t{0});
   if (nonfinite > 0) {
@@ -122,7 +168,7 @@ Threshold select_threshold(const Inputs& in, int64_t k) {
   if (k == 0) return {0.0f, 0, 0, true};
   const Selected s1 = select_bin(high, k);
   const uint32_t prefix = s1.bin << kLowBits;
-  const auto low = histogram(in, 0, kLowBits, prefix);
+  const auto low = histogram<0, kLowBits, false>(in, prefix);
   const Selected s2 = select_bin(low, k - s1.before);
   const uint32_t key = prefix | s2.bin;
   return {key_to_float(key), key, k - s1.before - s2.before, true};
