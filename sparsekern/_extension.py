@@ -6,6 +6,8 @@ works: one RuntimeWarning says so, and the ops run their pure-PyTorch references
 """
 import warnings
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against, before _C)
+
 try:
     from . import _C  # noqa: F401  (the import registers torch.ops.sparsekern.*)
 

@@ -81,17 +81,20 @@ void histogram_chunk(const scalar_t* p, int64_t begin, int64_t end, uint32_t wan
       }
     }
   } else {
+    // Signed compares on keys (all < 2^31): SSE2 has them, unsigned ones it lacks.
     constexpr int kBlock = 16;
+    const int32_t lo = static_cast<int32_t>(want << kHigh);
+    const int32_t hi = static_cast<int32_t>(lo + ((1u << kHigh) - 1));
     for (; i + kBlock <= end; i += kBlock) {
-      uint32_t keys[kBlock];
-      bool any = false;
+      int hits = 0;
       for (int j = 0; j < kBlock; ++j) {
-        keys[j] = abs_key(static_cast<float>(p[i + j]));
-        any |= (keys[j] >> kHigh) == want;
+        const int32_t key = static_cast<int32_t>(abs_key(static_cast<float>(p[i + j])));
+        hits += (key >= lo) & (key <= hi);
       }
-      if (!any) continue;
+      if (hits == 0) continue;
       for (int j = 0; j < kBlock; ++j) {
-        if ((keys[j] >> kHigh) == want) ++h[(keys[j] >> kShift) & kMask];
+        const uint32_t key = abs_key(static_cast<float>(p[i + j]));
+        if ((key >> kHigh) == want) ++h[(key >> kShift) & kMask];
       }
     }
   }

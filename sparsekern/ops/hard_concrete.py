@@ -1,0 +1,222 @@
+"""Hard-concrete gates (Louizos et al. 2018) for constrained / penalised L0.
+
+One op, sparsekern::hard_concrete_sample, reads log alpha once and writes the gates z and
+the expected-L0 sum; hard_concrete_gates and hard_concrete_l0 are its two halves. Its
+backward op re-derives the noise u from (seed, offset), so autograd saves only log alpha.
+
+Noise: Philox4x32-10 keyed by `seed` with counter (flat index, offset), identical on both
+paths: the Triton kernel (CUDA, sparsekern/kernels/hard_concrete.py) draws it with
+tl.philox, the torch path (CPU and any other device) with reference.philox_uniform. The
+same (seed, offset) therefore gives the same gates on CPU and CUDA up to float rounding;
+every (offset, index) pair is its own counter, so stepping the offset (e.g. by one per
+forward) never reuses noise. The torch path costs about 0.2 s per million gates per pass
+on one core: fine for per-channel gates, noticeable for large unstructured layers on CPU.
+
+Oracle: reference.hard_concrete_gates / reference.hard_concrete_l0.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from . import reference
+from ..kernels.hard_concrete import backward as _triton_backward
+from ..kernels.hard_concrete import sample as _triton_sample
+
+BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1  # METHODS.md; Louizos et al.
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INT64_MAX = 2**63 - 1
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # z keeps log alpha's dtype; the math and the L0 sum run in float32 (float64 stays).
+    return torch.promote_types(dtype, torch.float32)
+
+
+# --- the torch path: CPU kernel, and the body for every non-CUDA device ----------------
+
+
+def _sample_torch(log_alpha, seed, offset, group_size, beta, gamma, zeta, training):
+    log_alpha = log_alpha.contiguous()
+    z = reference.hard_concrete_gates(log_alpha, seed, offset, training, beta, gamma, zeta)
+    return z, reference.hard_concrete_l0(log_alpha, group_size, beta, gamma, zeta)
+
+
+def _backward_torch(grad_z, grad_l0, log_alpha, seed, offset, group_size, beta, gamma, zeta, training):
+    dtype = _acc_dtype(log_alpha.dtype)
+    x = log_alpha.contiguous().to(dtype)
+    noisy = x
+    if training:
+        u = reference.hard_concrete_uniform(x.shape, seed, offset, dtype, x.device)
+        noisy = x + (torch.log(u) - torch.log(1.0 - u))
+    s = torch.sigmoid(noisy / beta)
+    y = s * (zeta - gamma) + gamma
+    dz = torch.where((y > 0) & (y < 1), (zeta - gamma) / beta * s * (1 - s), 0.0)
+    p = torch.sigmoid(x - beta * math.log(-gamma / zeta))
+    grad = grad_z.to(dtype) * dz + (grad_l0.to(dtype) * group_size) * p * (1 - p)
+    return grad.to(log_alpha.dtype)
+
+
+# --- the ops ----------------------------------------------------------------------------
+
+
+@torch.library.triton_op("sparsekern::hard_concrete_sample", mutates_args=())
+def _sample_op(
+    log_alpha: torch.Tensor, seed: int, offset: int, group_size: int,
+    beta: float, gamma: float, zeta: float, training: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # torch.compile decomposes a triton_op by calling this body directly, bypassing the
+    # CPU kernel registered below, so non-CUDA tensors are routed to the torch path here too.
+    if log_alpha.device.type != "cuda":
+        return _sample_torch(log_alpha, seed, offset, group_size, beta, gamma, zeta, training)
+    return _triton_sample(log_alpha, seed, offset, group_size, beta, gamma, zeta, training)
+
+
+@torch.library.triton_op("sparsekern::hard_concrete_sample_backward", mutates_args=())
+def _backward_op(
+    grad_z: torch.Tensor, grad_l0: torch.Tensor, log_alpha: torch.Tensor, seed: int,
+    offset: int, group_size: int, beta: float, gamma: float, zeta: float, training: bool,
+) -> torch.Tensor:
+    if log_alpha.device.type != "cuda":
+        return _backward_torch(grad_z, grad_l0, log_alpha, seed, offset, group_size, beta, gamma, zeta, training)
+    return _triton_backward(grad_z, grad_l0, log_alpha, seed, offset, group_size, beta, gamma, zeta, training)
+
+
+_sample_op.register_kernel("cpu")(_sample_torch)
+_backward_op.register_kernel("cpu")(_backward_torch)
+
+
+@_sample_op.register_fake
+def _sample_fake(log_alpha, seed, offset, group_size, beta, gamma, zeta, training):
+    z = log_alpha.new_empty(log_alpha.shape)
+    return z, log_alpha.new_empty((), dtype=_acc_dtype(log_alpha.dtype))
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_z, grad_l0, log_alpha, seed, offset, group_size, beta, gamma, zeta, training):
+    return log_alpha.new_empty(log_alpha.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    log_alpha, *args = inputs
+    ctx.save_for_backward(log_alpha)  # never u or z: the backward regenerates them
+    ctx.args = args
+
+
+def _backward(ctx, grad_z, grad_l0):
+    (log_alpha,) = ctx.saved_tensors
+    grad = torch.ops.sparsekern.hard_concrete_sample_backward(grad_z, grad_l0, log_alpha, *ctx.args)
+    return (grad,) + (None,) * len(ctx.args)
+
+
+_sample_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- public functions -------------------------------------------------------------------
+
+
+def _check_real(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value}")
+    return float(value)
+
+
+def _check_int(name, value, low):
+    if isinstance(value, torch.SymInt):  # traced by torch.compile: no range check
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
+    value = int(value)
+    if not low <= value <= _INT64_MAX:
+        raise ValueError(f"`{name}` must be in [{low}, 2**63 - 1], got {value}")
+    return value
+
+
+def _check(log_alpha, beta, gamma, zeta):
+    if not isinstance(log_alpha, torch.Tensor):
+        raise TypeError(f"`log_alpha` must be a torch.Tensor, got {type(log_alpha).__name__}")
+    if log_alpha.dtype not in _DTYPES:
+        raise ValueError(
+            f"`log_alpha` must be floating point (float32/float16/bfloat16/float64), got {log_alpha.dtype}"
+        )
+    beta, gamma, zeta = _check_real("beta", beta), _check_real("gamma", gamma), _check_real("zeta", zeta)
+    if beta <= 0:
+        raise ValueError(f"`beta` (the temperature) must be > 0, got {beta}")
+    # The stretch (gamma, zeta) must contain [0, 1] strictly, or z never reaches 0 or 1.
+    if gamma >= 0:
+        raise ValueError(f"`gamma` must be < 0, got {gamma}")
+    if zeta <= 1:
+        raise ValueError(f"`zeta` must be > 1, got {zeta}")
+    return beta, gamma, zeta
+
+
+def hard_concrete_sample(
+    log_alpha: torch.Tensor,
+    seed: int,
+    offset: int,
+    group_size: int = 1,
+    *,
+    training: bool = True,
+    beta: float = BETA,
+    gamma: float = GAMMA,
+    zeta: float = ZETA,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, expected_l0) from one pass over log_alpha: hard_concrete_gates and
+    hard_concrete_l0 (with `group_size`) together, both differentiable w.r.t. log_alpha."""
+    beta, gamma, zeta = _check(log_alpha, beta, gamma, zeta)
+    seed = _check_int("seed", seed, 0)
+    offset = _check_int("offset", offset, 0)
+    group_size = _check_int("group_size", group_size, 1)
+    if not isinstance(training, bool):
+        raise TypeError(f"`training` must be a bool, got {type(training).__name__}")
+    return _sample_op(log_alpha, seed, offset, group_size, beta, gamma, zeta, training)
+
+
+def hard_concrete_gates(
+    log_alpha: torch.Tensor,
+    seed: int,
+    offset: int,
+    *,
+    training: bool = True,
+    beta: float = BETA,
+    gamma: float = GAMMA,
+    zeta: float = ZETA,
+) -> torch.Tensor:
+    """Hard-concrete gates z in [0, 1], one per element of log_alpha (any shape: one gate
+    per group for structured sparsity, or the weight's shape for unstructured).
+
+    training: u ~ U(eps, 1 - eps) (eps = 1e-6) from Philox keyed by (seed, offset, flat
+    index), deterministic in (seed, offset); s = sigmoid((log u - log(1 - u) + log_alpha)
+    / beta); z = clamp(s (zeta - gamma) + gamma, 0, 1). Use a new offset per forward.
+    eval: z = clamp(sigmoid(log_alpha / beta) (zeta - gamma) + gamma, 0, 1), no noise.
+
+    dz/dlog_alpha = (zeta - gamma) s (1 - s) / beta where 0 < z < 1, else 0; the backward
+    regenerates u from (seed, offset) rather than saving it. z has log_alpha's dtype
+    (computed in float32, float64 for float64 input) and is contiguous.
+    """
+    return hard_concrete_sample(
+        log_alpha, seed, offset, training=training, beta=beta, gamma=gamma, zeta=zeta
+    )[0]
+
+
+def hard_concrete_l0(
+    log_alpha: torch.Tensor,
+    group_size: int = 1,
+    *,
+    beta: float = BETA,
+    gamma: float = GAMMA,
+    zeta: float = ZETA,
+) -> torch.Tensor:
+    """Expected number of nonzero weights, sum_j group_size * P(z_j != 0) with
+    P(z != 0) = sigmoid(log_alpha - beta log(-gamma / zeta)): a 0-dim float32 tensor
+    (float64 for float64 input), differentiable w.r.t. log_alpha. Divide by
+    group_size * log_alpha.numel() for the expected density. This runs hard_concrete_sample
+    in eval mode and drops its gates; call hard_concrete_sample directly when the gates are
+    needed too, to get both from one pass."""
+    return hard_concrete_sample(
+        log_alpha, 0, 0, group_size, training=False, beta=beta, gamma=gamma, zeta=zeta
+    )[1]
