@@ -1,0 +1,351 @@
+"""SparseLinear / SparseConv2d: for every mask kind the output equals the dense layer with
+w ⊙ g (g written out here in plain torch), the gradients reach weight, bias and mask as
+DESIGN.md's table says, state_dict names, dense-checkpoint loading, from_dense/to_dense,
+option checking, and torch.compile(fullgraph=True) forward + backward."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsekern import ops
+from sparsekern.nn import SparseConv2d, SparseLinear, make_mask
+
+KINDS = ["binary", "straight_through", "sigmoid", "relaxed", "hard_concrete", "hard_concrete_structured"]
+STATE_NAME = {
+    "binary": "weight_mask",
+    "straight_through": "weight_mask",
+    "sigmoid": "weight_score",
+    "relaxed": "weight_mask",
+    "hard_concrete": "weight_log_alpha",
+    "hard_concrete_structured": "weight_log_alpha",
+}
+HC = dict(beta=2.0 / 3.0, gamma=-0.1, zeta=1.1)
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def kind_and_options(kind):
+    if kind == "hard_concrete_structured":
+        return "hard_concrete", {"structured": True, "seed": 1234}
+    if kind == "hard_concrete":
+        return kind, {"seed": 1234}
+    if kind == "sigmoid":
+        return kind, {"s0": -0.2, "beta": 2.5}
+    return kind, {}
+
+
+def make_layer(kind, cls, *args, dtype=torch.float64, device="cpu", **kwargs):
+    """A layer of `kind` whose mask state is random, so every gate value matters."""
+    name, opts = kind_and_options(kind)
+    layer = cls(*args, dtype=dtype, device=device, mask=name, **kwargs, **opts)
+    state = getattr(layer, STATE_NAME[kind])
+    with torch.no_grad():
+        if state.dtype == torch.bool:
+            state.copy_(torch.rand(state.shape) < 0.6)
+        elif name == "sigmoid":
+            state.copy_(torch.randn(state.shape))
+        elif name == "relaxed":
+            state.copy_(torch.rand(state.shape))
+        else:  # log α spread so that some gates are 0, some 1, some between
+            state.copy_(3 * torch.randn(state.shape))
+    return layer
+
+
+def reference_gate(layer, state, offset_before):
+    """g from a leaf copy of the mask state, in plain torch (the hard-concrete noise is the
+    op reference's Philox stream at the offset the forward used)."""
+    m = layer.mask
+    if m.name in ("binary", "straight_through"):
+        return state.to(layer.weight.dtype)
+    if m.name == "sigmoid":
+        return torch.sigmoid(m.beta * state) / torch.sigmoid(torch.tensor(m.s0, dtype=state.dtype))
+    if m.name == "relaxed":
+        return state
+    x = state
+    if layer.training:
+        u = ops.reference.hard_concrete_uniform(x.shape, m.seed, offset_before, x.dtype, x.device)
+        x = x + torch.log(u) - torch.log(1 - u)
+    return (torch.sigmoid(x / HC["beta"]) * (HC["zeta"] - HC["gamma"]) + HC["gamma"]).clamp(0, 1)
+
+
+def state_name(layer):
+    (name,) = layer.mask.state_names
+    return name
+
+
+def check_against_reference(layer, x, dense_fn):
+    """Runs layer and the reference y = dense_fn(x, w ⊙ g, b) with the same upstream
+    gradient; compares outputs and the gradients of weight, bias and the mask state."""
+    name = state_name(layer)
+    state = getattr(layer, name)
+    offset = getattr(layer.mask, "offset", None)
+    y = layer(x)
+    go = torch.randn_like(y)
+    y.backward(go)
+
+    w = layer.weight.detach().clone().requires_grad_()
+    b = None if layer.bias is None else layer.bias.detach().clone().requires_grad_()
+    s = state.detach().clone().requires_grad_(state.is_floating_point())
+    g = reference_gate(layer, s, offset)
+    b_eff = b * g.reshape(-1) if b is not None and layer.mask.bias_gated(layer) else b
+    w_eff = w * g
+    w_eff.retain_grad()
+    y_ref = dense_fn(x, w_eff, b_eff)
+    y_ref.backward(go)
+    torch.testing.assert_close(y, y_ref, **TOL)
+
+    if layer.mask.name == "straight_through":
+        torch.testing.assert_close(layer.weight.grad, w_eff.grad, **TOL)  # G, unmasked
+        assert bool((layer.weight.grad[~state] != 0).any())  # pruned weights do get gradient
+    else:
+        torch.testing.assert_close(layer.weight.grad, w.grad, **TOL)  # G ⊙ g
+    if b is not None:
+        torch.testing.assert_close(layer.bias.grad, b.grad, **TOL)
+    if state.is_floating_point():
+        assert state.requires_grad and state.grad is not None
+        torch.testing.assert_close(state.grad, s.grad, **TOL)
+        assert bool(state.grad.abs().sum() > 0)
+    else:
+        assert not state.requires_grad and state.grad is None
+    return y
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_linear_equals_dense_with_masked_weight(kind, training, device):
+    torch.manual_seed(0)
+    layer = make_layer(kind, SparseLinear, 7, 5, device=device).train(training)
+    x = torch.randn(2, 3, 7, dtype=torch.float64, device=device)  # extra leading dim
+    check_against_reference(layer, x, F.linear)
+
+
+CONV_CONFIGS = [
+    dict(kernel_size=3, padding="same"),
+    dict(kernel_size=3, stride=2, padding=1, dilation=1, bias=False),
+    dict(kernel_size=(3, 1), padding="valid", dilation=2, groups=2),
+    dict(kernel_size=3, padding=1, padding_mode="reflect"),
+]
+
+
+@pytest.mark.parametrize("config", range(len(CONV_CONFIGS)))
+@pytest.mark.parametrize("kind", KINDS)
+def test_conv_equals_dense_with_masked_weight(kind, config, device):
+    torch.manual_seed(1)
+    cfg = CONV_CONFIGS[config]
+    layer = make_layer(kind, SparseConv2d, 4, 6, device=device, **cfg).train()
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64, device=device)
+    plain = nn.Conv2d(4, 6, **cfg, dtype=torch.float64)
+
+    def dense(x, w, b):
+        return plain._conv_forward(x, w, b)
+
+    check_against_reference(layer, x, dense)
+
+
+def test_structured_hard_concrete_gate_shapes_and_bias_gating():
+    lin = SparseLinear(6, 4, mask="hard_concrete", structured=True)
+    conv = SparseConv2d(3, 5, 3, mask="hard_concrete", structured=True)
+    assert lin.weight_log_alpha.shape == (1, 6)  # one gate per input neuron
+    assert conv.weight_log_alpha.shape == (5, 1, 1, 1)  # one gate per output channel
+    assert conv.mask.bias_gated(conv) and not lin.mask.bias_gated(lin)
+    with torch.no_grad():
+        conv.weight_log_alpha[2] = -50.0  # median gate exactly 0
+        conv.bias.fill_(1.0)
+    y = conv.eval()(torch.randn(1, 3, 5, 5))
+    assert bool((y[:, 2] == 0).all())  # the bias is gated with its channel
+    assert conv.mask.group_size(conv) == 27 and lin.mask.group_size(lin) == 4
+
+
+def test_hard_concrete_init_and_offset():
+    torch.manual_seed(0)
+    layer = SparseLinear(50, 40, mask="hard_concrete", droprate_init=0.2)
+    la = layer.weight_log_alpha
+    assert la.shape == layer.weight.shape and la.requires_grad
+    la = la.detach()
+    assert abs(float(la.mean()) - math.log(0.8 / 0.2)) < 0.01 and 0.005 < float(la.std()) < 0.015
+    x = torch.randn(3, 50)
+    y1, y2 = layer(x), layer(x)
+    assert layer.mask.offset == 2 and not torch.equal(y1, y2)  # fresh noise every training forward
+    layer.eval()
+    y3, y4 = layer(x), layer(x)
+    assert layer.mask.offset == 2 and torch.equal(y3, y4)  # eval: deterministic median gate
+    # Same seed, same init and stream; seed=None draws from torch's generator.
+    torch.manual_seed(5)
+    a = SparseLinear(4, 3, mask="hard_concrete")
+    torch.manual_seed(5)
+    b = SparseLinear(4, 3, mask="hard_concrete")
+    assert a.mask.seed == b.mask.seed and torch.equal(a.weight_log_alpha, b.weight_log_alpha)
+
+
+def test_sigmoid_scale_and_beta():
+    layer = SparseLinear(3, 2, mask="sigmoid", s0=-0.5)
+    assert layer.mask.scale == pytest.approx(1 / (1 / (1 + math.exp(0.5))))
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))  # g = 1 at init
+    layer.mask.beta = 7.0  # settable; the next forward uses it
+    g = torch.sigmoid(7.0 * layer.weight_score) * layer.mask.scale
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight * g, layer.bias))
+    assert SparseLinear(3, 2, mask="sigmoid", scale_init=False).mask.scale == 1.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_names(kind):
+    name, opts = kind_and_options(kind)
+    lin = SparseLinear(3, 2, mask=name, **opts)
+    conv = SparseConv2d(2, 3, 1, bias=False, mask=name, **opts)
+    assert list(lin.state_dict()) == ["weight", "bias", STATE_NAME[kind]]
+    assert list(conv.state_dict()) == ["weight", STATE_NAME[kind]]
+    learnable = [p for n, p in lin.named_parameters() if n == STATE_NAME[kind]]
+    assert lin.mask_parameters() == learnable
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dense_checkpoint_loads_strictly_and_keeps_mask(kind):
+    name, opts = kind_and_options(kind)
+    dense = nn.Linear(5, 4)
+    layer = make_layer(kind, SparseLinear, 5, 4, dtype=torch.float32)
+    mask_before = getattr(layer, STATE_NAME[kind]).detach().clone()
+    result = layer.load_state_dict(dense.state_dict())  # strict: no missing mask keys
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(layer.weight, dense.weight) and torch.equal(layer.bias, dense.bias)
+    assert torch.equal(getattr(layer, STATE_NAME[kind]), mask_before)
+    # A sparse checkpoint round-trips, mask included ...
+    other = SparseLinear(5, 4, mask=name, **opts)
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(getattr(other, STATE_NAME[kind]), mask_before)
+    # ... and one that has weight but lacks only some entries is still an error.
+    sd = layer.state_dict()
+    del sd["bias"]
+    with pytest.raises(RuntimeError, match="bias"):
+        other.load_state_dict(sd)
+
+
+def test_from_dense_shares_parameters_and_config():
+    dense = nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2, bias=True, padding_mode="circular", dtype=torch.float64)
+    sparse = SparseConv2d.from_dense(dense, mask="binary")
+    assert sparse.weight is dense.weight and sparse.bias is dense.bias
+    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"):
+        assert getattr(sparse, attr) == getattr(dense, attr)
+    assert sparse.weight_mask.device == dense.weight.device and bool(sparse.weight_mask.all())
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(sparse(x), dense(x))
+
+    lin = nn.Linear(3, 2, bias=False, dtype=torch.float64).eval()
+    s = SparseLinear.from_dense(lin, mask="sigmoid", s0=0.3)
+    assert s.weight is lin.weight and s.bias is None and not s.training
+    assert s.weight_score.dtype == torch.float64 and float(s.weight_score[0, 0].detach()) == 0.3
+    with pytest.raises(TypeError, match="nn.Linear"):
+        SparseLinear.from_dense(nn.Conv2d(1, 1, 1))
+    with pytest.raises(TypeError, match="nn.Conv2d"):
+        SparseConv2d.from_dense(nn.Conv1d(1, 1, 1))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        SparseLinear.from_dense(s)  # already sparse
+
+
+def test_from_dense_draws_no_weight_init():
+    dense = nn.Linear(20, 10)
+    torch.manual_seed(3)
+    SparseLinear.from_dense(dense, mask="binary")
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(1))  # the RNG stream is untouched
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_to_dense_bakes_the_eval_gate(kind):
+    torch.manual_seed(2)
+    conv = make_layer(kind, SparseConv2d, 3, 4, 3, padding=1).eval()
+    lin = make_layer(kind, SparseLinear, 6, 2).eval()
+    for layer, x in ((conv, torch.randn(2, 3, 5, 5, dtype=torch.float64)), (lin, torch.randn(2, 6, dtype=torch.float64))):
+        dense = layer.to_dense()
+        assert type(dense) in (nn.Conv2d, nn.Linear) and dense.weight.dtype == torch.float64
+        assert set(dense.state_dict()) == {"weight", "bias"}
+        with torch.no_grad():
+            torch.testing.assert_close(dense(x), layer(x), **TOL)
+        assert dense.weight.data_ptr() != layer.weight.data_ptr()
+        # Where the mask's support is empty the baked weight is exactly 0.
+        keep = layer.mask.keep(layer)
+        if layer.mask.name != "sigmoid":
+            assert bool((dense.weight[~keep] == 0).all())
+
+
+def test_project():
+    rel = SparseLinear(3, 3, mask="relaxed")
+    hc = SparseLinear(3, 3, mask="hard_concrete")
+    with torch.no_grad():
+        rel.weight_mask.copy_(torch.tensor([-1.0, 0.5, 2.0]).expand(3, 3))
+        hc.weight_log_alpha.copy_(torch.tensor([-10.0, 0.0, 10.0]).expand(3, 3))
+    rel.mask.project(rel)
+    hc.mask.project(hc)
+    assert rel.weight_mask[0].tolist() == [0.0, 0.5, 1.0]
+    torch.testing.assert_close(hc.weight_log_alpha[0], torch.tensor([math.log(0.01), 0.0, math.log(100.0)]))
+
+
+def test_bad_mask_arguments():
+    with pytest.raises(ValueError, match="unknown mask kind 'dense'"):
+        SparseLinear(2, 2, mask="dense")
+    with pytest.raises(TypeError, match="takes no option.*'s0'"):
+        SparseLinear(2, 2, mask="binary", s0=1.0)
+    with pytest.raises(ValueError, match="droprate_init"):
+        SparseLinear(2, 2, mask="hard_concrete", droprate_init=1.0)
+    with pytest.raises(ValueError, match="m0"):
+        SparseConv2d(2, 2, 1, mask="relaxed", m0=1.5)
+    with pytest.raises(TypeError, match="beta"):
+        make_mask("sigmoid", beta="2")
+    with pytest.raises(TypeError, match="MaskKind instance"):
+        SparseLinear(2, 2, mask=make_mask("relaxed"), m0=0.2)
+    assert make_mask("hard-concrete", structured=True).name == "hard_concrete"  # DESIGN's spelling
+
+
+def _compiled_matches_eager(kind, layer, x):
+    """One forward + backward through torch.compile(fullgraph=True) equals eager."""
+    torch._dynamo.reset()
+    name = state_name(layer)
+    ref = copy.deepcopy(layer)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.square().sum().backward()
+    y_ref = ref(x)
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(layer.weight.grad, ref.weight.grad, **TOL)
+    state, ref_state = getattr(layer, name), getattr(ref, name)
+    if state.is_floating_point():
+        torch.testing.assert_close(state.grad, ref_state.grad, **TOL)
+    if kind.startswith("hard_concrete"):
+        assert layer.mask.offset == ref.mask.offset == 1  # the side effect survived compile
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compile_fullgraph_linear(kind, device):
+    torch.manual_seed(0)
+    layer = make_layer(kind, SparseLinear, 8, 4, dtype=torch.float32, device=device).train()
+    _compiled_matches_eager(kind, layer, torch.randn(3, 8, device=device))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compile_fullgraph_conv(kind, device):
+    torch.manual_seed(0)
+    layer = make_layer(kind, SparseConv2d, 3, 4, 3, padding=1, dtype=torch.float32, device=device).train()
+    _compiled_matches_eager(kind, layer, torch.randn(2, 3, 6, 6, device=device))
+
+
+def test_compile_hard_concrete_offset_does_not_recompile_every_step():
+    """The Philox offset is a Python int that changes every training step; with
+    allow_unspec_int_on_nn_module dynamo makes it symbolic after one recompile."""
+    torch._dynamo.reset()
+    layer = SparseLinear(8, 4, mask="hard_concrete", structured=True).train()
+    compiles = 0
+
+    def backend(gm, example_inputs):
+        nonlocal compiles
+        compiles += 1
+        return gm
+
+    with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+        compiled = torch.compile(layer, fullgraph=True, backend=backend)
+        outs = [compiled(torch.ones(2, 8)) for _ in range(4)]
+    assert compiles <= 2 and layer.mask.offset == 4
+    assert not torch.equal(outs[2], outs[3])

@@ -1,0 +1,154 @@
+"""sparsify(): which modules it swaps (torchvision resnet18, include/exclude patterns),
+torchvision state_dict compatibility both ways, refusing unsupported layers by name, and
+checking every argument before the model changes."""
+import re
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from sparsekern import export, sparsify
+from sparsekern.nn import SparseConv2d, SparseLinear, sparse_modules
+
+
+def resnet18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def types_by_name(model):
+    return {n: type(m) for n, m in model.named_modules()}
+
+
+def snapshot(model):
+    """Module types and parameter identities: what an aborted sparsify must leave as is."""
+    return types_by_name(model), [(n, id(p)) for n, p in model.named_parameters()], list(model.state_dict())
+
+
+def test_resnet18_swaps_every_conv_and_the_fc():
+    model = sparsify(resnet18())
+    swapped = dict(sparse_modules(model))
+    assert sum(isinstance(m, SparseConv2d) for m in swapped.values()) == 20
+    assert [n for n, m in swapped.items() if isinstance(m, SparseLinear)] == ["fc"]
+    assert not any(type(m) in (nn.Conv2d, nn.Linear) for m in model.modules())
+
+
+def test_resnet18_exclude_fc():
+    model = sparsify(resnet18(), exclude=["fc"])
+    assert len(list(sparse_modules(model))) == 20
+    assert type(model.fc) is nn.Linear
+
+
+def test_include_and_exclude_patterns():
+    # A pattern naming a container covers everything inside it.
+    model = sparsify(resnet18(), include=["layer1"])
+    assert sorted(n for n, _ in sparse_modules(model)) == [
+        "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2"
+    ]
+    # fnmatch globs, with exclude applied after include.
+    model = sparsify(resnet18(), include=["layer*.*.conv*"], exclude=["layer4*"])
+    assert len(list(sparse_modules(model))) == 12
+    # re.Pattern objects must match the whole name; the 3 downsample convs are "*.downsample.0".
+    model = sparsify(resnet18(), include=[re.compile(r"layer\d\.0\.downsample\.\d")], mask="sigmoid")
+    assert [n for n, _ in sparse_modules(model)] == [f"layer{i}.0.downsample.0" for i in (2, 3, 4)]
+    assert all(m.mask.name == "sigmoid" for _, m in sparse_modules(model))
+    # A single pattern need not be wrapped in a list.
+    model = sparsify(resnet18(), include="conv1")
+    assert [n for n, _ in sparse_modules(model)] == ["conv1"]
+
+
+def test_options_reach_every_layer_and_parameters_are_shared():
+    model = resnet18()
+    params = {n: p for n, p in model.named_parameters()}
+    sparsify(model, mask="hard_concrete", structured=True, droprate_init=0.3, exclude="fc")
+    for n, p in model.named_parameters():
+        if not n.endswith("log_alpha"):
+            assert p is params[n]  # an optimiser built before sparsify still holds them
+    seeds = {m.mask.seed for _, m in sparse_modules(model)}
+    assert len(seeds) == 20  # each layer has its own noise stream
+    seeded = sparsify(resnet18(), mask="hard_concrete", seed=100)
+    assert [m.mask.seed for _, m in sparse_modules(seeded)] == list(range(100, 121))
+    assert all(m.mask.structured and m.mask.droprate_init == 0.3 for _, m in sparse_modules(model))
+
+
+def test_torchvision_state_dict_loads_and_outputs_match_at_init():
+    dense = resnet18().eval()
+    x = torch.randn(2, 3, 32, 32)
+    sparse = sparsify(torchvision.models.resnet18(num_classes=10)).eval()
+    sparse.load_state_dict(dense.state_dict())  # strict: the mask state stays at init
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), dense(x))
+    # And back out: an export loads strictly into a plain torchvision model.
+    plain = torchvision.models.resnet18(num_classes=10).eval()
+    plain.load_state_dict(export(sparse).model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), dense(x))
+    # The sparse state_dict is torchvision's plus one mask entry per layer.
+    extra = set(sparse.state_dict()) - set(dense.state_dict())
+    assert len(extra) == 21 and all(k.endswith(".weight_mask") for k in extra)
+
+
+class WithUnsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.head = nn.Sequential(nn.Conv1d(4, 4, 1), nn.ConvTranspose2d(4, 4, 2), nn.LazyLinear(3))
+        self.attn = nn.MultiheadAttention(4, 2)
+        self.fc = nn.Linear(4, 2)
+
+
+def test_unsupported_layers_are_refused_by_name():
+    model = WithUnsupported()
+    before = snapshot(model)
+    with pytest.raises(TypeError) as err:
+        sparsify(model)
+    msg = str(err.value)
+    for name, cls in [("head.0", "Conv1d"), ("head.1", "ConvTranspose2d"), ("head.2", "LazyLinear"),
+                      ("attn.out_proj", "NonDynamicallyQuantizableLinear")]:
+        assert f"'{name}' ({cls})" in msg
+    assert "exclude" in msg
+    assert snapshot(model) == before
+    # Excluding them (or not including them) sparsifies the rest.
+    sparsify(model, exclude=["head", "attn"])
+    assert [n for n, _ in sparse_modules(model)] == ["conv", "fc"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(mask="magnitude"), ValueError, "unknown mask kind"),
+        (dict(mask=3), TypeError, "mask kind name"),
+        (dict(mask="sigmoid", m0=0.5), TypeError, "takes no option"),
+        (dict(mask="relaxed", m0=2.0), ValueError, "m0"),
+        (dict(include=["layer9"]), ValueError, "'layer9' matches no module"),
+        (dict(exclude=["fc", "classifier"]), ValueError, "'classifier' matches no module"),
+        (dict(include=3), TypeError, "include"),
+        (dict(exclude=[nn.Linear]), TypeError, "exclude"),
+        (dict(include=["layer1"], exclude=["layer1"]), ValueError, "no nn.Linear or nn.Conv2d selected"),
+        (dict(mask="hard_concrete", seed=2**63 - 5), ValueError, "seed"),  # seed + 20 overflows
+    ],
+)
+def test_bad_arguments_leave_the_model_untouched(kwargs, error, match):
+    model = resnet18()
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        sparsify(model, **kwargs)
+    assert snapshot(model) == before
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="nn.Module"):
+        sparsify(torch.zeros(3))
+
+
+def test_shared_layer_stays_shared_and_sparse_layers_are_kept():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(4, 2))
+    sparsify(model, include=["0"])
+    assert isinstance(model[0], SparseLinear) and model[0] is model[2]
+    first = model[0]
+    sparsify(model, mask="relaxed")  # swaps only what is still dense
+    assert model[0] is first and model[0].mask.name == "binary" and model[3].mask.name == "relaxed"
+    with pytest.raises(ValueError, match="already sparse"):
+        sparsify(model)

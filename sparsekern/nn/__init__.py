@@ -1,0 +1,38 @@
+"""The module layer: sparse layers, mask kinds, sparsify(), export()/purge and report()."""
+from .export import Exported, count_macs, count_params, export
+from .masks import (
+    MASK_KINDS,
+    BinaryMask,
+    HardConcreteMask,
+    MaskKind,
+    RelaxedMask,
+    SigmoidMask,
+    StraightThroughMask,
+    make_mask,
+)
+from .modules import SparseConv2d, SparseLinear
+from .purge import purge_channels
+from .report import SparsityReport, report
+from .sparsify import sparse_modules, sparsify
+
+__all__ = [
+    "SparseLinear",
+    "SparseConv2d",
+    "sparsify",
+    "sparse_modules",
+    "export",
+    "Exported",
+    "purge_channels",
+    "count_params",
+    "count_macs",
+    "report",
+    "SparsityReport",
+    "MaskKind",
+    "BinaryMask",
+    "StraightThroughMask",
+    "SigmoidMask",
+    "RelaxedMask",
+    "HardConcreteMask",
+    "MASK_KINDS",
+    "make_mask",
+]

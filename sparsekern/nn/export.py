@@ -1,0 +1,114 @@
+"""export(): a plain-PyTorch copy of a sparse model, optionally with zero channels purged."""
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from .purge import purge_channels
+from .modules import SPARSE_TYPES
+
+
+class Exported(NamedTuple):
+    """What export() returns: `model, stats = export(m)` or `export(m).model`."""
+
+    model: nn.Module
+    stats: dict
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameter elements (shared parameters once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of the Conv2d and Linear layers for one forward of `example`
+    (the whole batch given), counted with forward hooks in eval mode; other layers'
+    (BatchNorm, activations, pooling, the residual adds) are not counted."""
+
+    total = 0
+
+    def hook(m, inputs, out):
+        nonlocal total
+        if isinstance(m, nn.Conv2d):
+            kh, kw = m.kernel_size
+            total += out.numel() * (m.in_channels // m.groups) * kh * kw
+        else:
+            total += out.numel() * m.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    try:
+        model.eval()
+        model(example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return total
+
+
+def _example(model: nn.Module, example_input) -> torch.Tensor | None:
+    """example_input as a tensor: a tensor is used as is, a shape gets zeros with the
+    model's first parameter's device and dtype."""
+    if example_input is None or isinstance(example_input, torch.Tensor):
+        return example_input
+    if isinstance(example_input, Sequence) and all(isinstance(s, int) and not isinstance(s, bool) for s in example_input):
+        p = next(model.parameters(), None)
+        return torch.zeros(tuple(example_input), device=None if p is None else p.device, dtype=None if p is None else p.dtype)
+    raise TypeError(f"`example_input` must be a tensor, a shape (tuple of ints) or None, got {type(example_input).__name__}")
+
+
+def bake(model: nn.Module) -> nn.Module:
+    """Replaces every sparse module of `model` in place by its to_dense() (w ⊙ g baked in);
+    returns `model`, or the dense module when `model` itself is sparse."""
+    if isinstance(model, SPARSE_TYPES):
+        return model.to_dense()
+    dense: dict[int, nn.Module] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if name and isinstance(module, SPARSE_TYPES):
+            dense.setdefault(id(module), module.to_dense())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense[id(module)])
+    return model
+
+
+def export(model: nn.Module, purge: bool = False, example_input=None) -> Exported:
+    """A deep copy of `model` made of plain torch modules, with every sparse layer's
+    eval-mode effective weight w ⊙ g baked in (g: the mask, σ-gate, relaxed m or median
+    hard-concrete gate), so in eval mode it computes what `model` computes. `model` itself
+    is not changed. A sigmoid mask's soft gate is never exactly 0; to export CS's binary
+    ticket (s > 0), give the model binary masks with that support first.
+
+    purge=True also removes structured zero channels (see sparsekern.nn.purge): conv output
+    channels / linear neurons that are all zero, or that no later layer reads, with the
+    next layer's inputs and the BatchNorm in between sliced, and residual blocks'
+    output channels kept. Needs a torch.fx-traceable model.
+
+    example_input: a tensor or a shape; used to count MACs (before/after) and, when
+    purging, to learn the spatial size behind a flatten → Linear step.
+
+    Returns Exported(model, stats), stats = {"params_before", "params_after",
+    "macs_before", "macs_after" (None without example_input), "removed_channels" and
+    "kept_zero_channels" ({layer: count}; kept = all-zero channels whose constant output
+    could not be removed exactly)}.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(purge, bool):
+        raise TypeError(f"`purge` must be a bool, got {type(purge).__name__}")
+    example = _example(model, example_input)
+
+    exported = bake(copy.deepcopy(model))
+    stats = {"params_before": count_params(exported), "macs_before": None if example is None else count_macs(exported, example)}
+    removed, kept = purge_channels(exported, example) if purge else ({}, {})
+    stats.update(
+        params_after=count_params(exported),
+        macs_after=None if example is None else count_macs(exported, example),
+        removed_channels=removed,
+        kept_zero_channels=kept,
+    )
+    return Exported(exported, stats)

@@ -1,0 +1,324 @@
+"""Mask kinds: how a sparse layer's mask state maps to the gate g in w_eff = w ⊙ g.
+
+A mask kind is a plain object held by a layer as ``layer.mask``. It registers its
+tensors on the layer itself (so they appear in the layer's state_dict beside ``weight``
+as ``weight_mask`` / ``weight_score`` / ``weight_log_alpha``), tells the op layer which
+tensor and constants to use, and knows the pure-torch gate, the support and the density
+used by report() and export(). The forward/backward math lives in sparsekern.ops; the
+pure-torch gates here are only for exporting and reporting (no autograd needed there).
+
+| kind             | state on the layer              | eval gate g                          |
+|------------------|---------------------------------|--------------------------------------|
+| binary           | weight_mask (bool buffer)       | m                                    |
+| straight_through | weight_mask (bool buffer)       | m   (backward: grad_w = G, unmasked) |
+| sigmoid          | weight_score (parameter s)      | scale·σ(β·s), scale = 1/σ(s0)        |
+| relaxed          | weight_mask (parameter m∈[0,1]) | m                                    |
+| hard_concrete    | weight_log_alpha (parameter)    | median gate clamp(σ(logα/β)(ζ−γ)+γ)  |
+"""
+from __future__ import annotations
+
+import abc
+import inspect
+import math
+import numbers
+
+import torch
+from torch import nn
+
+from .. import ops
+
+# Hard-concrete stretch constants (Louizos et al. 2018), shared with the op defaults.
+HC_BETA, HC_GAMMA, HC_ZETA = 2.0 / 3.0, -0.1, 1.1
+# log α is clamped to [ln 0.01, ln 100] after each step (Gallego-Posada et al.'s code).
+HC_LOG_ALPHA_RANGE = (math.log(0.01), math.log(100.0))
+
+
+def _real(name: str, value, *, low=-math.inf, high=math.inf, low_open=False, high_open=False):
+    """`value` as a float, or a TypeError/ValueError naming the option."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"mask option `{name}` must be a real number, got {type(value).__name__}")
+    value = float(value)
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if math.isnan(value) or below or above:
+        lo, hi = ("(" if low_open else "[") + str(low), str(high) + (")" if high_open else "]")
+        raise ValueError(f"mask option `{name}` must be in {lo}, {hi}, got {value}")
+    return value
+
+
+def _bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"mask option `{name}` must be a bool, got {type(value).__name__}")
+    return value
+
+
+class MaskKind(abc.ABC):
+    """Base of every mask kind. Subclasses set `name` and `state_names` and implement
+    `attach`, `op_mask` and `gate`; the rest has a default that follows from those."""
+
+    name: str = ""
+    state_names: tuple[str, ...] = ()
+
+    @abc.abstractmethod
+    def attach(self, layer: nn.Module) -> None:
+        """Registers this kind's tensors on `layer`, shaped for `layer.weight`."""
+
+    @abc.abstractmethod
+    def op_mask(self, layer: nn.Module) -> tuple[torch.Tensor, dict]:
+        """(mask argument, keyword arguments) for ops.masked_linear / masked_conv2d_weight."""
+
+    @abc.abstractmethod
+    def gate(self, layer: nn.Module) -> torch.Tensor:
+        """The deterministic (eval-mode) gate g, in the weight's dtype and broadcastable
+        to it; pure torch, for export and report."""
+
+    def bias_gated(self, layer: nn.Module) -> bool:
+        """Whether the bias is multiplied by the same gate as its output channel."""
+        return False
+
+    def keep(self, layer: nn.Module) -> torch.Tensor:
+        """The support as a bool tensor of the weight's shape: which weights the mask keeps."""
+        return (self.gate(layer) != 0).expand(layer.weight.shape)
+
+    def density(self, layer: nn.Module) -> float:
+        """Fraction of the weights the mask keeps."""
+        return float(self.keep(layer).float().mean()) if layer.weight.numel() else 1.0
+
+    def mask_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
+        """The learnable mask tensors (for their own optimiser group); [] when fixed."""
+        return [t for n in self.state_names if isinstance(t := getattr(layer, n), nn.Parameter)]
+
+    def project(self, layer: nn.Module) -> None:
+        """Projects the learnable mask back to its domain; call after optimizer.step()."""
+
+    def options(self) -> dict:
+        """The constructor options (shown in the layer's repr)."""
+        return {}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{self.name}({opts})"
+
+
+class BinaryMask(MaskKind):
+    """Fixed 0/1 mask m (bool buffer, all True at init); grad_w = G ⊙ m, so pruned weights
+    never move (IMP, one-shot, GMP)."""
+
+    name = "binary"
+    state_names = ("weight_mask",)
+
+    def attach(self, layer):
+        w = layer.weight
+        layer.register_buffer("weight_mask", torch.ones(w.shape, dtype=torch.bool, device=w.device))
+
+    def op_mask(self, layer):
+        return layer.weight_mask, {"kind": self.name}
+
+    def gate(self, layer):
+        return layer.weight_mask.to(layer.weight.dtype)
+
+    def keep(self, layer):
+        return layer.weight_mask.clone()
+
+
+class StraightThroughMask(BinaryMask):
+    """Like binary in the forward; the backward passes G to every weight unmasked, so pruned
+    weights keep learning and can come back (DPF)."""
+
+    name = "straight_through"
+
+
+class SigmoidMask(MaskKind):
+    """Continuous Sparsification: learnable score s (init s0), g = scale·σ(β·s) with
+    scale = 1/σ(s0) when scale_init (so g = 1 at init) and 1 otherwise. β is a plain
+    attribute the method anneals. The support (CS's final ticket) is s > 0."""
+
+    name = "sigmoid"
+    state_names = ("weight_score",)
+
+    def __init__(self, *, s0: float = 0.0, beta: float = 1.0, scale_init: bool = True):
+        self.s0 = _real("s0", s0)
+        self.beta = _real("beta", beta, low=0.0, low_open=True)
+        self.scale_init = _bool("scale_init", scale_init)
+
+    @property
+    def scale(self) -> float:
+        # Fixed by s0, not by β: the code divides by σ(s0) whatever the current temperature.
+        return 1.0 + math.exp(-self.s0) if self.scale_init else 1.0  # 1/σ(s0)
+
+    def attach(self, layer):
+        w = layer.weight
+        layer.weight_score = nn.Parameter(torch.full_like(w, self.s0, requires_grad=True))
+
+    def op_mask(self, layer):
+        return layer.weight_score, {"kind": self.name, "beta": self.beta, "scale": self.scale}
+
+    def gate(self, layer):
+        return (self.scale * torch.sigmoid(self.beta * layer.weight_score.detach())).to(layer.weight.dtype)
+
+    def keep(self, layer):
+        return layer.weight_score.detach() > 0
+
+    def options(self):
+        return {"s0": self.s0, "beta": self.beta, "scale_init": self.scale_init}
+
+
+class RelaxedMask(MaskKind):
+    """Concave regularisers: learnable m ∈ [0, 1] (init m0), g = m, grad_m = G ⊙ w;
+    `project` clamps m back to [0, 1]."""
+
+    name = "relaxed"
+    state_names = ("weight_mask",)
+
+    def __init__(self, *, m0: float = 0.5):
+        self.m0 = _real("m0", m0, low=0.0, high=1.0)
+
+    def attach(self, layer):
+        layer.weight_mask = nn.Parameter(torch.full_like(layer.weight, self.m0, requires_grad=True))
+
+    def op_mask(self, layer):
+        return layer.weight_mask, {"kind": self.name}
+
+    def gate(self, layer):
+        return layer.weight_mask.detach().to(layer.weight.dtype)
+
+    @torch.no_grad()
+    def project(self, layer):
+        layer.weight_mask.clamp_(0.0, 1.0)
+
+    def options(self):
+        return {"m0": self.m0}
+
+
+class HardConcreteMask(MaskKind):
+    """L0 gates (Louizos et al. 2018): one learnable log α per group.
+
+    structured: one gate per conv output channel (the bias is gated with it) or per
+    linear input neuron; log α is stored broadcastable to the weight ([out,1,1,1] /
+    [1,in]). Unstructured: one gate per weight. Init log α ~ N(log((1−p)/p), 0.01²) with
+    p = droprate_init. In training each forward samples one z per gate from the Philox
+    stream at (seed, offset) and then advances offset by one (the op's counter is
+    (flat index, offset), so a new offset is fresh noise for every gate); the backward
+    regenerates z from the same (seed, offset). Eval uses the deterministic median gate.
+
+    Under torch.compile the offset is a Python int that changes every training step;
+    dynamo specialises on it and recompiles each step unless
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True, with which it turns
+    symbolic after one recompile.
+    """
+
+    name = "hard_concrete"
+    state_names = ("weight_log_alpha",)
+
+    def __init__(
+        self,
+        *,
+        structured: bool = False,
+        droprate_init: float = 0.5,
+        beta: float = HC_BETA,
+        gamma: float = HC_GAMMA,
+        zeta: float = HC_ZETA,
+        seed: int | None = None,
+    ):
+        self.structured = _bool("structured", structured)
+        self.droprate_init = _real("droprate_init", droprate_init, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.beta = _real("beta", beta, low=0.0, low_open=True)
+        self.gamma = _real("gamma", gamma, high=0.0, high_open=True)
+        self.zeta = _real("zeta", zeta, low=1.0, low_open=True)
+        if seed is None:
+            # From torch's default generator, so torch.manual_seed makes runs repeatable.
+            seed = int(torch.randint(0, 2**31 - 1, ()))
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"mask option `seed` must be an int, got {type(seed).__name__}")
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"mask option `seed` must be in [0, 2**63), got {seed}")
+        self.seed = int(seed)
+        self.offset = 0
+
+    def gate_shape(self, weight: torch.Tensor) -> tuple[int, ...]:
+        if not self.structured:
+            return tuple(weight.shape)
+        if weight.dim() == 4:  # conv: [out, in/groups, kh, kw] -> one gate per output channel
+            return (weight.shape[0], 1, 1, 1)
+        return (1, weight.shape[1])  # linear: [out, in] -> one gate per input neuron
+
+    def attach(self, layer):
+        w = layer.weight
+        mean = math.log((1.0 - self.droprate_init) / self.droprate_init)
+        log_alpha = torch.empty(self.gate_shape(w), dtype=w.dtype, device=w.device).normal_(mean, 0.01)
+        layer.weight_log_alpha = nn.Parameter(log_alpha)
+
+    def _hc(self) -> dict:
+        return {"beta": self.beta, "gamma": self.gamma, "zeta": self.zeta}
+
+    def sample(self, layer: nn.Module) -> torch.Tensor:
+        """z for this forward: a fresh sample in training (advancing the offset), the
+        deterministic median gate in eval."""
+        log_alpha = layer.weight_log_alpha
+        z = ops.hard_concrete_gates(log_alpha, self.seed, self.offset, training=layer.training, **self._hc())
+        if layer.training:
+            self.offset += 1
+        return z
+
+    def op_mask(self, layer):
+        return self.sample(layer), {"kind": self.name}
+
+    def bias_gated(self, layer):
+        return self.structured and layer.weight.dim() == 4
+
+    def gate(self, layer):
+        s = torch.sigmoid(layer.weight_log_alpha.detach() / self.beta)
+        return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0).to(layer.weight.dtype)
+
+    def group_size(self, layer: nn.Module) -> int:
+        """Weights per gate."""
+        return layer.weight.numel() // layer.weight_log_alpha.numel()
+
+    def expected_nonzero(self, layer: nn.Module) -> torch.Tensor:
+        """E[number of nonzero weights], differentiable in log α (the L0 constraint/penalty)."""
+        return ops.hard_concrete_l0(layer.weight_log_alpha, self.group_size(layer), **self._hc())
+
+    def expected_density(self, layer: nn.Module) -> torch.Tensor:
+        return self.expected_nonzero(layer) / layer.weight.numel()
+
+    @torch.no_grad()
+    def project(self, layer):
+        layer.weight_log_alpha.clamp_(*HC_LOG_ALPHA_RANGE)
+
+    def options(self):
+        return {
+            "structured": self.structured,
+            "droprate_init": self.droprate_init,
+            "beta": self.beta,
+            "gamma": self.gamma,
+            "zeta": self.zeta,
+            "seed": self.seed,
+        }
+
+
+MASK_KINDS: dict[str, type[MaskKind]] = {
+    k.name: k for k in (BinaryMask, StraightThroughMask, SigmoidMask, RelaxedMask, HardConcreteMask)
+}
+
+
+def mask_kind_class(kind: str) -> type[MaskKind]:
+    """The class for a kind name; hyphens are accepted for underscores ("hard-concrete")."""
+    if not isinstance(kind, str):
+        raise TypeError(f"`mask` must be a mask kind name (str), got {type(kind).__name__}")
+    cls = MASK_KINDS.get(kind.replace("-", "_"))
+    if cls is None:
+        raise ValueError(f"unknown mask kind {kind!r}; expected one of {sorted(MASK_KINDS)}")
+    return cls
+
+
+def make_mask(kind: str, **options) -> MaskKind:
+    """A new mask kind object; raises TypeError naming any option the kind does not take."""
+    cls = mask_kind_class(kind)
+    # From the signature, not an instance: constructing one may draw from the RNG.
+    known = {n for n, p in inspect.signature(cls).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(
+            f"mask kind {cls.name!r} takes no option(s) {unknown}; its options are {sorted(known) or 'none'}"
+        )
+    return cls(**options)

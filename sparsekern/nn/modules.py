@@ -1,0 +1,173 @@
+"""SparseLinear and SparseConv2d: nn.Linear / nn.Conv2d whose weight is used through a mask.
+
+`weight` and `bias` keep their names and shapes, so a dense (e.g. torchvision) state_dict
+loads into a sparsified model: a dense checkpoint has no mask entries, and loading it
+leaves the mask state as it is (at init after sparsify) instead of reporting them missing.
+A state_dict from a sparse model has the extra mask entries (weight_mask, weight_score,
+weight_log_alpha); to load it into a plain model, export() first (or strict=False).
+
+The forward/backward is the op layer's (sparsekern.ops.masked_linear /
+masked_conv2d_weight, hard_concrete_gates); this file only wires module state to it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from .masks import MaskKind, make_mask
+
+
+def _as_mask(mask, options: dict) -> MaskKind:
+    if isinstance(mask, MaskKind):
+        if options:
+            raise TypeError(f"mask options {sorted(options)} given with a MaskKind instance; set them on it")
+        return mask
+    return make_mask(mask, **options)
+
+
+class _SparseMixin:
+    """What SparseLinear and SparseConv2d share: the mask, its state_dict handling and the
+    conversions. `self.mask` is the MaskKind; its tensors live on the module."""
+
+    mask: MaskKind
+
+    def _attach_mask(self, mask, options: dict) -> None:
+        self.mask = _as_mask(mask, options)
+        self.mask.attach(self)
+
+    def mask_parameters(self) -> list[nn.Parameter]:
+        """The learnable mask tensors (empty for binary / straight_through)."""
+        return self.mask.mask_parameters(self)
+
+    def density(self) -> float:
+        """Fraction of weights the mask keeps (see MaskKind.keep)."""
+        return self.mask.density(self)
+
+    @torch.no_grad()
+    def effective_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(w ⊙ g, bias ⊙ g for bias-gated kinds else bias) with the deterministic eval gate,
+        detached: what the module computes in eval mode, as plain tensors."""
+        g = self.mask.gate(self)
+        bias = self.bias
+        if bias is not None and self.mask.bias_gated(self):
+            bias = bias * g.reshape(-1)
+        return self.weight * g, None if bias is None else bias.detach()
+
+    def _dense_copy(self, dense: nn.Module) -> nn.Module:
+        w, b = self.effective_weight()
+        dense.weight = nn.Parameter(w.clone(), requires_grad=self.weight.requires_grad)
+        if b is not None:
+            dense.bias = nn.Parameter(b.clone(), requires_grad=self.bias.requires_grad)
+        return dense.train(self.training)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        # A dense checkpoint (it has our weight but none of the mask entries) loads with
+        # strict=True: the mask state stays as it is. A sparse checkpoint missing only some
+        # mask entries is still reported.
+        names = [prefix + n for n in self.mask.state_names]
+        if prefix + "weight" in state_dict and not any(n in state_dict for n in names):
+            missing_keys[:] = [k for k in missing_keys if k not in names]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, mask={self.mask!r}"
+
+
+class SparseLinear(_SparseMixin, nn.Linear):
+    """nn.Linear with a mask: y = x (w ⊙ g)ᵀ + b.
+
+    SparseLinear(in_features, out_features, bias=True, mask="binary", **mask_options);
+    `mask` is a kind name (see sparsekern.nn.masks) or a MaskKind instance. For
+    hard_concrete with structured=True the gates are per input neuron."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *, mask="binary", **mask_options):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._attach_mask(mask, mask_options)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, kw = self.mask.op_mask(self)
+        return ops.masked_linear(x, self.weight, self.bias, m, **kw)
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, mask="binary", **mask_options) -> "SparseLinear":
+        """A SparseLinear sharing `module`'s weight and bias Parameters (same objects, so
+        dtype, device and optimiser references carry over), with a fresh mask."""
+        if type(module) is not nn.Linear:
+            raise TypeError(f"SparseLinear.from_dense needs an nn.Linear, got {type(module).__name__}")
+        mask = _as_mask(mask, mask_options)  # before building anything: bad options raise here
+        # Built on the meta device so no weight is initialised (and no RNG drawn) only to be replaced.
+        new = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta", mask="binary")
+        del new.weight_mask
+        new.weight, new.bias = module.weight, module.bias
+        new._attach_mask(mask, {})
+        return new.train(module.training)
+
+    def to_dense(self) -> nn.Linear:
+        """A plain nn.Linear with w ⊙ g (eval gate) baked in; new tensors, same dtype/device."""
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        return self._dense_copy(dense)
+
+
+class SparseConv2d(_SparseMixin, nn.Conv2d):
+    """nn.Conv2d with a mask: conv2d(x, w ⊙ g, b) with every Conv2d option (stride, padding
+    including 'same'/'valid', padding_mode, dilation, groups, bias). For hard_concrete with
+    structured=True there is one gate per output channel and the bias is gated with it."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        mask="binary",
+        **mask_options,
+    ):
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            device=device, dtype=dtype,
+        )
+        self._attach_mask(mask, mask_options)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, kw = self.mask.op_mask(self)
+        w = ops.masked_conv2d_weight(self.weight, m, **kw)
+        bias = self.bias
+        if bias is not None and self.mask.bias_gated(self):
+            bias = bias * m.reshape(-1)
+        return self._conv_forward(x, w, bias)
+
+    def _conv_args(self) -> dict:
+        return dict(
+            in_channels=self.in_channels, out_channels=self.out_channels, kernel_size=self.kernel_size,
+            stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
+            bias=self.bias is not None, padding_mode=self.padding_mode,
+        )
+
+    @classmethod
+    def from_dense(cls, module: nn.Conv2d, mask="binary", **mask_options) -> "SparseConv2d":
+        """A SparseConv2d with `module`'s configuration, sharing its weight and bias
+        Parameters, with a fresh mask."""
+        if type(module) is not nn.Conv2d:
+            raise TypeError(f"SparseConv2d.from_dense needs an nn.Conv2d, got {type(module).__name__}")
+        mask = _as_mask(mask, mask_options)
+        new = cls(**SparseConv2d._conv_args(module), device="meta", mask="binary")
+        del new.weight_mask
+        new.weight, new.bias = module.weight, module.bias
+        new._attach_mask(mask, {})
+        return new.train(module.training)
+
+    def to_dense(self) -> nn.Conv2d:
+        """A plain nn.Conv2d with w ⊙ g (and the gated bias) baked in."""
+        return self._dense_copy(nn.Conv2d(**self._conv_args(), device="meta"))
+
+
+SPARSE_TYPES = (SparseLinear, SparseConv2d)

@@ -1,0 +1,315 @@
+"""Physically removing structured zero channels from a plain (exported) model.
+
+The model is traced with torch.fx to find, for every plain Conv2d (groups=1) or Linear
+("producer"), where its output goes. A producer's output channels can be removed only when
+every path from it runs through per-channel modules (BatchNorm, elementwise activations,
+pooling, dropout, flatten) into Conv2d/Linear "consumers" and nowhere else. An add, a cat,
+a view or the model output stops the group, which is what keeps a residual block's output
+channels (tied to its shortcut) intact while its inner channels can go.
+
+Channel o of a group is removed when removing it cannot change any consumer's input:
+- every consumer ignores it (its input slice of the consumer's weight is all zero), or
+- the producer's row o is all zero, so the channel carries a constant (its bias, then
+  through BatchNorm's running statistics and the activations) that is 0 where it reaches
+  a consumer, or is folded exactly into that consumer's bias (a Linear, or a Conv2d without
+  padding; with padding the borders see zeros, not the constant, so the channel stays).
+The result equals the input model in eval mode (BatchNorm with running statistics).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+# Per-channel modules a group may pass through, by what they do to a constant channel.
+_ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Identity,
+)
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)  # identity in eval
+_CONSTANT_POOL = (nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_ELEMENTWISE_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.leaky_relu}
+_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh"}
+
+
+@dataclass
+class _Group:
+    producer: fx.Node
+    layout: str  # "conv": channels at dim 1 with spatial dims after; "linear": last dim
+    chain: list = field(default_factory=list)  # intermediate nodes, graph order
+    consumers: list = field(default_factory=list)  # (node, flatten factor)
+
+
+def _module(model: nn.Module, node: fx.Node):
+    return model.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _shape(node) -> torch.Size | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return getattr(meta, "shape", None)
+
+
+def _flatten_start(node: fx.Node) -> int | None:
+    """start_dim of a flatten(x, start_dim) node that flattens to the end, else None."""
+    if node.op == "call_function" and node.target is torch.flatten or node.op == "call_method" and node.target == "flatten":
+        args = list(node.args[1:]) + [None, None]
+        start = node.kwargs.get("start_dim", args[0] if args[0] is not None else 0)
+        end = node.kwargs.get("end_dim", args[1] if args[1] is not None else -1)
+        return start if end == -1 else None
+    return None
+
+
+class _Purger:
+    def __init__(self, model: nn.Module, example: torch.Tensor | None):
+        self.model = model
+        try:
+            self.gm = fx.symbolic_trace(model)
+        except Exception as e:  # fx raises many types; the cause is kept
+            raise ValueError(
+                f"purge needs a model torch.fx can trace ({type(e).__name__}: {e}); export with purge=False"
+            ) from e
+        if example is not None:
+            ShapeProp(self.gm).propagate(example)
+        self.calls = Counter(n.target for n in self.gm.graph.nodes if n.op == "call_module")
+        # Parameters that appear in more than one module are tied; slicing one would untie them.
+        owners = Counter(id(p) for _, m in model.named_modules(remove_duplicate=False) for p in m.parameters(recurse=False))
+        self.tied = {pid for pid, n in owners.items() if n > 1}
+
+    def _exclusive(self, node: fx.Node) -> bool:
+        """Called once in the graph and owning untied parameters: safe to slice."""
+        m = _module(self.model, node)
+        return self.calls[node.target] == 1 and not any(id(p) in self.tied for p in m.parameters(recurse=False))
+
+    def _producer_layout(self, node: fx.Node) -> str | None:
+        m = _module(self.model, node)
+        if type(m) is nn.Conv2d and m.groups == 1 and self._exclusive(node):
+            return "conv"
+        if type(m) is nn.Linear and self._exclusive(node):
+            return "linear"
+        return None
+
+    def _group(self, producer: fx.Node) -> _Group | None:
+        """The nodes between `producer` and its consumers, or None if its output escapes."""
+        group = _Group(producer, self._producer_layout(producer))
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        stack, seen = [(producer, u, group.layout, 1) for u in producer.users], set()
+        while stack:
+            source, node, layout, factor = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if not node.args or node.args[0] is not source:
+                return None  # the group's tensor is not the node's one input (e.g. an add)
+            m = _module(self.model, node)
+            if self._is_consumer(node, m, layout):
+                group.consumers.append((node, factor))
+                continue
+            passed = self._pass_through(node, m, layout, factor)
+            if passed is None:
+                return None
+            group.chain.append(node)
+            stack.extend((node, u, *passed) for u in node.users)
+        group.chain.sort(key=order.__getitem__)
+        return group
+
+    def _is_consumer(self, node, m, layout) -> bool:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs or not self._exclusive(node):
+            return False
+        if type(m) is nn.Conv2d:
+            return layout == "conv" and m.groups == 1
+        return type(m) is nn.Linear and (layout == "linear" or layout == "flat")
+
+    def _pass_through(self, node, m, layout, factor):
+        """(layout, factor) after a per-channel node, or None if the group cannot pass it."""
+        if node.op == "call_module":
+            if len(node.args) != 1 or node.kwargs:
+                return None
+            # Exact types: a subclass may override forward with something not per-channel.
+            if type(m) in _ELEMENTWISE + _DROPOUT:
+                return layout, factor
+            if type(m) is nn.BatchNorm2d and layout == "conv" or type(m) is nn.BatchNorm1d and self._is_2d(node, layout, factor):
+                ok = m.track_running_stats and m.running_mean is not None and self._exclusive(node)
+                return (layout, factor) if ok else None
+            if type(m) in _CONSTANT_POOL + (nn.AvgPool2d,) and layout == "conv":
+                return layout, factor
+            if type(m) is nn.Flatten:
+                return self._flattened(node, m.start_dim if m.end_dim == -1 else None, layout, factor)
+            return None
+        if node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS or node.op == "call_method" and node.target in _ELEMENTWISE_METHODS:
+            extra = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, fx.Node)]
+            return None if extra else (layout, factor)
+        if _flatten_start(node) is not None:
+            return self._flattened(node, _flatten_start(node), layout, factor)
+        return None
+
+    def _is_2d(self, node, layout, factor) -> bool:
+        shape = _shape(node.args[0])
+        return layout in ("linear", "flat") and factor == 1 and shape is not None and len(shape) == 2
+
+    def _flattened(self, node, start, layout, factor):
+        """A flatten(x, 1) of [N, C, H, W] maps channel o to features o·HW … (o+1)·HW − 1;
+        the spatial size comes from the example input's shapes."""
+        shape = _shape(node.args[0])
+        if start != 1 or shape is None:
+            return None
+        if layout == "conv" and len(shape) >= 2:
+            spatial = 1
+            for s in shape[2:]:
+                spatial *= s
+            return "flat", spatial
+        if layout in ("linear", "flat") and len(shape) == 2:
+            return layout, factor
+        return None
+
+    # --- the per-channel constants and the decision -------------------------------------
+
+    def _constants(self, group: _Group, weight: torch.Tensor, bias) -> dict:
+        """For each node of the group, a float64 [C] tensor: the constant value of each
+        channel whose producer row is all zero, NaN for channels that vary."""
+        dead = weight.flatten(1).eq(0).all(1)
+        c = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
+        if bias is not None:
+            c = bias.detach().to(torch.float64).clone()
+        values = {group.producer: torch.where(dead, c, torch.full_like(c, float("nan")))}
+        for node in group.chain:
+            values[node] = self._propagate(node, values[node.args[0]])
+        return values
+
+    def _propagate(self, node, c: torch.Tensor) -> torch.Tensor:
+        m = _module(self.model, node)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            out = (c - m.running_mean.double()) / torch.sqrt(m.running_var.double() + m.eps)
+            if m.affine:
+                out = out * m.weight.detach().double() + m.bias.detach().double()
+            return out
+        if isinstance(m, nn.AvgPool2d):
+            exact = m.padding in (0, (0, 0)) or not m.count_include_pad
+            return c if exact and not m.ceil_mode else torch.where(c == 0, c, torch.nan)
+        # Clones: an inplace activation must not overwrite the constants of its input node.
+        if type(m) in _ELEMENTWISE:
+            return m(c.clone())
+        if node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS:
+            return node.target(c.clone(), *node.args[1:], **node.kwargs)
+        if node.op == "call_method" and node.target in _ELEMENTWISE_METHODS:
+            return getattr(c.clone(), node.target)()
+        return c  # dropout (eval), max/adaptive pooling, flatten: constants stay constant
+
+    def _consumer_slices(self, node, n_channels: int) -> torch.Tensor:
+        """The consumer's weight viewed as [out, C, rest]: its input slice per channel."""
+        w = _module(self.model, node).weight.detach()
+        return w.reshape(w.shape[0], n_channels, -1)
+
+    @staticmethod
+    def _foldable(m: nn.Module) -> bool:
+        if isinstance(m, nn.Linear):
+            return True
+        return m.padding == "valid" or (not isinstance(m.padding, str) and all(p == 0 for p in m.padding))
+
+    def run(self) -> tuple[dict, dict]:
+        removed, kept_zero = {}, {}
+        for producer in list(self.gm.graph.nodes):
+            if producer.op != "call_module" or self._producer_layout(producer) is None:
+                continue
+            group = self._group(producer)
+            if group is None or not group.consumers:
+                continue
+            name = str(producer.target)
+            n_removed, n_kept = self._purge(group)
+            if n_removed:
+                removed[name] = n_removed
+            if n_kept:
+                kept_zero[name] = n_kept
+        return removed, kept_zero
+
+    @torch.no_grad()
+    def _purge(self, group: _Group) -> tuple[int, int]:
+        prod = _module(self.model, group.producer)
+        C = prod.weight.shape[0]
+        values = self._constants(group, prod.weight, prod.bias)
+        dead = ~torch.isnan(values[group.producer])
+        removable = torch.ones(C, dtype=torch.bool, device=prod.weight.device)
+        folds = []
+        for node, factor in group.consumers:
+            m = _module(self.model, node)
+            if m.weight.shape[1] != C * factor:  # a shape this analysis did not foresee
+                return 0, int(dead.sum())
+            slices = self._consumer_slices(node, C)
+            ignores = slices.eq(0).all(2).all(0)
+            c = values[node.args[0]]
+            const = ~torch.isnan(c)
+            fold = const & (c != 0) & ~ignores
+            ok = ignores | (const & (c == 0)) | (fold if self._foldable(m) else torch.zeros_like(fold))
+            removable &= ok
+            folds.append((m, slices, c, fold))
+        if bool(removable.all()):
+            removable[0] = False  # keep one channel: zero-width layers are not worth the edge cases
+        keep = ~removable
+        if not bool(removable.any()):
+            return 0, int(dead.sum())
+        for m, slices, c, fold in folds:
+            fold = fold & removable
+            if bool(fold.any()):
+                # The removed constant channel's contribution, summed over the consumer's
+                # kernel taps (every tap sees the constant: no padding), moves into its bias.
+                delta = (slices[:, fold].double().sum(2) @ c[fold]).to(m.weight.dtype)
+                if m.bias is None:
+                    m.bias = nn.Parameter(torch.zeros_like(delta), requires_grad=m.weight.requires_grad)
+                m.bias.add_(delta)
+            shape = m.weight.shape
+            w = slices[:, keep].reshape(shape[0], -1, *shape[2:])
+            _set_param(m, "weight", w)
+            if isinstance(m, nn.Conv2d):
+                m.in_channels = w.shape[1]
+            else:
+                m.in_features = w.shape[1]
+        _slice_out(prod, keep)
+        for node in group.chain:
+            m = _module(self.model, node)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                _slice_bn(m, keep)
+        return int(removable.sum()), int((dead & keep).sum())
+
+
+def _set_param(m: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(m, name)
+    setattr(m, name, nn.Parameter(value.contiguous().clone(), requires_grad=old.requires_grad))
+
+
+def _slice_out(m: nn.Module, keep: torch.Tensor) -> None:
+    _set_param(m, "weight", m.weight[keep])
+    if m.bias is not None:
+        _set_param(m, "bias", m.bias[keep])
+    if isinstance(m, nn.Conv2d):
+        m.out_channels = int(keep.sum())
+    else:
+        m.out_features = int(keep.sum())
+
+
+def _slice_bn(m: nn.modules.batchnorm._BatchNorm, keep: torch.Tensor) -> None:
+    if m.affine:
+        _set_param(m, "weight", m.weight[keep])
+        _set_param(m, "bias", m.bias[keep])
+    m.running_mean = m.running_mean[keep].clone()
+    m.running_var = m.running_var[keep].clone()
+    m.num_features = int(keep.sum())
+
+
+def purge_channels(model: nn.Module, example: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """Removes the removable channels of `model` (a plain model, e.g. from export) in place.
+
+    Returns ({producer name: channels removed}, {producer name: all-zero channels kept
+    because their constant output reaches a consumer that cannot absorb it}). `example`
+    (an input tensor) gives the shapes a flatten → Linear step needs; without it such
+    steps end a group. The model runs once on `example`, in eval mode, without grad.
+    """
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            return _Purger(model, example).run()
+    finally:
+        model.train(was_training)

@@ -1,0 +1,132 @@
+"""sparsify(): swap a model's nn.Linear / nn.Conv2d for their sparse versions in place."""
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Iterable, Iterator, Union
+
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.lazy import LazyModuleMixin
+
+from .masks import make_mask
+from .modules import SPARSE_TYPES, SparseConv2d, SparseLinear
+
+Pattern = Union[str, "re.Pattern[str]"]
+
+SWAPS = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
+
+
+def _unsupported(module: nn.Module) -> bool:
+    """Weight layers sparsify cannot swap. Subclasses of Linear/Conv2d are refused too:
+    their forward may not use `weight` the way the swap assumes (MultiheadAttention's
+    out_proj is a Linear subclass whose weight is read by the attention function)."""
+    if isinstance(module, SPARSE_TYPES) or type(module) in SWAPS:
+        return False
+    return isinstance(module, (nn.Linear, _ConvNd, nn.Bilinear, LazyModuleMixin))
+
+
+def _patterns(name: str, value) -> list:
+    """include/exclude as a list of patterns; a single pattern is accepted as is."""
+    if value is None:
+        return []
+    if isinstance(value, (str, re.Pattern)):
+        return [value]
+    try:
+        items = list(value)
+    except TypeError:
+        raise TypeError(f"`{name}` must be a pattern or a list of patterns, got {type(value).__name__}") from None
+    for p in items:
+        if not isinstance(p, (str, re.Pattern)):
+            raise TypeError(f"`{name}` patterns must be str (fnmatch) or re.Pattern, got {type(p).__name__}")
+    return items
+
+
+def _matches(pattern, name: str) -> bool:
+    """A pattern matches a module name or any of its ancestors' names, so "layer1" covers
+    "layer1.0.conv1". str patterns are fnmatch globs, re.Pattern ones must fullmatch."""
+    parts = name.split(".")
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        if isinstance(pattern, str):
+            if fnmatch.fnmatchcase(prefix, pattern):
+                return True
+        elif pattern.fullmatch(prefix):
+            return True
+    return False
+
+
+def _selected(name: str, include: list, exclude: list) -> bool:
+    if include and not any(_matches(p, name) for p in include):
+        return False
+    return not any(_matches(p, name) for p in exclude)
+
+
+def sparse_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for every SparseLinear / SparseConv2d in `model`, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, SPARSE_TYPES):
+            yield name, module
+
+
+def sparsify(
+    model: nn.Module,
+    mask: str = "binary",
+    include: Iterable[Pattern] | Pattern | None = None,
+    exclude: Iterable[Pattern] | Pattern | None = None,
+    **mask_options,
+) -> nn.Module:
+    """Replaces every selected nn.Linear and nn.Conv2d of `model` by SparseLinear /
+    SparseConv2d with mask kind `mask` and `mask_options`, in place, and returns `model`.
+
+    A layer is selected when it matches some `include` pattern (all layers when include is
+    None) and no `exclude` pattern; patterns are matched against module names (see
+    _matches); a layer shared under several names is selected when any of them is. A
+    hard_concrete `seed` option seeds the first layer and seed + i the i-th. Weights
+    and biases are shared, not copied. Layers that are already sparse are
+    left as they are. Every argument is checked before the model changes: an unknown kind or
+    option, a malformed or unused pattern, or a selected layer of an unsupported type
+    (Conv1d, ConvTranspose2d, LazyLinear, a Linear subclass, ...) raises and leaves the model
+    untouched; exclude such a layer to leave it dense.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    make_mask(mask, **mask_options)  # validates the kind and its options
+    include, exclude = _patterns("include", include), _patterns("exclude", exclude)
+
+    named = list(model.named_modules(remove_duplicate=False))
+    for arg, patterns in (("include", include), ("exclude", exclude)):
+        for p in patterns:
+            if not any(_matches(p, name) for name, _ in named if name):
+                shown = p if isinstance(p, str) else p.pattern
+                raise ValueError(f"`{arg}` pattern {shown!r} matches no module of the model")
+
+    selected = [(n, m) for n, m in named if n and _selected(n, include, exclude)]
+    refused = [f"{n!r} ({type(m).__name__})" for n, m in selected if _unsupported(m)]
+    if refused:
+        raise TypeError(
+            f"sparsify supports nn.Linear and nn.Conv2d only; cannot sparsify {', '.join(refused)}. "
+            "Add them to `exclude` to leave them dense."
+        )
+    # A layer shared under several names is swapped at all of them when any is selected,
+    # so it stays one shared layer.
+    chosen = {id(m) for n, m in selected if type(m) in SWAPS}
+    targets = [(n, m) for n, m in named if n and id(m) in chosen]
+    if not targets:
+        raise ValueError("sparsify: no nn.Linear or nn.Conv2d selected (already sparse, or excluded)")
+
+    if mask_options.get("seed") is not None:  # the last layer's seed must be valid too
+        make_mask(mask, **{**mask_options, "seed": mask_options["seed"] + len(chosen) - 1})
+
+    # One sparse module per dense one, so a layer shared by two parents stays shared.
+    swapped: dict[int, nn.Module] = {}
+    for name, module in targets:
+        if id(module) not in swapped:
+            options = dict(mask_options)
+            if options.get("seed") is not None:
+                # One seed for the model; each layer gets its own noise stream.
+                options["seed"] = mask_options["seed"] + len(swapped)
+            swapped[id(module)] = SWAPS[type(module)].from_dense(module, mask, **options)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, swapped[id(module)])
+    return model
