@@ -1,0 +1,242 @@
+"""What every pruning method shares (DESIGN.md, "Methods"): attaching to a model via
+sparsify(), optimiser parameter groups, penalty(), step() / end_epoch() / end_round(),
+one rewind mechanism for the round-based methods, density(), state_dict() and export().
+
+Usage (every method):
+
+    method = Method(model, ...)                  # swaps the layers in place
+    opt = torch.optim.SGD(method.param_groups(lr=0.1, weight_decay=1e-4), momentum=0.9)
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y) + method.penalty()
+        opt.zero_grad(); loss.backward(); opt.step(); method.step()
+    method.end_epoch()
+    method.end_round()    # round-based methods: prune + rewind; then build a fresh optimiser
+    small = method.export(purge=True).model
+
+A method file holds only what is its own: the mask kind, its arguments, and the hooks
+`_after_step`, `_after_epoch`, `_prune_round`, `_extra_state` / `_load_extra_state`.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn import export as export_model
+from ..nn import sparse_modules, sparsify
+from ..nn.masks import HardConcreteMask
+
+
+# ---- argument checks shared by every method: TypeError / ValueError naming the argument
+def check_real(name: str, value, *, low=-math.inf, high=math.inf, low_open=False, high_open=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
+    value = float(value)
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if math.isnan(value) or below or above:
+        lo = ("(" if low_open else "[") + f"{low:g}"
+        hi = f"{high:g}" + (")" if high_open else "]")
+        raise ValueError(f"`{name}` must be in {lo}, {hi}, got {value}")
+    return value
+
+
+def check_int(name: str, value, *, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"`{name}` must be >= {low}, got {value}")
+    return int(value)
+
+
+def check_choice(name: str, value, choices) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"`{name}` must be a str, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {sorted(choices)}, got {value!r}")
+    return value
+
+
+class PruningMethod:
+    """Base class. Subclasses set `mask_kind` (and `round_based`), validate their own
+    arguments, then call `super().__init__` — so a bad argument raises before the model
+    is touched."""
+
+    mask_kind: str = "binary"
+    round_based: bool = False
+    default_mask_lr: float | None = None  # None: the mask group uses the weights' lr
+
+    def __init__(self, model: nn.Module, *, include=None, exclude=None, rewind_iteration: int = 0,
+                 mask_options: dict | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+        if not any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules()):
+            raise ValueError("`model` has no nn.Linear or nn.Conv2d layer to prune")
+        self.rewind_iteration = check_int("rewind_iteration", rewind_iteration)
+        if mask_options is not None and not isinstance(mask_options, dict):
+            raise TypeError(f"`mask_options` must be a dict, got {type(mask_options).__name__}")
+        sparsify(model, mask=self.mask_kind, include=include, exclude=exclude, **(mask_options or {}))
+        self.model = model
+        self.layers: list[tuple[str, nn.Module]] = list(sparse_modules(model))
+        self.iteration = 0  # optimiser steps taken (reset to rewind_iteration by a rewind)
+        self.epoch = 0      # epochs within the current round
+        self.round = 0
+        self._rewind_state: dict[str, torch.Tensor] | None = None
+        if self.round_based and self.rewind_iteration == 0:
+            self._save_rewind_point()
+
+    # ---- optimiser
+    def mask_parameters(self) -> list[nn.Parameter]:
+        return [p for _, layer in self.layers for p in layer.mask_parameters()]
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0, mask_lr: float | None = None,
+                     **options) -> list[dict]:
+        """Two groups: the model's parameters (lr, weight_decay, options) and the mask
+        parameters (own lr — `mask_lr`, else the method's default, else lr — and never
+        weight decay). The mask group is left out when the method has none."""
+        lr = check_real("lr", lr, low=0.0, low_open=True)
+        weight_decay = check_real("weight_decay", weight_decay, low=0.0)
+        if mask_lr is not None:
+            mask_lr = check_real("mask_lr", mask_lr, low=0.0, low_open=True)
+        masks = self.mask_parameters()
+        mask_ids = {id(p) for p in masks}
+        groups = [{"params": [p for p in self.model.parameters() if id(p) not in mask_ids],
+                   "lr": lr, "weight_decay": weight_decay, "name": "weights", **options}]
+        if masks:
+            groups.append({"params": masks, "lr": mask_lr or self.default_mask_lr or lr,
+                           "weight_decay": 0.0, "name": "masks", **options})
+        return groups
+
+    # ---- training hooks
+    def penalty(self) -> torch.Tensor:
+        """The method's term to add to the loss (0 unless the method regularises)."""
+        return self.model_zero()
+
+    def model_zero(self) -> torch.Tensor:
+        w = self.layers[0][1].weight
+        return torch.zeros((), device=w.device, dtype=w.dtype)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Call after optimizer.step(): projects learnable masks back to their domain,
+        keeps binary-masked weights exactly zero (momentum or weight decay could move
+        them), runs the method's per-step hook and saves the rewind point when due."""
+        self.iteration += 1
+        for _, layer in self.layers:
+            layer.mask.project(layer)
+            if layer.mask.name == "binary":
+                layer.weight.mul_(layer.weight_mask)
+        self._after_step()
+        if self.round_based and self._rewind_state is None and self.iteration == self.rewind_iteration:
+            self._save_rewind_point()
+
+    def end_epoch(self) -> None:
+        self.epoch += 1
+        self._after_epoch()
+
+    def end_round(self) -> None:
+        """Round-based methods: prune, then rewind the weights to the saved iterate and the
+        step counter to `rewind_iteration`. Build a fresh optimiser afterwards, with the lr
+        schedule advanced to rewind_iteration."""
+        if not self.round_based:
+            raise TypeError(f"{type(self).__name__} is not round-based: it has no end_round()")
+        if self._rewind_state is None:
+            raise RuntimeError(
+                f"end_round() before the rewind point: iteration {self.iteration} < "
+                f"rewind_iteration {self.rewind_iteration}"
+            )
+        self._prune_round()
+        self.rewind()
+        self.round += 1
+        self.epoch = 0
+
+    def _after_step(self) -> None:
+        pass
+
+    def _after_epoch(self) -> None:
+        pass
+
+    def _prune_round(self) -> None:
+        raise NotImplementedError
+
+    # ---- rewinding (shared by IMP, CS and the concave regularisers)
+    def _mask_keys(self) -> set[str]:
+        return {f"{name}.{s}" for name, layer in self.layers for s in layer.mask.state_names}
+
+    def _save_rewind_point(self) -> None:
+        """Everything in the model's state_dict but the masks (weights, biases, BN
+        statistics), cloned."""
+        masks = self._mask_keys()
+        self._rewind_state = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k not in masks}
+
+    @torch.no_grad()
+    def rewind(self) -> None:
+        """Copies the saved iterate back (bit-exact) and re-applies binary masks."""
+        state = self.model.state_dict()
+        for k, v in self._rewind_state.items():
+            state[k].copy_(v)
+        for _, layer in self.layers:
+            if layer.mask.name == "binary":
+                layer.weight.mul_(layer.weight_mask)
+        self.iteration = self.rewind_iteration
+
+    # ---- reporting
+    @torch.no_grad()
+    def density(self) -> dict[str, Any]:
+        """{"global": kept / total over the sparse layers, "layers": {name: density}}."""
+        layers, kept, total = {}, 0, 0
+        for name, layer in self.layers:
+            keep = layer.mask.keep(layer)
+            layers[name] = float(keep.float().mean()) if keep.numel() else 1.0
+            kept += int(keep.sum())
+            total += keep.numel()
+        return {"global": kept / total if total else 1.0, "layers": layers}
+
+    def export(self, purge: bool = False, example_input=None):
+        """Plain torch modules with the masks baked in (see sparsekern.export)."""
+        return export_model(self.model, purge=purge, example_input=example_input)
+
+    # ---- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: counters, mask tensors, hard-concrete
+        noise offsets, the rewind point and the method's own state."""
+        masks = {f"{name}.{s}": getattr(layer, s).detach().clone()
+                 for name, layer in self.layers for s in layer.mask.state_names}
+        offsets = {name: (layer.mask.seed, layer.mask.offset) for name, layer in self.layers
+                   if isinstance(layer.mask, HardConcreteMask)}
+        return {
+            "method": type(self).__name__,
+            "iteration": self.iteration, "epoch": self.epoch, "round": self.round,
+            "rewind_iteration": self.rewind_iteration,
+            "masks": masks, "noise": offsets,
+            "rewind_state": self._rewind_state,
+            "extra": self._extra_state(),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("method") != type(self).__name__:
+            got = state.get("method") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"state is not a {type(self).__name__} state_dict (got {got!r})")
+        expected = self._mask_keys()
+        if set(state["masks"]) != expected:
+            raise ValueError(f"mask entries differ: missing {sorted(expected - set(state['masks']))}, "
+                             f"unexpected {sorted(set(state['masks']) - expected)}")
+        for name, layer in self.layers:
+            for s in layer.mask.state_names:
+                getattr(layer, s).copy_(state["masks"][f"{name}.{s}"])
+            if name in state["noise"]:
+                layer.mask.seed, layer.mask.offset = state["noise"][name]
+        self.iteration, self.epoch, self.round = state["iteration"], state["epoch"], state["round"]
+        self.rewind_iteration = state["rewind_iteration"]
+        self._rewind_state = state["rewind_state"]
+        self._load_extra_state(state["extra"])
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        pass
