@@ -11,4 +11,7 @@ TORCH_LIBRARY(sparsekern, m) {
   // pruned, above kept, ties at it pruned in ascending (tensor, flat index) order.
   // Also returns the threshold (same contract as magnitude_threshold).
   m.def("magnitude_masks(Tensor[] tensors, int n_prune) -> (Tensor[], Tensor)");
+  // Fills float32 `out` with the Philox4x32-10 uniform stream of (seed, offset) over its
+  // flat indices (the hard-concrete noise; CPU kernel only, CUDA draws it inside Triton).
+  m.def("philox_uniform_(Tensor(a!) out, int seed, int offset) -> ()");
 }

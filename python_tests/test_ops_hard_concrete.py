@@ -343,3 +343,21 @@ LA = torch.zeros(3)
 def test_bad_inputs_raise(call, error, name):
     with pytest.raises(error, match=f"`{name}`"):
         call()
+
+
+def test_cpu_noise_kernel_matches_reference_stream():
+    # The C++ Philox (csrc/cpu/philox_cpu.cpp) must reproduce reference.philox_uniform bit
+    # for bit, including 64-bit seeds/offsets and sizes that split across threads.
+    from sparsekern.ops.reference import philox_uniform
+
+    for numel, seed, offset in [(1, 0, 0), (1000, 3, 7), (70_001, 2**40 + 5, 2**33 + 9), (0, 1, 1)]:
+        out = torch.empty(numel)
+        torch.ops.sparsekern.philox_uniform_(out, seed, offset)
+        assert torch.equal(out, philox_uniform(numel, seed, offset))
+
+
+def test_cpu_noise_kernel_rejects_bad_output():
+    with pytest.raises(ValueError, match="float32"):
+        torch.ops.sparsekern.philox_uniform_(torch.empty(3, dtype=torch.float64), 0, 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.sparsekern.philox_uniform_(torch.empty(4, 4).t(), 0, 0)

@@ -16,6 +16,7 @@ from .._extension import HAS_EXTENSION
 CPP_SCHEMAS = {
     "magnitude_threshold": "magnitude_threshold(Tensor[] tensors, int n_prune) -> Tensor",
     "magnitude_masks": "magnitude_masks(Tensor[] tensors, int n_prune) -> (Tensor[], Tensor)",
+    "philox_uniform_": "philox_uniform_(Tensor(a!) out, int seed, int offset) -> ()",
 }
 
 # A FRAGMENT, not a DEF: the Triton ops add to the same namespace.
