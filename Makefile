@@ -29,7 +29,8 @@ demo: $(VENV)/.built
 
 # The whole suite. Triton kernels run on the CPU under TRITON_INTERPRET=1, which must be
 # set before triton is imported, so they get their own pytest process.
-test: test-core test-triton test-cmake
+# The core suite runs last so the closing summary line is the largest one.
+test: test-cmake test-triton test-core
 
 test-core: $(VENV)/.built
 	$(PY) -m pytest python_tests -m "not triton and not cmake" -q

@@ -18,46 +18,28 @@ A method file holds only what is its own: the mask kind, its arguments, and the 
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import torch
 from torch import nn
 
+from .. import _checks
 from ..nn import export as export_model
 from ..nn import sparse_modules, sparsify
 from ..nn.masks import HardConcreteMask
 
 
 # ---- argument checks shared by every method: TypeError / ValueError naming the argument
-def check_real(name: str, value, *, low=-math.inf, high=math.inf, low_open=False, high_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
-    value = float(value)
-    below = value <= low if low_open else value < low
-    above = value >= high if high_open else value > high
-    if math.isnan(value) or below or above:
-        lo = ("(" if low_open else "[") + f"{low:g}"
-        hi = f"{high:g}" + (")" if high_open else "]")
-        raise ValueError(f"`{name}` must be in {lo}, {hi}, got {value}")
-    return value
+def check_real(name: str, value, **bounds) -> float:
+    return _checks.real(f"`{name}`", value, **bounds)
 
 
 def check_int(name: str, value, *, low: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"`{name}` must be >= {low}, got {value}")
-    return int(value)
+    return _checks.integer(f"`{name}`", value, low=low)
 
 
 def check_choice(name: str, value, choices) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"`{name}` must be a str, got {type(value).__name__}")
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {sorted(choices)}, got {value!r}")
-    return value
+    return _checks.choice(f"`{name}`", value, choices)
 
 
 class PruningMethod:

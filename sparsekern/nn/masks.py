@@ -25,7 +25,7 @@ import numbers
 import torch
 from torch import nn
 
-from .. import ops
+from .. import _checks, ops
 
 # Hard-concrete stretch constants (Louizos et al. 2018), shared with the op defaults.
 HC_BETA, HC_GAMMA, HC_ZETA = 2.0 / 3.0, -0.1, 1.1
@@ -33,23 +33,12 @@ HC_BETA, HC_GAMMA, HC_ZETA = 2.0 / 3.0, -0.1, 1.1
 HC_LOG_ALPHA_RANGE = (math.log(0.01), math.log(100.0))
 
 
-def _real(name: str, value, *, low=-math.inf, high=math.inf, low_open=False, high_open=False):
-    """`value` as a float, or a TypeError/ValueError naming the option."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"mask option `{name}` must be a real number, got {type(value).__name__}")
-    value = float(value)
-    below = value <= low if low_open else value < low
-    above = value >= high if high_open else value > high
-    if math.isnan(value) or below or above:
-        lo, hi = ("(" if low_open else "[") + str(low), str(high) + (")" if high_open else "]")
-        raise ValueError(f"mask option `{name}` must be in {lo}, {hi}, got {value}")
-    return value
+def _real(name: str, value, **bounds) -> float:
+    return _checks.real(f"mask option `{name}`", value, **bounds)
 
 
 def _bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"mask option `{name}` must be a bool, got {type(value).__name__}")
-    return value
+    return _checks.boolean(f"mask option `{name}`", value)
 
 
 class MaskKind(abc.ABC):

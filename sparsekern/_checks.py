@@ -1,0 +1,42 @@
+"""Argument checks shared by the public API: a TypeError or ValueError whose message
+starts with `label` (how the caller names the argument, e.g. "`sparsity`")."""
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def real(label: str, value, *, low=-math.inf, high=math.inf, low_open=False, high_open=False) -> float:
+    """`value` as a float within the bounds (NaN never is)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{label} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if math.isnan(value) or below or above:
+        lo = ("(" if low_open else "[") + f"{low:g}"
+        hi = f"{high:g}" + (")" if high_open else "]")
+        raise ValueError(f"{label} must be in {lo}, {hi}, got {value}")
+    return value
+
+
+def integer(label: str, value, *, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{label} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{label} must be >= {low}, got {value}")
+    return int(value)
+
+
+def boolean(label: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{label} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def choice(label: str, value, choices) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{label} must be a str, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{label} must be one of {sorted(choices)}, got {value!r}")
+    return value
