@@ -38,6 +38,10 @@ def check_int(name: str, value, *, low: int = 0) -> int:
     return _checks.integer(f"`{name}`", value, low=low)
 
 
+def check_bool(name: str, value) -> bool:
+    return _checks.boolean(f"`{name}`", value)
+
+
 def check_choice(name: str, value, choices) -> str:
     return _checks.choice(f"`{name}`", value, choices)
 
@@ -109,9 +113,10 @@ class PruningMethod:
         self.iteration += 1
         for _, layer in self.layers:
             layer.mask.project(layer)
+        self._after_step()  # may change masks: zero binary-masked weights after it
+        for _, layer in self.layers:
             if layer.mask.name == "binary":
                 layer.weight.mul_(layer.weight_mask)
-        self._after_step()
         if self.round_based and self._rewind_state is None and self.iteration == self.rewind_iteration:
             self._save_rewind_point()
 
@@ -214,7 +219,8 @@ class PruningMethod:
                 layer.mask.seed, layer.mask.offset = state["noise"][name]
         self.iteration, self.epoch, self.round = state["iteration"], state["epoch"], state["round"]
         self.rewind_iteration = state["rewind_iteration"]
-        self._rewind_state = state["rewind_state"]
+        rewind = state["rewind_state"]  # copied: the caller's dict must not alias ours
+        self._rewind_state = None if rewind is None else {k: v.clone() for k, v in rewind.items()}
         self._load_extra_state(state["extra"])
 
     def _extra_state(self) -> dict[str, Any]:
