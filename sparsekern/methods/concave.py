@@ -1,0 +1,130 @@
+"""Concave regularisers on a relaxed mask (Fracastoro et al.; METHODS.md).
+
+Each masked weight gets m ∈ [0, 1] (init m0 = 1/2), w_eff = m ⊙ θ, and the loss gets
+λ·Σ r(m_i) with r(m) = m (ℓ1) or r_ε(m) = log((m+ε)/ε) / log((1+ε)/ε) (log). m is kept in
+[0, 1] by projection after every step (the base's step() calls the mask's project()).
+At the end of each round the entries with m < α are pruned for good — m = 0 and never
+revived — and θ is rewound while m is carried over (Algorithm 1 of the paper):
+
+    method = ConcaveRegularization(model, regularizer="log")
+    for round in range(3):
+        opt = build(method.param_groups(lr=0.1, weight_decay=1e-4))    # fresh each round
+        ... train: loss + method.penalty(); opt.step(); method.step() ...
+        method.end_round()          # m < α → 0 for good, θ rewound, m carried over
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import ops
+from .base import PruningMethod, check_choice, check_real
+
+REGULARIZERS = ("l1", "log")
+DEFAULT_LAM = {"l1": 3e-6, "log": 1e-6}  # the paper's CIFAR runs
+
+
+class ConcaveRegularization(PruningMethod):
+    """ConcaveRegularization(model, *, regularizer="l1", lam=None, eps=0.1, alpha=0.01,
+    prune_fraction=None, m0=0.5, rewind_iteration=0, include=None, exclude=None)
+
+    regularizer: "l1" (r(m) = m) or "log" (r_ε, normalised so r_ε(1) = 1).
+    lam: λ (default 3e-6 for l1, 1e-6 for log, the paper's values; not normalised by the
+      number of weights).
+    eps: ε of the log regulariser.
+    alpha: end-of-round threshold: m < α → 0 for good (ours: 0.01; the paper gives none).
+    prune_fraction: the paper's fixed-percentage ablation: instead of the α threshold,
+      prune exactly round(prune_fraction · n_alive) of the still-alive entries with the
+      smallest m (globally over the layers) each round.
+    m0: initial mask value.
+    """
+
+    mask_kind = "relaxed"
+    round_based = True
+
+    def __init__(self, model: nn.Module, *, regularizer: str = "l1", lam: float | None = None,
+                 eps: float = 0.1, alpha: float = 0.01, prune_fraction: float | None = None,
+                 m0: float = 0.5, rewind_iteration: int = 0, include=None, exclude=None):
+        self.regularizer = check_choice("regularizer", regularizer, REGULARIZERS)
+        self.lam = DEFAULT_LAM[regularizer] if lam is None else check_real("lam", lam, low=0.0)
+        self.eps = check_real("eps", eps, low=0.0, low_open=True)
+        self.alpha = check_real("alpha", alpha, low=0.0, high=1.0)
+        self.prune_fraction = None if prune_fraction is None else check_real(
+            "prune_fraction", prune_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
+        m0 = check_real("m0", m0, low=0.0, high=1.0)
+        super().__init__(model, include=include, exclude=exclude, rewind_iteration=rewind_iteration,
+                         mask_options={"m0": m0})
+        # alive[name]: the entries not pruned at a round's end. Dead entries get no gradient
+        # (hook) and are re-zeroed after every step, so momentum, weight decay or an
+        # optimiser's running state cannot revive them.
+        self.alive = {name: torch.ones_like(layer.weight_mask, dtype=torch.bool) for name, layer in self.layers}
+        for name, layer in self.layers:
+            alive = self.alive[name]  # updated in place only, so the hook always sees it
+            layer.weight_mask.register_hook(lambda g, alive=alive: g * alive)
+
+    def penalty(self) -> torch.Tensor:
+        """λ·Σ r(m) over the masked layers (dead entries have m = 0 and r(0) = 0)."""
+        total = self.model_zero()
+        for _, layer in self.layers:
+            m = layer.weight_mask
+            if self.regularizer == "l1":
+                total = total + m.sum()
+            else:
+                r = torch.log1p(m / self.eps) / math.log1p(1.0 / self.eps)  # log((m+ε)/ε)/log((1+ε)/ε)
+                total = total + r.sum()
+        return self.lam * total
+
+    @torch.no_grad()
+    def _after_step(self) -> None:
+        for name, layer in self.layers:
+            layer.weight_mask.mul_(self.alive[name])
+
+    @torch.no_grad()
+    def _prune_round(self) -> None:
+        if self.prune_fraction is None:
+            for name, layer in self.layers:
+                self.alive[name] &= layer.weight_mask >= self.alpha
+        else:
+            self._prune_fraction()
+        self._after_step()
+
+    @torch.no_grad()
+    def _prune_fraction(self) -> None:
+        # Rank only the alive entries, so dead zeros (ties at 0 with alive ones) never
+        # take a slot: exactly round(p · n_alive) alive entries go.
+        names = [name for name, _ in self.layers]
+        values = [layer.weight_mask.detach()[self.alive[name]] for name, layer in self.layers]
+        n_alive = sum(v.numel() for v in values)
+        n_prune = ops.n_prune_for(self.prune_fraction, n_alive)
+        if n_prune == 0:
+            return
+        if n_prune >= n_alive:  # the op takes sparsity < 1
+            keeps = [torch.zeros_like(v, dtype=torch.bool) for v in values]
+        else:
+            keeps = ops.magnitude_masks(values, n_prune / n_alive)  # m ≥ 0, so |m| = m
+        for name, keep in zip(names, keeps):
+            alive = self.alive[name]
+            alive[alive.clone()] = keep
+
+    def density(self) -> dict[str, Any]:
+        """The support m ≠ 0 ({"global", "layers"}), plus "alive": the fraction not yet
+        pruned for good (alive entries at m = 0 after projection can still come back)."""
+        report = super().density()
+        total = sum(a.numel() for a in self.alive.values())
+        report["alive"] = {
+            "global": sum(int(a.sum()) for a in self.alive.values()) / total if total else 1.0,
+            "layers": {name: float(a.float().mean()) if a.numel() else 1.0 for name, a in self.alive.items()},
+        }
+        return report
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"alive": {name: a.clone() for name, a in self.alive.items()}}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        if set(extra["alive"]) != set(self.alive):
+            raise ValueError(f"alive masks name layers {sorted(extra['alive'])}, expected {sorted(self.alive)}")
+        for name, a in self.alive.items():
+            a.copy_(extra["alive"][name])  # in place: the gradient hooks hold these tensors

@@ -1,0 +1,267 @@
+"""L0 with hard-concrete gates: constrained (Gallego-Posada et al., NeurIPS 2022) and the
+penalised baseline (Louizos et al., 2018); METHODS.md.
+
+Every group of weights (one weight, or a conv output channel / linear input neuron when
+structured) gets a gate z ~ HardConcrete(log α), sampled once per forward in training
+and the median gate in eval. The expected density of a set of layers is
+Σ_j size_j·P(z_j ≠ 0) / Σ_j size_j, differentiable in log α.
+
+ConstrainedL0 imposes density_g ≤ ε_g (one constraint for the model, or one per layer)
+through the Lagrangian task + Σ_g λ_g (density_g − ε_g): the optimiser descends on the
+weights and log α, step() ascends on the multipliers λ (dual restarts by default):
+
+    method = ConstrainedL0(model, 0.3)                  # or {"fc1": 0.2, ...}
+    opt = torch.optim.Adam(method.param_groups(lr=1e-3))
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y) + method.penalty()
+        opt.zero_grad(); loss.backward(); opt.step(); method.step()
+    method.density()["expected"], method.multipliers
+    small = method.export(purge=True).model             # structured: channels removed
+
+PenalizedL0 adds λ·Σ E[L0] instead (a fixed trade-off, no control of the density).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn.modules import SPARSE_TYPES
+from ..nn.sparsify import SWAPS, _patterns, _selected
+from .base import PruningMethod, check_bool, check_real
+
+DEFAULT_DROPRATE = {True: 0.3, False: 0.1}  # structured / unstructured (METHODS.md)
+GLOBAL = "global"  # the group name of the model-wise constraint
+
+
+def _layer_names(model: nn.Module, include, exclude) -> list[str]:
+    """The names base.__init__'s sparsify() will give the sparse layers, computed without
+    touching the model (so a bad layer name raises first). Mirrors sparsify's selection:
+    a layer shared under several names is selected when any of them is, and is named by
+    its first name, as sparse_modules() does."""
+    include, exclude = _patterns("include", include), _patterns("exclude", exclude)
+    chosen = {id(m) for n, m in model.named_modules(remove_duplicate=False)
+              if n and type(m) in SWAPS and _selected(n, include, exclude)}
+    return [n for n, m in model.named_modules() if id(m) in chosen or isinstance(m, SPARSE_TYPES)]
+
+
+class _HardConcreteMethod(PruningMethod):
+    """What both L0 methods share: the gates' options, the init rescaling, the expected
+    density and the expected-L2 term."""
+
+    mask_kind = "hard_concrete"
+
+    def __init__(self, model: nn.Module, *, structured: bool, droprate_init: float | None, rescale_init: bool,
+                 l2_weight: float, gate_lr: float | None, include, exclude):
+        structured = check_bool("structured", structured)
+        if droprate_init is None:
+            droprate_init = DEFAULT_DROPRATE[structured]
+        self.droprate_init = check_real("droprate_init", droprate_init, low=0.0, high=1.0,
+                                        low_open=True, high_open=True)
+        self.rescale_init = check_bool("rescale_init", rescale_init)
+        self.l2_weight = check_real("l2_weight", l2_weight, low=0.0)
+        if gate_lr is not None:
+            self.default_mask_lr = check_real("gate_lr", gate_lr, low=0.0, low_open=True)
+        super().__init__(model, include=include, exclude=exclude,
+                         mask_options={"structured": structured, "droprate_init": self.droprate_init})
+        self.structured = structured
+        if self.rescale_init:
+            # The authors' code divides the weights by 1 − p, the gates' mean keep rate at
+            # init, so E[w ⊙ z] starts near w. Each Parameter once, even if tied.
+            seen = set()
+            with torch.no_grad():
+                for _, layer in self.layers:
+                    if id(layer.weight) not in seen:
+                        seen.add(id(layer.weight))
+                        layer.weight.div_(1.0 - self.droprate_init)
+
+    # ---- expected L0
+    def _expected_nonzero(self) -> list[torch.Tensor]:
+        """E[#nonzero weights] per layer (0-dim, differentiable in log α)."""
+        return [layer.mask.expected_nonzero(layer) for _, layer in self.layers]
+
+    def _expected_l2(self) -> torch.Tensor:
+        """l2_weight/2 · Σ P(z ≠ 0)·θ² (Louizos' expected L2, used by the authors' code
+        instead of optimiser weight decay). P is detached, as in that code: the term
+        shrinks the weights only and leaves the gates to the L0 term. Biases are not
+        included. With the 1/2, l2_weight means what SGD's weight_decay means."""
+        total = self.model_zero()
+        if self.l2_weight == 0.0:
+            return total
+        for _, layer in self.layers:
+            mask = layer.mask
+            p = torch.sigmoid(layer.weight_log_alpha.detach() - mask.beta * math.log(-mask.gamma / mask.zeta))
+            total = total + (p * layer.weight.square()).sum()  # p broadcasts over a group
+        return 0.5 * self.l2_weight * total
+
+    @torch.no_grad()
+    def density(self) -> dict[str, Any]:
+        """{"global", "layers"}: the eval-gate support (median gate > 0, what export keeps);
+        "eval": the same, under its own name; "expected": Σ size·P(z ≠ 0) / Σ size,
+        globally and per layer."""
+        report = super().density()
+        nonzero = [float(n) for n in self._expected_nonzero()]
+        numel = [layer.weight.numel() for _, layer in self.layers]
+        report["eval"] = {"global": report["global"], "layers": dict(report["layers"])}
+        report["expected"] = {
+            "global": sum(nonzero) / sum(numel) if sum(numel) else 1.0,
+            "layers": {name: n / k if k else 1.0 for (name, _), n, k in zip(self.layers, nonzero, numel)},
+        }
+        return report
+
+
+class ConstrainedL0(_HardConcreteMethod):
+    """ConstrainedL0(model, target_density, *, layerwise=False, structured=False,
+    dual_lr=7e-4, dual_restarts=True, gate_lr=None, droprate_init=None, rescale_init=True,
+    l2_weight=0.0, include=None, exclude=None)
+
+    target_density: ε in (0, 1]. A float: one model-wise constraint on the expected density
+      of all sparse layers together (multiplier "global"), or with layerwise=True the same
+      ε for every layer, one constraint each. A dict {layer name: ε}: one constraint per
+      named layer; layers not named are gated but unconstrained.
+    dual_lr: η of the dual ascent (paper: 1e-4 MNIST … 7e-4 CIFAR).
+    dual_restarts: λ_g ← 0 whenever density_g ≤ ε_g (the paper's heuristic).
+    gate_lr: lr of the log α group (default: the weights' lr; paper: 1.0 ResNet, 6.0 WRN).
+    droprate_init: p of log α ~ N(log((1−p)/p), 0.01); default 0.3 structured, 0.1 not.
+    rescale_init: divide the weights by 1 − p at init (the authors' code).
+    l2_weight: the expected-L2 term with detached gates (see _expected_l2), 0 = off.
+
+    Dual step (simultaneous GDA, Eq. 5 of the paper): step() — called after
+    optimizer.step() — updates λ with the densities that penalty() computed in the same
+    iteration, i.e. at the parameters *before* the primal step, the point the primal
+    gradient was taken at: λ_g ← max(0, λ_g + η (density_g − ε_g)), or 0 with dual restarts
+    when density_g ≤ ε_g. If penalty() was not called since the last step(), step() uses
+    the densities at the current (post-step) parameters instead.
+    """
+
+    def __init__(self, model: nn.Module, target_density, *, layerwise: bool = False, structured: bool = False,
+                 dual_lr: float = 7e-4, dual_restarts: bool = True, gate_lr: float | None = None,
+                 droprate_init: float | None = None, rescale_init: bool = True, l2_weight: float = 0.0,
+                 include=None, exclude=None):
+        layerwise = check_bool("layerwise", layerwise)
+        targets = self._check_targets(model, target_density, include, exclude)
+        self.dual_lr = check_real("dual_lr", dual_lr, low=0.0)
+        self.dual_restarts = check_bool("dual_restarts", dual_restarts)
+        super().__init__(model, structured=structured, droprate_init=droprate_init, rescale_init=rescale_init,
+                         l2_weight=l2_weight, gate_lr=gate_lr, include=include, exclude=exclude)
+        index = {name: i for i, (name, _) in enumerate(self.layers)}
+        if isinstance(targets, dict):
+            groups = [(name, [index[name]], targets[name]) for name, _ in self.layers if name in targets]
+        elif layerwise:
+            groups = [(name, [i], targets) for i, (name, _) in enumerate(self.layers)]
+        else:
+            groups = [(GLOBAL, list(range(len(self.layers))), targets)]
+        self.group_names = [g[0] for g in groups]
+        self._group_layers = [g[1] for g in groups]
+        self._group_numel = [sum(self.layers[i][1].weight.numel() for i in g[1]) for g in groups]
+        w = self.layers[0][1].weight
+        dtype = torch.promote_types(w.dtype, torch.float32)  # the dtype of the expected L0
+        self._targets = torch.tensor([g[2] for g in groups], dtype=dtype, device=w.device)
+        self._lambda = torch.zeros_like(self._targets)   # multipliers start at 0
+        self._defect: torch.Tensor | None = None         # density − ε from the last penalty()
+
+    @staticmethod
+    def _check_targets(model, target_density, include, exclude):
+        if isinstance(target_density, dict):
+            if not target_density:
+                raise ValueError("`target_density` dict is empty")
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+            for name, eps in target_density.items():
+                if not isinstance(name, str):
+                    raise TypeError(f"`target_density` keys must be layer names (str), got {type(name).__name__}")
+                check_real(f"target_density[{name!r}]", eps, low=0.0, high=1.0, low_open=True)
+            names = _layer_names(model, include, exclude)
+            unknown = sorted(set(target_density) - set(names))
+            if unknown:
+                raise ValueError(f"`target_density` names unknown layers {unknown}; the sparse layers are {names}")
+            return {name: float(eps) for name, eps in target_density.items()}
+        if isinstance(target_density, numbers.Real) and not isinstance(target_density, bool):
+            return check_real("target_density", target_density, low=0.0, high=1.0, low_open=True)
+        raise TypeError(f"`target_density` must be a float or a dict {{layer name: float}}, "
+                        f"got {type(target_density).__name__}")
+
+    # ---- the Lagrangian
+    def _group_densities(self) -> torch.Tensor:
+        nonzero = self._expected_nonzero()
+        return torch.stack([sum(nonzero[i] for i in idx) / n
+                            for idx, n in zip(self._group_layers, self._group_numel)])
+
+    def _on(self, device: torch.device) -> None:
+        # The model may have been moved after the method was built.
+        if self._lambda.device != device:
+            self._lambda, self._targets = self._lambda.to(device), self._targets.to(device)
+
+    def penalty(self) -> torch.Tensor:
+        """Σ_g λ_g (density_g − ε_g) (+ the expected-L2 term): its gradient pushes the
+        gates of violated groups down with weight λ_g. Also records density_g − ε_g
+        (detached) for the dual step in step()."""
+        density = self._group_densities()
+        self._on(density.device)
+        defect = density - self._targets
+        self._defect = defect.detach()
+        return (self._lambda * defect).sum() + self._expected_l2()
+
+    @torch.no_grad()
+    def _after_step(self) -> None:
+        defect = self._defect
+        if defect is None:
+            density = self._group_densities()
+            self._on(density.device)
+            defect = density - self._targets
+        lam = torch.clamp(self._lambda + self.dual_lr * defect, min=0.0)
+        if self.dual_restarts:
+            lam = torch.where(defect <= 0, torch.zeros_like(lam), lam)
+        self._lambda = lam
+        self._defect = None
+
+    @property
+    def multipliers(self) -> dict[str, float]:
+        """{group name: λ_g}: "global" for the model-wise constraint, else layer names."""
+        return dict(zip(self.group_names, self._lambda.tolist()))
+
+    @property
+    def targets(self) -> dict[str, float]:
+        return dict(zip(self.group_names, self._targets.tolist()))
+
+    def density(self) -> dict[str, Any]:
+        report = super().density()
+        report["targets"] = self.targets
+        report["multipliers"] = self.multipliers
+        return report
+
+    # ---- checkpointing
+    def _extra_state(self) -> dict[str, Any]:
+        return {"groups": list(self.group_names), "multipliers": self._lambda.clone(),
+                "defect": None if self._defect is None else self._defect.clone()}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        if extra["groups"] != self.group_names:
+            raise ValueError(f"state has constraints {extra['groups']}, this method {self.group_names}")
+        self._lambda = extra["multipliers"].clone().to(self._targets.device)
+        self._defect = None if extra["defect"] is None else extra["defect"].clone().to(self._targets.device)
+
+
+class PenalizedL0(_HardConcreteMethod):
+    """PenalizedL0(model, lam, *, structured=False, droprate_init=None, rescale_init=True,
+    l2_weight=0.0, gate_lr=None, include=None, exclude=None)
+
+    Louizos et al.'s penalised objective: task + λ·Σ E[L0], the expected number of nonzero
+    weights summed over the sparse layers (not normalised; the density it reaches depends
+    on λ, the data and the schedule — the constrained method's foil). Other arguments as
+    in ConstrainedL0.
+    """
+
+    def __init__(self, model: nn.Module, lam: float, *, structured: bool = False, droprate_init: float | None = None,
+                 rescale_init: bool = True, l2_weight: float = 0.0, gate_lr: float | None = None,
+                 include=None, exclude=None):
+        self.lam = check_real("lam", lam, low=0.0)
+        super().__init__(model, structured=structured, droprate_init=droprate_init, rescale_init=rescale_init,
+                         l2_weight=l2_weight, gate_lr=gate_lr, include=include, exclude=exclude)
+
+    def penalty(self) -> torch.Tensor:
+        """λ·Σ E[L0] (+ the expected-L2 term)."""
+        return self.lam * sum(self._expected_nonzero()) + self._expected_l2()
