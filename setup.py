@@ -78,4 +78,5 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    entry_points={"console_scripts": ["sparsekern=sparsekern.cli:main"]},
 )

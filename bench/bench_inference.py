@@ -1,0 +1,173 @@
+"""Inference latency of purged structured models against the dense model, CPU.
+
+The CIFAR ResNet-18 and ResNet-20 of sparsekern.models, made structured-sparse two ways
+without training (the masks are set directly to the target channel density):
+- ConstrainedL0(structured=True): in every gated conv, the gates of the lowest-ℓ2-norm
+  fraction (1 − density) of output channels get log α = −10 (median gate 0), the rest +10
+  (gate 1);
+- DPF(mode="structured", sparsity=1 − density): its first mask, computed at construction,
+  prunes output channels by ℓ2 norm, ranked globally over the gated convs, up to that
+  sparsity.
+Which channels: a residual block's output channels are tied to its shortcut, and purge
+keeps them (removing one would change the sum), so zeroing them saves nothing. The
+methods therefore gate the channels purge can remove — the first conv of every basic
+block (`layer*.*.conv1`), whose outputs only the block's second conv reads — and
+"channel density" is the kept fraction of those. A closed channel's conv output is 0,
+but its BatchNorm turns that into the constant relu(β − γ·μ/σ), which reaches the padded
+second conv and must then stay (purge removes a channel only when that cannot change the
+output); a closed channel therefore gets μ = 0 and β = 0 in its BatchNorm, the state in
+which it is truly dead. One reference row gates every conv (L0, 50%) to show what the
+tied channels cost.
+Each model is exported with sparsekern.export(purge=True) and its output checked against
+the masked model in eval mode. Latency: median of one interleaved run (bench/common.py)
+of torch.no_grad forwards at batch 1 and 64; dense is the same network without masks.
+Target: ≥ 1.7x faster than dense at 50% channel density. Writes
+bench/results/inference.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import interleaved_medians, machine, markdown_table, write_result  # noqa: E402
+
+from sparsekern import methods as M  # noqa: E402
+from sparsekern.models import build_model  # noqa: E402
+from sparsekern.nn import count_macs, count_params  # noqa: E402
+
+MODELS = ("resnet18", "resnet20")
+DENSITIES = (0.5, 0.3)
+BATCHES = (1, 64)
+TARGET = 1.7
+BLOCK_INNER = "layer*.*.conv1"  # the channels purge can remove (see the docstring)
+
+
+@torch.no_grad()
+def randomise_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics, so equal outputs are not an accident of zeros."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.1)
+    return model
+
+
+def fresh(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return randomise_bn(build_model(name, (3, 32, 32), 10)).eval()
+
+
+@torch.no_grad()
+def l0_at(name: str, density: float, include=BLOCK_INNER):
+    model = fresh(name)
+    method = M.ConstrainedL0(model, density, structured=True, rescale_init=False, include=include)
+    for _, layer in method.layers:
+        if isinstance(layer, nn.Conv2d):
+            norms = layer.weight.flatten(1).norm(dim=1)
+            keep = max(1, round(density * len(norms)))
+            log_alpha = torch.full_like(norms, -10.0)
+            log_alpha[norms.argsort(descending=True)[:keep]] = 10.0
+            layer.weight_log_alpha.copy_(log_alpha.view_as(layer.weight_log_alpha))
+        else:
+            layer.weight_log_alpha.fill_(10.0)
+    return model.eval(), method
+
+
+def dpf_at(name: str, density: float):
+    model = fresh(name)
+    method = M.DPF(model, sparsity=1.0 - density, mode="structured", include=BLOCK_INNER)
+    return model.eval(), method
+
+
+@torch.no_grad()
+def silence_closed_channels(model: nn.Module, method) -> None:
+    """μ = β = 0 in the BatchNorm after each closed block-internal channel (see above)."""
+    for name, layer in method.layers:
+        if not name.endswith(".conv1"):
+            continue
+        closed = layer.mask.keep(layer).flatten(1).logical_not().all(1)
+        bn = model.get_submodule(name[: -len("conv1")] + "bn1")
+        bn.running_mean[closed] = 0.0
+        bn.bias[closed] = 0.0
+
+
+def run_model(name: str, repeats: int) -> tuple[str, list[bool]]:
+    dense = fresh(name)
+    example = torch.randn(1, 3, 32, 32)
+    variants = {"dense": (dense, None)}
+    checks = []
+    makers = [(f"{label} {d:.0%}", make, d) for d in DENSITIES
+              for label, make in (("L0 structured", l0_at), ("DPF structured", dpf_at))]
+    makers.append(("L0 structured 50%, every conv gated", lambda n, d: l0_at(n, d, include=None), 0.5))
+    for key, make, density in makers:
+        masked, method = make(name, density)
+        silence_closed_channels(masked, method)
+        exported, stats = method.export(purge=True, example_input=example)
+        exported.eval()
+        x = torch.randn(8, 3, 32, 32)
+        with torch.no_grad():
+            diff = float((exported(x) - masked(x)).abs().max())
+            scale = float(masked(x).abs().max())
+        assert diff <= 1e-4 * max(1.0, scale), (key, diff)
+        variants[key] = (exported, stats)
+        checks.append((key, diff, method.density()["global"]))
+
+    rows, met = [], []
+    dense_macs, dense_params = count_macs(dense, example), count_params(dense)
+    per_batch = {}
+    for batch in BATCHES:
+        x = torch.randn(batch, 3, 32, 32)
+        fns = {k: (lambda m=m: m(x)) for k, (m, _) in variants.items()}
+        with torch.no_grad():
+            per_batch[batch] = interleaved_medians(fns, repeats, torch.device("cpu"))
+    for key, (model, _) in variants.items():
+        macs = count_macs(model, example)
+        row = [key, f"{count_params(model) / dense_params:.3f}", f"{macs / dense_macs:.3f}"]
+        for batch in BATCHES:
+            t, t0 = per_batch[batch][key], per_batch[batch]["dense"]
+            row += [f"{t * 1e3:.2f}", f"{t0 / t:.2f}x"]
+            if key.endswith("50%"):  # the block-internal 50% variants (the target's subject)
+                met.append(t0 / t >= TARGET)
+        rows.append(row)
+    header = ["model", "params / dense", "MACs / dense"]
+    for batch in BATCHES:
+        header += [f"batch {batch} ms", f"batch {batch} speed-up"]
+    check_rows = [[k, f"{d:.4f}", f"{diff:.2e}"] for k, diff, d in checks]
+    text = (f"### {name}\n\n{markdown_table(header, rows)}\n\n"
+            f"Exported (purged) vs masked model in eval mode, 8 random inputs:\n\n"
+            f"{markdown_table(['variant', 'weight density of the gated layers', 'max abs output diff'], check_rows)}"
+            f"\n\nMedian of {repeats} interleaved forwards per batch size.")
+    return text, met
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15, help="timed forwards per model and batch (default 15)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 repeats")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    args = parser.parse_args(argv)
+    repeats = 3 if args.quick else args.repeats
+    sections, met = [], []
+    for name in args.models:
+        text, ok = run_model(name, repeats)
+        print(text, flush=True)
+        sections.append(text)
+        met += ok
+    summary = (f"**≥ {TARGET}x faster than dense at 50% channel density: {sum(met)} of {len(met)} "
+               f"(variant × batch) met**" + (" (quick run)" if args.quick else ""))
+    report = (f"# Inference: purged structured models vs dense\n\nCPU: {machine(torch.device('cpu'))}. "
+              + "\n\n" + __doc__.split("\n\n", 1)[1].strip() + "\n\n" + "\n\n".join(sections) + "\n\n" + summary + "\n")
+    print(summary)
+    print(f"written to {write_result('inference.md', report)}")
+    return 0 if all(met) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""`sparsekern` CLI: --help documents every method option with its default (generated from
+the constructors), a tiny end-to-end run per method leaves a complete run folder, bad
+arguments fail before anything is written, and `sparsekern bench` collects results."""
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from run_helpers import RUN_FILES, one_thread, write_cifar  # noqa: F401  (fixture)
+
+from sparsekern import cli
+from sparsekern import method_options as mo
+
+TINY = ["--model", "mlp", "--data", "digits", "--epochs", "1", "--max-batches", "3", "--batch-size", "32",
+        "--threads", "1", "--no-progress"]
+METHOD_ARGS = {
+    "dense": [],
+    "imp": ["--rounds", "2"],
+    "oneshot": ["--sparsity", "0.8", "--pretrain-epochs", "1"],
+    "gmp": ["--sparsity", "0.8", "--frequency", "1"],
+    "dpf": ["--sparsity", "0.8", "--period", "1"],
+    "cs": ["--rounds", "2", "--ticket-epochs", "1"],
+    "concave": ["--rounds", "2"],
+    "l0": ["--density", "0.3"],
+    "l0-penalized": ["--lam", "1e-4", "--structured"],
+}
+EPOCHS = {"dense": 1, "imp": 2, "oneshot": 2, "gmp": 1, "dpf": 1, "cs": 3, "concave": 2, "l0": 1, "l0-penalized": 1}
+
+
+def help_text(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # unwrapped
+
+
+def test_help_lists_every_method_option_with_its_default(capsys):
+    text = help_text(capsys, ["train", "--help"])
+    for method in mo.METHODS:
+        cls = mo.method_class(method)
+        assert f" {method}" in text
+        if cls is None:
+            continue
+        assert f"({cls.__name__})" in text
+        for p in mo.constructor_parameters(cls):
+            flag = "--" + p.name.replace("_", "-")
+            if p.name in mo.DERIVED:
+                assert f"{p.name} <- {mo.DERIVED[p.name]}" in text
+                continue
+            assert flag in text, flag
+            shown = "required" if p.default is inspect.Parameter.empty else repr(p.default)
+            # In the method's section of the epilog ...
+            assert f"{flag} {shown}" in text, (method, flag)
+            # ... and in the flag's own help, as "method: default" (or "every method: ...").
+            if p.name not in mo.RUN_LEVEL:
+                assert f"{method}: {shown}" in text or f"every method: {shown}" in text, (method, flag)
+
+
+def test_help_cites_papers_and_run_options(capsys):
+    text = help_text(capsys, ["train", "--help"])
+    for cite in ("Frankle & Carbin", "Zhu & Gupta", "Lin et al., ICLR 2020", "Savarese et al., NeurIPS 2020",
+                 "Fracastoro et al.", "Gallego-Posada et al., NeurIPS 2022", "Louizos et al. 2018"):
+        assert cite in text
+    for flag in ("--sparsity", "--density", "--epochs", "--rounds", "--lr", "--momentum", "--weight-decay",
+                 "--batch-size", "--seed", "--device", "--out", "--resume", "--max-batches", "--data-dir"):
+        assert flag in text
+    assert "(default: 0.1)" in text and "(default: 64)" in text  # --lr, --batch-size
+
+
+def test_help_for_one_method_shows_only_its_options(capsys):
+    text = help_text(capsys, ["train", "--method", "dpf", "--help"])
+    assert "--period INT" in text and "--mode" in text
+    assert "--dual-lr" not in text and "--beta-final" not in text
+
+
+def test_python_dash_m_runs_the_cli():
+    out = subprocess.run([sys.executable, "-m", "sparsekern", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "train" in out.stdout and "bench" in out.stdout
+
+
+def run_folder_ok(out: Path, method: str) -> dict:
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+    assert (out / "l0.png").is_file() == method.startswith("l0")
+    assert (out / "checkpoint-prev.pt").is_file() == (EPOCHS[method] > 1)
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "report.json").read_text())
+    assert report["epochs_trained"] == len(report["history"]) == EPOCHS[method]
+    assert report["config"]["method"] == method
+    assert "## Per-layer density" in (out / "report.md").read_text()
+    # The exported program runs without the model's class and agrees with the state_dict.
+    program = torch.export.load(out / "exported_model.pt2").module()
+    assert program(torch.zeros(5, 1, 8, 8)).shape == (5, 10)
+    assert report["export"]["program_max_abs_diff"] < 1e-5
+    assert report["final"]["exported_max_abs_logit_diff"] < 1e-4
+    assert abs(report["final"]["exported_test_accuracy"] - report["final"]["test_accuracy"]) < 1e-9
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["next_epoch"] == EPOCHS[method] and set(ckpt["rng"]) >= {"torch", "numpy", "python"}
+    return report
+
+
+@pytest.mark.parametrize("method", list(METHOD_ARGS))
+def test_end_to_end_per_method(method, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--method", method, *METHOD_ARGS[method], *TINY, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report.md'}" in printed
+    log = (out / "log.txt").read_text().splitlines()
+    assert sum(line.startswith("epoch ") for line in log) == EPOCHS[method]
+    report = run_folder_ok(out, method)
+    density = report["density"]["global"]
+    if method in ("oneshot", "gmp", "dpf"):
+        assert abs(density - 0.2) < 0.01  # exact counts; dpf/gmp keep the last layer's rounding
+    if method == "imp":
+        assert abs(density - 0.8) < 1e-3  # one pruning of 20%
+    if method == "dense":
+        assert density == 1.0 and report["model_size"]["exported"]["nonzero_params"] == 50_610
+    if method == "l0":
+        assert "λ" in log[1] and "E[density]" in log[1] and report["final"]["target_density"] == pytest.approx(0.3)
+    if method == "cs":
+        assert "β" in log[1] and report["history"][-1]["phase"] == "ticket"
+
+
+def test_cifar_end_to_end(tmp_path):
+    write_cifar(tmp_path / "data", per_batch=4)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--method", "l0", "--density", "0.5", "--structured", "--model", "lenet5",
+                     "--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--threads", "1",
+                     "--batch-size", "8", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model_size"]["dense"]["params"] == 62_006 and report["model_size"]["purged"] is True
+    assert report["steps_per_epoch"] == 3  # 20 training images, batches of 8
+
+
+def fails(capsys, argv, *needles):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    for n in needles:
+        assert n in err, (n, err)
+    return err
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--method", "imp", "--period", "3"], ["--method imp does not take --period", "dpf"]),
+    (["--method", "l0-penalized"], ["--method l0-penalized needs --lam"]),
+    (["--method", "oneshot"], ["--method oneshot needs --sparsity S or --density D"]),
+    (["--method", "gmp", "--sparsity", "1.5"], ["--sparsity", "must be in [0, 1)"]),
+    (["--method", "gmp", "--sparsity", "0.5", "--density", "0.5"], ["not allowed with argument --sparsity"]),
+    (["--method", "cs", "--sparsity", "0.5"], ["--method cs has no target sparsity"]),
+    (["--method", "dpf", "--sparsity", "0.5", "--mode", "bogus"], ["--mode", "invalid choice"]),
+    (["--method", "concave", "--alpha", "2"], ["`alpha` must be in [0, 1]"]),
+    (["--method", "dpf", "--sparsity", "0.5", "--rounds", "2"], ["--rounds applies to the round-based methods"]),
+    (["--method", "dense", "--model", "nope"], ["unknown --model 'nope'"]),
+    (["--method", "dense", "--data", "cifar10", "--data-dir", "/nonexistent"], ["CIFAR-10 not found", "data_batch_1"]),
+    (["--method", "dense", "--epochs", "0"], ["--epochs", "must be >= 1"]),
+    (["--method", "dense", "--lr", "-1"], ["--lr", "must be > 0"]),
+    (["--method", "nope"], ["--method", "invalid choice"]),
+    (["--model", "mlp"], ["required: --method"]),
+])
+def test_bad_arguments_fail_before_anything_is_written(args, needles, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--model", "mlp"] if "--model" not in args else []
+    fails(capsys, ["train", *args, *base, "--threads", "1", "--out", str(out)], *needles)
+    assert not out.exists()
+
+
+def test_existing_run_needs_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--method", "dense", *TINY, "--out", str(out)]) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    fails(capsys, ["train", "--method", "dense", *TINY, "--out", str(out)], "already holds a run", "--resume")
+    assert (out / "checkpoint.pt").read_bytes() == before
+    fails(capsys, ["train", "--out", str(out), "--resume", "--lr", "0.5"],
+          "--lr 0.5 (the run has 0.1)")
+    fails(capsys, ["train", "--out", str(tmp_path / "empty"), "--resume"], "empty/config.json not found")
+
+
+def test_unknown_command_and_no_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["fly"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main([])
+    assert e.value.code == 2
+
+
+def test_bench_runs_every_script_and_writes_the_readme(tmp_path, capsys):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "bench_ok.py").write_text(
+        "import sys, pathlib\n"
+        "quick = '--quick' in sys.argv  # takes \"--quick\"\n"
+        "p = pathlib.Path(__file__).parent / 'results'; p.mkdir(exist_ok=True)\n"
+        "(p / 'ok.md').write_text('| a | b |\\n|---|---|\\n| quick | %s |\\n' % quick)\n")
+    (bench / "bench_fails.py").write_text("raise SystemExit('target missed')\n")
+    assert cli.main(["bench", "--bench-dir", str(bench), "--quick"]) == 1
+    readme = (bench / "results" / "README.md").read_text()
+    assert "| bench_ok.py | 0 |" in readme and "| bench_fails.py | 1 |" in readme and "target missed" in readme
+    assert "| quick | True |" in readme
+    assert cli.main(["bench", "--bench-dir", str(bench), "--only", "ok"]) == 0
+    assert "bench_fails" not in (bench / "results" / "README.md").read_text()
+    fails(capsys, ["bench", "--bench-dir", str(bench), "--only", "nope"], "no bench script named ['nope']")

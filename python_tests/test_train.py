@@ -1,0 +1,201 @@
+"""The training loop: --resume continues to the same result as an uninterrupted run (after
+--stop-after, and after a crash in the middle of an epoch), checkpoints are atomic, and
+the plan / lr schedule follow the config."""
+import json
+import math
+
+import pytest
+import torch
+from run_helpers import one_thread  # noqa: F401  (fixture)
+
+from sparsekern import checkpoint as ckpt
+from sparsekern import cli, train
+from sparsekern.train import RunConfig, lr_factor, make_plan
+
+TINY = ["--model", "mlp", "--epochs", "2", "--max-batches", "4", "--batch-size", "32", "--threads", "1",
+        "--no-progress"]
+RESUMABLE = {
+    # hard-concrete noise offsets and the dual variable; the last epoch at a smaller lr
+    "l0": ["--density", "0.3", "--milestones", "1"],
+    # rounds, the soft reset, the ticket conversion (checkpointed after to_ticket)
+    "cs": ["--rounds", "2", "--epochs", "1", "--ticket-epochs", "1"],
+    # the method is built between the two epochs
+    "oneshot": ["--sparsity", "0.7", "--pretrain-epochs", "1", "--epochs", "1"],
+    # momentum state, mask recomputations every step
+    "dpf": ["--sparsity", "0.7", "--period", "1"],
+}
+
+
+def comparable(report: dict) -> dict:
+    """report.json without wall-clock times and the command line."""
+    out = {k: v for k, v in report.items() if k not in ("timing", "command")}
+    out["history"] = [{k: v for k, v in h.items() if k != "seconds"} for h in report["history"]]
+    return out
+
+
+def final_state(out):
+    return torch.load(out / "checkpoint.pt", weights_only=False)
+
+
+def assert_same_run(a, b):
+    sa, sb = final_state(a), final_state(b)
+    assert sa["model"].keys() == sb["model"].keys()
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k  # bit for bit
+    for k, v in torch.load(a / "exported_state_dict.pt").items():
+        assert torch.equal(v, torch.load(b / "exported_state_dict.pt")[k]), k
+    assert torch.equal(sa["rng"]["torch"], sb["rng"]["torch"])
+    ra, rb = (json.loads((p / "report.json").read_text()) for p in (a, b))
+    assert comparable(ra) == comparable(rb)
+
+
+@pytest.mark.parametrize("method", list(RESUMABLE))
+def test_resume_after_stop_equals_uninterrupted(method, tmp_path, capsys):
+    args = ["train", "--method", method, *TINY, *RESUMABLE[method]]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli.main([*args, "--out", str(a)]) == 0
+    assert cli.main([*args, "--out", str(b), "--stop-after", "1"]) == 0
+    assert not (b / "report.json").exists() and "continue with --resume" in capsys.readouterr().out
+    assert final_state(b)["next_epoch"] == 1
+    assert cli.main(["train", "--out", str(b), "--resume"]) == 0
+    assert "resumed from" in (b / "log.txt").read_text()
+    assert_same_run(a, b)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch):
+    """The run dies in the 3rd step of epoch 2 (after that step's optimiser update): resume
+    restarts epoch 2 from the epoch-1 checkpoint and ends where the uninterrupted run does."""
+    args = ["train", "--method", "l0", *TINY, *RESUMABLE["l0"]]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli.main([*args, "--out", str(a)]) == 0
+
+    real_step = torch.optim.SGD.step
+    calls = {"n": 0}
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        result = real_step(self, *a, **k)
+        if calls["n"] == 4 + 3:
+            raise Crash
+        return result
+
+    monkeypatch.setattr(torch.optim.SGD, "step", dying_step)
+    with pytest.raises(Crash):
+        cli.main([*args, "--out", str(b)])
+    monkeypatch.undo()
+    assert final_state(b)["next_epoch"] == 1
+    assert cli.main(["train", "--out", str(b), "--resume"]) == 0
+    assert_same_run(a, b)
+
+
+def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    ckpt.save(tmp_path, {"epoch": 1, "w": torch.arange(4)})
+    ckpt.save(tmp_path, {"epoch": 2, "w": torch.arange(4) * 2})
+    before = (tmp_path / ckpt.CHECKPOINT).read_bytes()
+    real_save = torch.save
+
+    def half_save(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half a zip file")  # some bytes reach the disk, then the writer dies
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", half_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save(tmp_path, {"epoch": 3})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (tmp_path / ckpt.CHECKPOINT).read_bytes() == before
+    assert not (tmp_path / (ckpt.CHECKPOINT + ".tmp")).exists()
+    state, path = ckpt.load(tmp_path)
+    assert state["epoch"] == 2 and path.name == ckpt.CHECKPOINT
+    assert ckpt.load(tmp_path)[0]["w"].tolist() == [0, 2, 4, 6]
+    assert torch.load(tmp_path / ckpt.PREVIOUS)["epoch"] == 1
+
+
+def test_load_falls_back_to_the_previous_checkpoint(tmp_path):
+    ckpt.save(tmp_path, {"epoch": 1})
+    ckpt.save(tmp_path, {"epoch": 2})
+    (tmp_path / ckpt.CHECKPOINT).write_bytes(b"truncated")  # e.g. a disk that lied about fsync
+    state, path = ckpt.load(tmp_path)
+    assert state["epoch"] == 1 and path.name == ckpt.PREVIOUS
+    (tmp_path / ckpt.CHECKPOINT).unlink()  # a crash between the two renames
+    assert ckpt.load(tmp_path)[0]["epoch"] == 1
+    (tmp_path / ckpt.PREVIOUS).unlink()
+    with pytest.raises(FileNotFoundError, match="no readable checkpoint.pt"):
+        ckpt.load(tmp_path)
+
+
+def test_failed_checkpoint_in_a_run_leaves_it_resumable(tmp_path, monkeypatch):
+    """torch.save raising while epoch 2's checkpoint is written: epoch 1's stays valid and
+    the run resumes from it to the uninterrupted result."""
+    args = ["train", "--method", "dpf", *TINY, *RESUMABLE["dpf"]]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli.main([*args, "--out", str(a)]) == 0
+    real_save, saves = torch.save, {"n": 0}
+
+    def failing_second_save(obj, f, *a, **k):
+        saves["n"] += 1
+        if saves["n"] == 2:
+            f.write(b"garbage")
+            raise OSError("interrupted")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", failing_second_save)
+    with pytest.raises(OSError):
+        cli.main([*args, "--out", str(b)])
+    monkeypatch.undo()
+    assert ckpt.load(b)[0]["next_epoch"] == 1
+    assert cli.main(["train", "--out", str(b), "--resume"]) == 0
+    assert_same_run(a, b)
+
+
+def phases(plan):
+    return [(s.phase, s.round, s.epoch, s.after) for s in plan]
+
+
+def test_plans():
+    from sparsekern.methods import IMP, ContinuousSparsification, OneShot
+
+    assert phases(make_plan(RunConfig("imp", "mlp", epochs=2, rounds=2), IMP)) == [
+        ("round", 0, 0, None), ("round", 0, 1, "end_round"), ("round", 1, 0, None), ("round", 1, 1, None)]
+    assert phases(make_plan(RunConfig("cs", "mlp", epochs=1, rounds=2, ticket_epochs=2), ContinuousSparsification)) == [
+        ("round", 0, 0, "end_round"), ("round", 1, 0, "to_ticket"), ("ticket", 2, 0, None), ("ticket", 2, 1, None)]
+    assert phases(make_plan(RunConfig("oneshot", "mlp", epochs=1, pretrain_epochs=2), OneShot)) == [
+        ("pretrain", 0, 0, None), ("pretrain", 0, 1, "prune"), ("finetune", 0, 0, None)]
+    assert phases(make_plan(RunConfig("dense", "mlp", epochs=2), None)) == [("train", 0, 0, None), ("train", 0, 1, None)]
+
+
+def test_lr_schedules():
+    cfg = RunConfig("dense", "mlp", epochs=8, lr_schedule="multistep", gamma=0.1)
+    assert [lr_factor(cfg, e, 8) for e in (0, 3.99, 4, 5.99, 6, 7.5)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    cfg = RunConfig("dense", "mlp", epochs=8, lr_schedule="multistep", milestones=[1])
+    assert lr_factor(cfg, 0.5, 8) == 1 and lr_factor(cfg, 1, 8) == pytest.approx(0.1)
+    cfg = RunConfig("dense", "mlp", epochs=4, lr_schedule="cosine")
+    assert lr_factor(cfg, 0, 4) == 1 and lr_factor(cfg, 2, 4) == pytest.approx(0.5) and lr_factor(cfg, 4, 4) == 0
+    assert lr_factor(RunConfig("dense", "mlp", lr_schedule="constant"), 99, 4) == 1
+
+
+def test_lr_after_a_rewind_continues_from_the_rewind_iteration(tmp_path):
+    """IMP rewinding to iteration k: the next round's lr schedule starts at step k."""
+    cfg = RunConfig("imp", "mlp", epochs=1, rounds=2, max_batches=4, batch_size=32, lr_schedule="cosine",
+                    method_options={"rewind_iteration": 2})
+    trainer = train.Trainer(cfg, tmp_path / "run", log=lambda s: None)
+    trainer.out.mkdir()
+    with pytest.raises(train.Interrupted):
+        trainer.fit(stop_after=1)  # round 1, then end_round(): prune + rewind to step 2
+    assert trainer.phase_step == 2 and trainer.method.iteration == 2
+    lr = trainer._set_lr(trainer.plan[1])  # the first step of round 2: 2 of 4 steps into the cosine
+    assert lr == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))
+
+
+def test_method_kwargs_come_from_flags_and_the_run():
+    cfg = RunConfig("gmp", "mlp", density=0.25, epochs=8, max_batches=10, milestones=[4, 6],
+                    method_options={"frequency": 5})
+    trainer = train.Trainer(cfg, "/nonexistent-never-written", log=lambda s: None)
+    assert trainer.method_kwargs == {"frequency": 5, "sparsity": 0.75, "end_iteration": 60}
+    cfg = RunConfig("l0", "mlp", density=0.3, method_options={"structured": True})
+    assert train.Trainer(cfg, "/nonexistent-never-written").method_kwargs == {"structured": True, "target_density": 0.3}
+    cfg = RunConfig("imp", "mlp", sparsity=0.36, rounds=3)
+    assert train.Trainer(cfg, "/nonexistent-never-written").method_kwargs["prune_fraction"] == pytest.approx(0.2)

@@ -1,0 +1,485 @@
+"""The training loop behind `sparsekern train`, and the run folder it leaves.
+
+A run is a fixed plan of epochs decided up front from the config (see `make_plan`):
+dense / gmp / dpf / l0 / l0-penalized train --epochs epochs; imp / cs / concave train
+--rounds rounds of --epochs epochs with method.end_round() between rounds (prune, rewind,
+fresh optimiser); cs then turns its mask into the binary ticket (method.to_ticket()) and
+trains it --ticket-epochs epochs; oneshot trains dense --pretrain-epochs epochs, prunes
+(OneShot is built on the trained model) and fine-tunes --epochs epochs.
+
+Every step follows the method API (sparsekern/methods/base.py):
+loss = CE + method.penalty(); backward; optimizer.step(); method.step(); and
+method.end_epoch() after each epoch. The learning rate is set before every step from
+the schedule at the fractional epoch (step in phase / steps per epoch), counting from the
+rewind iteration after a rewind, i.e. "the lr schedule advanced to k". A round after a
+rewind to k still trains --epochs full epochs, so its last k steps run at the schedule's
+final value (clamped), rather than shortening the round's first epoch.
+
+After every epoch — once its end-of-round action is done — the checkpoint is written
+atomically (sparsekern.checkpoint) with the model, optimiser, method.state_dict(), the plan
+position, the lr step counter, the RNG states and the history. The batch order is a
+function of (seed, epoch) only (sparsekern.data), so `--resume` reproduces the
+uninterrupted run bit for bit on CPU (on CUDA, as far as its kernels are deterministic).
+
+The run folder:
+  config.json            the run's configuration (what --resume continues)
+  log.txt                one line per epoch
+  checkpoint.pt          latest epoch; checkpoint-prev.pt the one before
+  report.json, report.md, *.png      sparsekern.report / sparsekern.plots
+  exported_state_dict.pt the exported plain model's state_dict (torch.save)
+  exported_model.pt2     the same model as a torch.export ExportedProgram (eval mode,
+                         dynamic batch): torch.export.load(path).module()(x) runs it
+                         without sparsekern or the model's Python class
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt
+from . import method_options as mo
+from .data import Dataset, load_dataset
+from .methods import schedules
+from .models import build_model
+
+LR_SCHEDULES = ("multistep", "cosine", "constant")
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run's result. --resume continues with the saved one."""
+
+    method: str
+    model: str
+    data: str = "digits"
+    data_dir: str | None = None
+    sparsity: float | None = None
+    density: float | None = None
+    epochs: int = 10
+    rounds: int = 1
+    pretrain_epochs: int | None = None  # oneshot; None: --epochs
+    ticket_epochs: int | None = None    # cs; None: --epochs
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    mask_lr: float | None = None
+    lr_schedule: str = "multistep"
+    milestones: list[int] | None = None  # None: 50% and 75% of a phase's epochs
+    gamma: float = 0.1
+    batch_size: int = 64
+    test_batch_size: int = 512
+    max_batches: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None  # torch.set_num_threads; None: torch's default
+    method_options: dict = field(default_factory=dict)  # the method flags given, by argument name
+
+    def validate(self) -> None:
+        """ValueError naming the flag for every out-of-range value."""
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(msg)
+
+        mo.method_class(self.method)  # unknown / unavailable method
+        need(self.sparsity is None or self.density is None, "give --sparsity or --density, not both")
+        need(self.sparsity is None or 0.0 <= self.sparsity < 1.0, f"--sparsity must be in [0, 1), got {self.sparsity}")
+        need(self.density is None or 0.0 < self.density <= 1.0, f"--density must be in (0, 1], got {self.density}")
+        need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        need(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
+        need(self.rounds == 1 or self.method in mo.ROUND_BASED,
+             f"--rounds applies to the round-based methods {list(mo.ROUND_BASED)} only, not --method {self.method}")
+        for name in ("pretrain_epochs", "ticket_epochs"):
+            v = getattr(self, name)
+            need(v is None or v >= 0, f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {list(OPTIMIZERS)}")
+        need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}")
+        need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
+        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(self.mask_lr is None or self.mask_lr > 0, f"--mask-lr must be > 0, got {self.mask_lr}")
+        need(self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {list(LR_SCHEDULES)}")
+        need(self.milestones is None or all(m >= 0 for m in self.milestones), "--milestones must be >= 0")
+        need(0 < self.gamma <= 1, f"--gamma must be in (0, 1], got {self.gamma}")
+        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        need(self.test_batch_size >= 1, f"--test-batch-size must be >= 1, got {self.test_batch_size}")
+        need(self.max_batches is None or self.max_batches >= 1, f"--max-batches must be >= 1, got {self.max_batches}")
+        need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
+        need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"--device {self.device!r}: {e}") from None
+        need(device.type != "cuda" or torch.cuda.is_available(), f"--device {self.device}: CUDA is not available")
+
+    @property
+    def target_sparsity(self) -> float | None:
+        return self.sparsity if self.density is None else 1.0 - self.density
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EpochSpec:
+    """One epoch of the plan. `after`: what happens once it is trained and evaluated:
+    "end_round", "to_ticket" (CS), "prune" (oneshot builds its method) or None."""
+
+    phase: str
+    round: int
+    epoch: int         # within the phase / round
+    phase_epochs: int
+    after: str | None = None
+
+
+def make_plan(cfg: RunConfig, method_cls) -> list[EpochSpec]:
+    plan: list[EpochSpec] = []
+    if cfg.method == "oneshot":
+        pre = cfg.epochs if cfg.pretrain_epochs is None else cfg.pretrain_epochs
+        plan += [EpochSpec("pretrain", 0, e, pre) for e in range(pre)]
+        if plan:
+            plan[-1].after = "prune"
+        plan += [EpochSpec("finetune", 0, e, cfg.epochs) for e in range(cfg.epochs)]
+        return plan
+    if cfg.method in mo.ROUND_BASED:
+        for r in range(cfg.rounds):
+            plan += [EpochSpec("round", r, e, cfg.epochs) for e in range(cfg.epochs)]
+            if r < cfg.rounds - 1:
+                plan[-1].after = "end_round"
+        ticket = cfg.epochs if cfg.ticket_epochs is None else cfg.ticket_epochs
+        if hasattr(method_cls, "to_ticket") and ticket > 0:
+            plan[-1].after = "to_ticket"
+            plan += [EpochSpec("ticket", cfg.rounds, e, ticket) for e in range(ticket)]
+        return plan
+    return [EpochSpec("train", 0, e, cfg.epochs) for e in range(cfg.epochs)]
+
+
+def lr_factor(cfg: RunConfig, epoch: float, phase_epochs: int) -> float:
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    if cfg.lr_schedule == "cosine":
+        return schedules.cosine_lr(1.0, epoch, phase_epochs)
+    return schedules.multistep_lr(1.0, epoch, milestones(cfg, phase_epochs), cfg.gamma)
+
+
+def milestones(cfg: RunConfig, phase_epochs: int) -> list[int]:
+    if cfg.milestones is not None:
+        return list(cfg.milestones)
+    return [phase_epochs // 2, (3 * phase_epochs) // 4] if phase_epochs >= 4 else []
+
+
+def is_structured(method) -> bool:
+    """Methods whose masks remove whole channels: their export is purged."""
+    return bool(getattr(method, "structured", False)) or getattr(method, "mode", None) == "structured"
+
+
+def method_scalars(method) -> dict:
+    """The per-epoch numbers worth logging: density, and where the method has them the
+    expected density (L0), the multiplier λ and the target (constrained L0), β (CS), the
+    alive fraction (concave)."""
+    if method is None:
+        return {"density": 1.0}
+    d = method.density()
+    out = {"density": d["global"]}
+    if "expected" in d:
+        out["expected_density"] = d["expected"]["global"]
+    if "multipliers" in d and d["multipliers"]:
+        lams, targets = list(d["multipliers"].values()), list(d["targets"].values())
+        out["lambda"] = lams[0] if len(lams) == 1 else max(lams)
+        out["target_density"] = targets[0] if len(targets) == 1 else sum(targets) / len(targets)
+    if "beta" in d:
+        out["beta"] = d["beta"]
+    if "alive" in d:
+        out["alive"] = d["alive"]["global"]
+    return out
+
+
+def format_line(entry: dict, total_epochs: int) -> str:
+    where = f"epoch {entry['epoch']}/{total_epochs}"
+    if entry["phase"] != "train":
+        where += f" [{entry['phase']}" + (f" {entry['round'] + 1}" if entry["phase"] == "round" else "") \
+                 + f" epoch {entry['phase_epoch'] + 1}]"
+    parts = [where, f"loss {entry['train_loss']:.4f}"]
+    if entry.get("penalty"):
+        parts.append(f"penalty {entry['penalty']:.3g}")
+    parts += [f"train acc {entry['train_accuracy']:.4f}", f"test acc {entry['test_accuracy']:.4f}",
+              f"density {entry['density']:.4f}"]
+    if "expected_density" in entry:
+        parts.append(f"E[density] {entry['expected_density']:.4f}")
+    if "target_density" in entry:
+        parts.append(f"target {entry['target_density']:.4f}")
+    if "lambda" in entry:
+        parts.append(f"λ {entry['lambda']:.4g}")
+    if "beta" in entry:
+        parts.append(f"β {entry['beta']:.4g}")
+    parts += [f"lr {entry['lr']:.4g}", f"{entry['seconds']:.1f}s"]
+    return "  ".join(parts)
+
+
+class Interrupted(Exception):
+    """Raised by --stop-after: the run stopped early and can be resumed."""
+
+
+class Trainer:
+    """Builds everything for a run (validating every argument before the run folder is
+    touched), then trains it epoch by epoch. Use `sparsekern.train.run()`."""
+
+    def __init__(self, cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool | None = None,
+                 log: Callable[[str], None] = print):
+        self.cfg, self.out, self.resume, self.progress, self._print = cfg, Path(out), resume, progress, log
+        cfg.validate()
+        if resume and not ckpt.exists(self.out):
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.out}")
+        if not resume and ckpt.exists(self.out):
+            raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it, or choose another --out")
+        self.device = torch.device(cfg.device)
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        self.method_cls = mo.method_class(cfg.method)
+        _seed_everything(cfg.seed)
+        self.data: Dataset = load_dataset(cfg.data, seed=cfg.seed, data_dir=cfg.data_dir)
+        self.steps_per_epoch = self.data.num_batches(cfg.batch_size, cfg.max_batches)
+        self.plan = make_plan(cfg, self.method_cls)
+        self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
+        self.example = self.data.example_input(2).to(self.device)
+        self.method_kwargs, self.param_mask_lr = self._method_kwargs()
+        self.method = None
+        if self.method_cls is not None:
+            if cfg.method == "oneshot" and self.plan[0].phase == "pretrain":
+                # Built after pretraining; a throwaway copy checks its arguments now.
+                self.method_cls(copy.deepcopy(self.model), **self.method_kwargs)
+            else:
+                self.method = self.method_cls(self.model, **self.method_kwargs)
+        self.optimizer = self._optimizer()
+        self.history: list[dict] = []
+        self.next_epoch = 0     # index into the plan
+        self.phase_step = 0     # the lr schedule's step counter within the phase
+        self.elapsed = 0.0
+        self.resumed_from: str | None = None
+
+    # ---- construction
+    def _method_kwargs(self) -> tuple[dict, float | None]:
+        cfg = self.cfg
+        given = dict(cfg.method_options)
+        if self.method_cls is None:
+            mo.method_kwargs(cfg.method, given, sparsity=cfg.target_sparsity, density=cfg.density, epochs=cfg.epochs,
+                             seed=cfg.seed, end_iteration_default=None, rounds=cfg.rounds)
+            if cfg.mask_lr is not None:
+                raise ValueError("--mask-lr: --method dense has no mask parameters")
+            return {}, None
+        phase_epochs = self.plan[-1].phase_epochs
+        end = mo.derived_end_iteration(milestones(cfg, phase_epochs) if cfg.lr_schedule == "multistep" else None,
+                                       phase_epochs, self.steps_per_epoch)
+        # --mask-lr goes to the constructor when it takes one (CS), else to param_groups().
+        ctor = {p.name for p in mo.constructor_parameters(self.method_cls)}
+        mask_lr = cfg.mask_lr
+        if mask_lr is not None and "mask_lr" in ctor:
+            given["mask_lr"], mask_lr = mask_lr, None
+        kwargs = mo.method_kwargs(cfg.method, given, sparsity=cfg.target_sparsity, density=cfg.density,
+                                  epochs=cfg.epochs, seed=cfg.seed, end_iteration_default=end, rounds=cfg.rounds)
+        return kwargs, mask_lr
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        extra = {"momentum": cfg.momentum, "nesterov": cfg.nesterov} if cfg.optimizer == "sgd" else {}
+        if self.method is None:
+            groups = [{"params": list(self.model.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+                       "name": "weights", **extra}]
+        else:
+            groups = self.method.param_groups(cfg.lr, cfg.weight_decay, mask_lr=self.param_mask_lr, **extra)
+        for g in groups:
+            g["initial_lr"] = g["lr"]  # the schedule scales each group's own base lr
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=cfg.lr)
+        return torch.optim.Adam(groups, lr=cfg.lr)
+
+    # ---- resume
+    def load(self) -> None:
+        state, path = ckpt.load(self.out, map_location=self.device)
+        self.resumed_from = path.name
+        if state["method"] is not None and self.method is None:
+            self.method = self.method_cls(self.model, **self.method_kwargs)  # oneshot after its prune
+        if self.method is not None and state["method"] is not None:
+            # Method first: CS's ticket phase converts the layers the model state then fills.
+            self.method.load_state_dict(state["method"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer = self._optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = state["history"]
+        self.next_epoch, self.phase_step = state["next_epoch"], state["phase_step"]
+        self.elapsed = state["elapsed"]
+        ckpt.set_rng_states(state["rng"])
+        if self.next_epoch >= len(self.plan):
+            self.log(f"resumed from {path}: all {len(self.plan)} epochs are done; writing the report again")
+        else:
+            self.log(f"resumed from {path} at epoch {self.next_epoch + 1}/{len(self.plan)}")
+
+    def save(self) -> None:
+        ckpt.save(self.out, {
+            "format": 1,
+            "config": self.cfg.to_json(),
+            "next_epoch": self.next_epoch,  # epochs of the plan done
+            # Where that is, for people reading the file (the plan says it too).
+            "position": None if not self.next_epoch else {
+                k: getattr(self.plan[self.next_epoch - 1], k) for k in ("phase", "round", "epoch", "after")},
+            "phase_step": self.phase_step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "method": None if self.method is None else self.method.state_dict(),
+            "rng": ckpt.rng_states(),
+            # The batch order is drawn from (seed, epoch): this is all the loader's state.
+            "loader": {"seed": self.cfg.seed, "next_epoch": self.next_epoch},
+            "history": self.history,
+            "elapsed": self.elapsed,
+        })
+
+    # ---- the loop
+    def log(self, line: str) -> None:
+        self._print(line)
+        with open(self.out / "log.txt", "a") as f:
+            f.write(line + "\n")
+
+    def _set_lr(self, spec: EpochSpec) -> float:
+        factor = lr_factor(self.cfg, self.phase_step / self.steps_per_epoch, spec.phase_epochs)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * factor
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train_epoch(self, index: int, spec: EpochSpec) -> dict:
+        from tqdm import tqdm
+
+        cfg, model, method = self.cfg, self.model, self.method
+        model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        pen_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        seen = 0
+        batches = self.data.batches(cfg.batch_size, seed=cfg.seed, epoch=index, max_batches=cfg.max_batches)
+        bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {index + 1}/{len(self.plan)}", leave=False,
+                   disable=None if self.progress is None else not self.progress, file=sys.stderr)
+        lr = 0.0
+        for x, y in bar:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            lr = self._set_lr(spec)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            total = loss
+            if method is not None:
+                penalty = method.penalty()
+                total = loss + penalty
+                pen_sum += penalty.detach().double()
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+            if method is not None:
+                method.step()
+            self.phase_step += 1
+            loss_sum += loss.detach().double() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+            if bar.n % 10 == 0 and not bar.disable:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.close()
+        steps = max(1, math.ceil(seen / cfg.batch_size))
+        return {"train_loss": float(loss_sum) / max(seen, 1), "train_accuracy": int(correct) / max(seen, 1),
+                "penalty": float(pen_sum) / steps, "lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module | None = None) -> dict:
+        model = self.model if model is None else model
+        was_training = model.training
+        model.eval()
+        loss_sum, correct, n = 0.0, 0, 0
+        for x, y in self.data.test_batches(self.cfg.test_batch_size):
+            x, y = x.to(self.device), y.to(self.device)
+            logits = model(x)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            n += len(y)
+        model.train(was_training)
+        return {"test_loss": loss_sum / max(n, 1), "test_accuracy": correct / max(n, 1)}
+
+    def _after(self, spec: EpochSpec) -> None:
+        """The plan's action after an epoch; each builds a fresh optimiser."""
+        if spec.after is None:
+            return
+        if spec.after == "prune":
+            self.method = self.method_cls(self.model, **self.method_kwargs)
+            self.phase_step = 0
+        elif spec.after == "end_round":
+            self.method.end_round()
+            self.phase_step = self.method.rewind_iteration
+        elif spec.after == "to_ticket":
+            self.method.to_ticket()
+            self.phase_step = self.method.rewind_iteration
+        self.optimizer = self._optimizer()
+        self.log(f"{spec.after.replace('_', ' ')}: density now {method_scalars(self.method)['density']:.4f}")
+
+    def fit(self, stop_after: int | None = None) -> None:
+        """Trains the rest of the plan; with stop_after, at most that many epochs (then
+        raises Interrupted, leaving a resumable run)."""
+        done_here = 0
+        while self.next_epoch < len(self.plan):
+            if stop_after is not None and done_here >= stop_after:
+                raise Interrupted(f"stopped after {done_here} epoch(s) (--stop-after); continue with --resume")
+            index = self.next_epoch
+            spec = self.plan[index]
+            start = time.perf_counter()
+            train = self.train_epoch(index, spec)
+            test = self.evaluate()
+            entry = {"epoch": index + 1, "phase": spec.phase, "round": spec.round, "phase_epoch": spec.epoch,
+                     **train, **test, **method_scalars(self.method)}
+            if self.method is not None:
+                self.method.end_epoch()
+            entry["seconds"] = time.perf_counter() - start
+            self.elapsed += entry["seconds"]
+            self.history.append(entry)
+            self.log(format_line(entry, len(self.plan)))
+            self._after(spec)
+            self.next_epoch = index + 1
+            self.save()
+            done_here += 1
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def execute(trainer: Trainer, *, stop_after: int | None = None, command: list[str] | None = None) -> dict:
+    """Trains (or resumes) the prepared run, then writes the report, plots and exported
+    model and returns the report dict. Raises Interrupted after `stop_after` epochs."""
+    from .report import write_report
+
+    cfg = trainer.cfg
+    trainer.out.mkdir(parents=True, exist_ok=True)
+    if trainer.resume:
+        trainer.load()
+    else:
+        (trainer.out / "config.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+        trainer.log(f"sparsekern train: {cfg.method} on {cfg.model}/{cfg.data}, {len(trainer.plan)} epochs of "
+                    f"{trainer.steps_per_epoch} steps, run folder {trainer.out}")
+    trainer.fit(stop_after=stop_after)
+    return write_report(trainer, command=command)
+
+
+def run(cfg: RunConfig, out, *, resume: bool = False, progress: bool | None = None, stop_after: int | None = None,
+        command: list[str] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Python entry point: `sparsekern train` without the argument parsing. Every argument
+    is checked (Trainer) before `out` is written."""
+    trainer = Trainer(cfg, Path(out), resume=resume, progress=progress, log=log)
+    return execute(trainer, stop_after=stop_after, command=command)
