@@ -81,15 +81,15 @@ void histogram_chunk(const scalar_t* p, int64_t begin, int64_t end, uint32_t wan
       }
     }
   } else {
-    // Signed compares on keys (all < 2^31): SSE2 has them, unsigned ones it lacks.
+    // Equality of the shifted key (SSE2's pcmpeqd) OR-reduced over the block; `omp simd`
+    // because GCC otherwise unrolls this loop without vectorising it (pass 2 on ResNet-50
+    // cost more than the histogram pass: 28 ms vs 23 ms on one thread).
     constexpr int kBlock = 16;
-    const int32_t lo = static_cast<int32_t>(want << kHigh);
-    const int32_t hi = static_cast<int32_t>(lo + ((1u << kHigh) - 1));
     for (; i + kBlock <= end; i += kBlock) {
-      int hits = 0;
+      uint32_t hits = 0;
+#pragma omp simd reduction(| : hits)
       for (int j = 0; j < kBlock; ++j) {
-        const int32_t key = static_cast<int32_t>(abs_key(static_cast<float>(p[i + j])));
-        hits += (key >= lo) & (key <= hi);
+        hits |= static_cast<uint32_t>((abs_key(static_cast<float>(p[i + j])) >> kHigh) == want);
       }
       if (hits == 0) continue;
       for (int j = 0; j < kBlock; ++j) {
