@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods_helpers import train
 from sparsekern.methods import ConcaveRegularization
 
 
@@ -21,17 +22,6 @@ def mlp(seed=0):
 def batches(n=6, seed=123):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(n)]
-
-
-def train(model, method, opt, data, after_step=None):
-    for x, y in data:
-        loss = F.cross_entropy(model(x), y) + method.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        method.step()
-        if after_step:
-            after_step()
 
 
 def masks(method):
@@ -59,7 +49,7 @@ def test_mask_stays_in_unit_interval_after_every_step(regularizer):
             seen_low |= bool((m == 0).any())
             seen_high |= bool((m == 1).any())
 
-    train(model, method, opt, batches(8), after_step=check)
+    train(model, method, opt, batches(8), each_step=check)
     assert seen_low and seen_high  # the projection was active on both sides
 
 
@@ -129,14 +119,14 @@ def test_alpha_pruned_entries_stay_zero_across_rounds_and_training():
             # The hook: no gradient reaches them, so no optimiser state builds up either.
             assert torch.all(layer.weight_mask.grad[dead[name]] == 0), name
 
-    train(model, method, opt, batches(6), after_step=check)
+    train(model, method, opt, batches(6), each_step=check)
     alive_mid = {name: a.clone() for name, a in method.alive.items()}
     m_mid = {name: m.clone() for name, m in masks(method).items()}
     method.end_round()
     for name, a in method.alive.items():
         assert not torch.any(a & dead[name])  # never revived
         assert torch.equal(a, alive_mid[name] & (m_mid[name] >= alpha))
-    train(model, method, opt, batches(6, seed=5), after_step=check)
+    train(model, method, opt, batches(6, seed=5), each_step=check)
     for name, m in masks(method).items():
         assert torch.all(m[~method.alive[name]] == 0)
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods_helpers import train
 from sparsekern.methods import ContinuousSparsification
 from sparsekern.nn import SparseLinear
 
@@ -27,15 +28,6 @@ def batches(n=6, seed=123):
 def sgd(method, lr=0.05):
     # The code's setup: SGD with momentum for both groups, nesterov for the scores.
     return torch.optim.SGD(method.param_groups(lr=lr, weight_decay=1e-4), momentum=0.9, nesterov=True)
-
-
-def train(model, method, opt, data):
-    for x, y in data:
-        loss = F.cross_entropy(model(x), y) + method.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        method.step()
 
 
 def scores(method):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
+from methods_helpers import train
 from sparsekern.methods import ConstrainedL0, PenalizedL0
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
@@ -355,12 +356,7 @@ def test_penalized_bad_arguments_raise_before_the_model_changes(kwargs, error):
 
 def _steps(model, method, opt, data):
     model.train()
-    for x, y in data:
-        loss = F.cross_entropy(model(x), y) + method.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        method.step()
+    train(model, method, opt, data)
     return model.state_dict(), method.state_dict()
 
 

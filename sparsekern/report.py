@@ -35,6 +35,7 @@ from torch import nn
 from . import __version__
 from . import plots
 from .nn import export as export_model
+from .nn.export import forward_with_layer_hooks
 from .nn.modules import SPARSE_TYPES
 from .nn.report import layer_stats
 
@@ -57,15 +58,7 @@ def nonzero_macs(model: nn.Module, example: torch.Tensor) -> int:
         else:
             total += int(out.numel() // out.shape[-1] * rows.sum())
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    try:
-        model.eval()
-        model(example)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    forward_with_layer_hooks(model, example, hook)
     return total
 
 

@@ -24,6 +24,21 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
+def forward_with_layer_hooks(model: nn.Module, example: torch.Tensor, hook) -> None:
+    """One eval-mode forward of `example` with hook(module, inputs, output) on every
+    Conv2d / Linear; the model's mode is restored and the hooks removed afterwards."""
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    try:
+        model.eval()
+        model(example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     """Multiply-accumulates of the Conv2d and Linear layers for one forward of `example`
     (the whole batch given), counted with forward hooks in eval mode; other layers'
@@ -39,15 +54,7 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
         else:
             total += out.numel() * m.in_features
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    try:
-        model.eval()
-        model(example)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    forward_with_layer_hooks(model, example, hook)
     return total
 
 
