@@ -33,6 +33,18 @@ def mlp(seed=0):
     return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
 
 
+def small_mlp(seed=0):
+    """8 -> 16 -> 4: the smallest model with two masked layers."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def small_batches(n=6, seed=123):
+    """n batches of 16 (x, y) for small_mlp."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(n)]
+
+
 def batches(model, n, seed=123, size=8):
     """n (x, y) batches shaped for `model` (cnn: 1×8×8 images, mlp: 20 features)."""
     g = torch.Generator().manual_seed(seed)

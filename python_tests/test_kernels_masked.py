@@ -13,6 +13,7 @@ import torch
 from conftest import HAS_CUDA, tolerances
 from sparsekern.kernels import masked_conv as kconv
 from sparsekern.kernels import masked_linear as klin
+from masked_helpers import make_mask
 from sparsekern.ops import mask_math, reference
 
 pytestmark = pytest.mark.triton
@@ -21,18 +22,6 @@ DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 KINDS = mask_math.KINDS
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BLOCK3 = (16, 16, 16)
-
-
-def make_mask(kind, shape, gen, mask_shape=None):
-    shape = mask_shape or shape
-    if kind in mask_math.BOOL_KINDS:
-        return torch.rand(shape, generator=gen) > 0.4
-    if kind == "sigmoid":
-        return torch.randn(shape, generator=gen)
-    m = torch.rand(shape, generator=gen)
-    if kind == "hard_concrete":  # exact zeros and ones, as a clamped gate has
-        m = torch.where(m < 0.2, 0.0, torch.where(m > 0.8, 1.0, m))
-    return m
 
 
 def to64(t):

@@ -10,19 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods_helpers import small_batches as batches
+from methods_helpers import small_mlp as mlp
 from methods_helpers import train
 from sparsekern.methods import ContinuousSparsification
 from sparsekern.nn import SparseLinear
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-
-
-def batches(n=6, seed=123):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(n)]
 
 
 def sgd(method, lr=0.05):

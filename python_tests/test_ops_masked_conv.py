@@ -12,22 +12,11 @@ import torch.nn.functional as F
 
 from conftest import tolerances
 from sparsekern import ops
+from masked_helpers import make_mask, compile_for_sm90
 from sparsekern.ops import mask_math, reference
 
 KINDS = mask_math.KINDS
 SHAPE = (7, 5, 3, 3)
-
-
-def make_mask(kind, shape, gen, mask_shape=None):
-    shape = mask_shape or shape
-    if kind in mask_math.BOOL_KINDS:
-        return torch.rand(shape, generator=gen) > 0.4
-    if kind == "sigmoid":
-        return torch.randn(shape, generator=gen)
-    m = torch.rand(shape, generator=gen)
-    if kind == "hard_concrete":  # exact zeros and ones, as a clamped gate has
-        m = torch.where(m < 0.2, 0.0, torch.where(m > 0.8, 1.0, m))
-    return m
 
 
 def inputs(kind, device, dtype=torch.float32, shape=SHAPE, mask_shape=None, seed=0):
@@ -255,21 +244,6 @@ def test_cuda_path_traces_with_fake_tensors():
     assert (gs.shape, gs.dtype, gz.shape, gz.dtype) == (w.shape, torch.float32, z.shape, torch.float32)
     launches = [n for n in graphs[0].graph.nodes if "triton_kernel_wrapper" in str(n.target)]
     assert len(launches) == 3
-
-
-def compile_for_sm90(kernel, ptr_types, constexprs, num_warps=4, num_stages=3):
-    """Compiles a @triton.jit kernel to a cubin for an H100 (no GPU needed)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    scalar = lambda n: "fp32" if n in ("beta", "scale") else "i32"
-    sig = {n: "constexpr" if n in constexprs else ptr_types.get(n, scalar(n)) for n in kernel.arg_names}
-    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
-    assert compiled.asm["cubin"]
-    return compiled
 
 
 @pytest.mark.parametrize("kind,dtype,mask_t,reduce_o,reduce_r", [
