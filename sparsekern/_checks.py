@@ -20,6 +20,15 @@ def real(label: str, value, *, low=-math.inf, high=math.inf, low_open=False, hig
     return value
 
 
+def finite(label: str, value) -> float:
+    """`value` as a float; any finite real number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{label} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{label} must be finite, got {value}")
+    return float(value)
+
+
 def integer(label: str, value, *, low: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{label} must be an int, got {type(value).__name__}")

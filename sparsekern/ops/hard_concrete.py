@@ -20,6 +20,7 @@ import numbers
 
 import torch
 
+from .. import _checks
 from . import reference
 from ._library import cpp_op
 from ..kernels.hard_concrete import backward as _triton_backward
@@ -147,11 +148,7 @@ _sample_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_real(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite, got {value}")
-    return float(value)
+    return _checks.finite(f"`{name}`", value)
 
 
 def _check_int(name, value, low):

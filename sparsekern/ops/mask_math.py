@@ -19,11 +19,11 @@ over the dimensions z is broadcast along.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional
 
 import torch
+
+from .. import _checks
 
 KINDS = ("binary", "straight_through", "sigmoid", "relaxed", "hard_concrete")
 BOOL_KINDS = frozenset({"binary", "straight_through"})
@@ -118,12 +118,7 @@ def check_kind(kind) -> str:
 
 
 def check_real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite, got {value}")
-    return value
+    return _checks.finite(f"`{name}`", value)
 
 
 def check_tensor(name: str, t, *, float_only: bool = True) -> None:
