@@ -208,3 +208,25 @@ def test_torch_compile_fullgraph(device):
     ref_masks, ref_thr = reference.magnitude_masks([w1, w2], 600)
     assert torch.equal(p1, w1 * ref_masks[0]) and torch.equal(p2, w2 * ref_masks[1])
     assert thr == ref_thr
+
+
+def test_exact_count_form(device):
+    tensors = [rand(37, 53, device=device), rand(11, device=device, seed=4)]
+    for n in (0, 1, 700, 1972):
+        masks = ops.magnitude_masks(tensors, n_prune=n)
+        ref, ref_thr = reference.magnitude_masks(tensors, n)
+        assert all(torch.equal(m, r) for m, r in zip(masks, ref))
+        assert torch.equal(ops.magnitude_threshold(tensors, n_prune=n).cpu(), ref_thr.cpu())
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({}, TypeError, "exactly one"),
+    ({"sparsity": 0.5, "n_prune": 3}, TypeError, "exactly one"),
+    ({"n_prune": -1}, ValueError, "n_prune"),
+    ({"n_prune": 4}, ValueError, "at most the 3"),
+    ({"n_prune": 1.5}, TypeError, "n_prune"),
+])
+@pytest.mark.parametrize("fn", [ops.magnitude_threshold, ops.magnitude_masks])
+def test_exact_count_bad_inputs(fn, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fn([torch.ones(3)], **kwargs)

@@ -15,19 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import ops  # noqa: F401  (importing ops registers torch.ops.sparsekern.*)
+from .. import ops
 from .base import check_bool
 
 
 def exact_keep_masks(tensors: list[torch.Tensor], n_prune: int) -> list[torch.Tensor]:
     """Keep-masks with exactly `n_prune` False over all `tensors`, ranked by |x|, ties
-    pruned in ascending (tensor index, flat index) order — the op's rule."""
-    masks, threshold = torch.ops.sparsekern.magnitude_masks([t.detach() for t in tensors], int(n_prune))
-    # The public wrapper's finiteness check: the op flags NaN/Inf with a NaN threshold
-    # (and all-True masks), which would silently prune nothing.
-    if bool(torch.isnan(threshold)):
-        raise ValueError("the weights contain NaN or Inf; a magnitude ranking is undefined")
-    return list(masks)
+    pruned in ascending (tensor index, flat index) order; NaN/Inf weights raise."""
+    return ops.magnitude_masks(tensors, n_prune=int(n_prune))
 
 
 def prune_remaining(weights: list[torch.Tensor], masks: list[torch.Tensor], n_prune: int) -> list[torch.Tensor]:

@@ -101,10 +101,7 @@ class ConcaveRegularization(PruningMethod):
         n_prune = ops.n_prune_for(self.prune_fraction, n_alive)
         if n_prune == 0:
             return
-        if n_prune >= n_alive:  # the op takes sparsity < 1
-            keeps = [torch.zeros_like(v, dtype=torch.bool) for v in values]
-        else:
-            keeps = ops.magnitude_masks(values, n_prune / n_alive)  # m ≥ 0, so |m| = m
+        keeps = ops.magnitude_masks(values, n_prune=n_prune)  # m ≥ 0, so |m| = m
         for name, keep in zip(names, keeps):
             alive = self.alive[name]
             alive[alive.clone()] = keep

@@ -7,12 +7,11 @@ device). Oracle: reference.magnitude_threshold / reference.magnitude_masks.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Iterable
 
 import torch
 
+from .. import _checks
 from . import reference
 from ._library import cpp_op
 
@@ -38,7 +37,7 @@ def n_prune_for(sparsity: float, numel: int) -> int:
     return round(sparsity * numel)
 
 
-def _check(tensors: Iterable[torch.Tensor], sparsity: float) -> tuple[list[torch.Tensor], int]:
+def _check(tensors: Iterable[torch.Tensor], sparsity, n_prune) -> tuple[list[torch.Tensor], int]:
     """Validates the public arguments; returns the detached tensors and n_prune."""
     if isinstance(tensors, torch.Tensor):
         raise TypeError("`tensors` must be a list of tensors, not a single tensor (wrap it: [t])")
@@ -60,12 +59,14 @@ def _check(tensors: Iterable[torch.Tensor], sparsity: float) -> tuple[list[torch
                 f"all `tensors` must be on one device: tensors[0] is on {tensors[0].device}, "
                 f"tensors[{i}] on {t.device}"
             )
-    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
-        raise TypeError(f"`sparsity` must be a real number, got {type(sparsity).__name__}")
-    if not (0.0 <= float(sparsity) < 1.0) or math.isnan(sparsity):
-        raise ValueError(f"`sparsity` must be in [0, 1), got {sparsity}")
     numel = sum(t.numel() for t in tensors)
-    return [t.detach() for t in tensors], n_prune_for(float(sparsity), numel)
+    if (sparsity is None) == (n_prune is None):
+        raise TypeError("give exactly one of `sparsity` (a fraction) and `n_prune` (an exact count)")
+    if n_prune is None:
+        n_prune = n_prune_for(_checks.real("`sparsity`", sparsity, low=0.0, high=1.0, high_open=True), numel)
+    elif _checks.integer("`n_prune`", n_prune) > numel:
+        raise ValueError(f"`n_prune` must be at most the {numel} elements of `tensors`, got {n_prune}")
+    return [t.detach() for t in tensors], int(n_prune)
 
 
 def _raise_if_nonfinite(threshold: torch.Tensor) -> None:
@@ -76,7 +77,8 @@ def _raise_if_nonfinite(threshold: torch.Tensor) -> None:
 
 
 def magnitude_threshold(
-    tensors: Iterable[torch.Tensor], sparsity: float, *, check_finite: bool = True
+    tensors: Iterable[torch.Tensor], sparsity: float | None = None, *, n_prune: int | None = None,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """The global magnitude below which a fraction `sparsity` of all elements lies.
 
@@ -84,11 +86,12 @@ def magnitude_threshold(
     ``torch.kthvalue(torch.cat([t.abs().flatten().float() for t in tensors]), n_prune)``
     with ``n_prune = round(sparsity * N)`` (0.0 when n_prune == 0), computed without
     concatenating or sorting. Tensors may have any shapes, strides and float dtypes.
+    Instead of `sparsity`, `n_prune` gives the exact count (0 <= n_prune <= N).
 
     check_finite: raise ValueError on NaN/Inf inputs. On CUDA this reads one float back
     to the host (a sync); pass False on a hot path, and the result is NaN instead.
     """
-    tensors, n_prune = _check(tensors, sparsity)
+    tensors, n_prune = _check(tensors, sparsity, n_prune)
     threshold = _threshold_op(tensors, n_prune)
     if check_finite:
         _raise_if_nonfinite(threshold)
@@ -97,19 +100,21 @@ def magnitude_threshold(
 
 def magnitude_masks(
     tensors: Iterable[torch.Tensor],
-    sparsity: float,
+    sparsity: float | None = None,
     *,
+    n_prune: int | None = None,
     check_finite: bool = True,
     return_threshold: bool = False,
 ):
     """Keep-masks (True = keep), one bool tensor per input with its shape, with exactly
     round(sparsity * N) False in total: |x| below the global threshold pruned, above it
-    kept, ties at it pruned in ascending (tensor index, flat index) order.
+    kept, ties at it pruned in ascending (tensor index, flat index) order. Instead of
+    `sparsity`, `n_prune` gives the exact count of False.
 
     With return_threshold=True returns (masks, threshold). check_finite as in
     magnitude_threshold (with False, NaN/Inf inputs give a NaN threshold and all-True masks).
     """
-    tensors, n_prune = _check(tensors, sparsity)
+    tensors, n_prune = _check(tensors, sparsity, n_prune)
     masks, threshold = _masks_op(tensors, n_prune)
     if check_finite:
         _raise_if_nonfinite(threshold)
