@@ -14,4 +14,11 @@ TORCH_LIBRARY(sparsekern, m) {
   // Fills float32 `out` with the Philox4x32-10 uniform stream of (seed, offset) over its
   // flat indices (the hard-concrete noise; CPU kernel only, CUDA draws it inside Triton).
   m.def("philox_uniform_(Tensor(a!) out, int seed, int offset) -> ()");
+  // w ⊙ g(mask) for a mask kind of sparsekern/ops/mask_math.py, and its backward
+  // (grad_w, grad_mask; grad_mask empty unless mask_grad and the kind is learnable): the
+  // CPU kernels of the masked ops (csrc/cpu/mask_apply_cpu.cpp; CUDA uses Triton).
+  m.def("mask_apply(Tensor weight, Tensor mask, str kind, float beta, float scale) -> Tensor");
+  m.def("mask_apply_backward(Tensor grad, Tensor weight, Tensor mask, str kind, float beta, float scale, bool mask_grad) -> (Tensor, Tensor)");
+  // weight *= keep (bool) in place: keeps binary-masked weights exactly zero.
+  m.def("zero_masked_(Tensor(a!) weight, Tensor keep) -> ()");
 }

@@ -83,7 +83,7 @@ def set_masks(layers, masks: list[torch.Tensor]) -> None:
     for (_, layer), m in zip(layers, masks):
         layer.weight_mask.copy_(m)
         if layer.mask.name == "binary":
-            layer.weight.mul_(layer.weight_mask)
+            ops.zero_masked_(layer.weight, layer.weight_mask)
 
 
 def pruned_count(layers) -> int:

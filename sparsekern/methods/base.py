@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import _checks
+from .. import _checks, ops
 from ..nn import export as export_model
 from ..nn import sparse_modules, sparsify
 from ..nn.masks import HardConcreteMask
@@ -116,7 +116,7 @@ class PruningMethod:
         self._after_step()  # may change masks: zero binary-masked weights after it
         for _, layer in self.layers:
             if layer.mask.name == "binary":
-                layer.weight.mul_(layer.weight_mask)
+                ops.zero_masked_(layer.weight, layer.weight_mask)
         if self.round_based and self._rewind_state is None and self.iteration == self.rewind_iteration:
             self._save_rewind_point()
 
@@ -167,7 +167,7 @@ class PruningMethod:
             state[k].copy_(v)
         for _, layer in self.layers:
             if layer.mask.name == "binary":
-                layer.weight.mul_(layer.weight_mask)
+                ops.zero_masked_(layer.weight, layer.weight_mask)
         self.iteration = self.rewind_iteration
 
     # ---- reporting

@@ -17,6 +17,10 @@ CPP_SCHEMAS = {
     "magnitude_threshold": "magnitude_threshold(Tensor[] tensors, int n_prune) -> Tensor",
     "magnitude_masks": "magnitude_masks(Tensor[] tensors, int n_prune) -> (Tensor[], Tensor)",
     "philox_uniform_": "philox_uniform_(Tensor(a!) out, int seed, int offset) -> ()",
+    "mask_apply": "mask_apply(Tensor weight, Tensor mask, str kind, float beta, float scale) -> Tensor",
+    "mask_apply_backward": "mask_apply_backward(Tensor grad, Tensor weight, Tensor mask, str kind, "
+    "float beta, float scale, bool mask_grad) -> (Tensor, Tensor)",
+    "zero_masked_": "zero_masked_(Tensor(a!) weight, Tensor keep) -> ()",
 }
 
 # A FRAGMENT, not a DEF: the Triton ops add to the same namespace.

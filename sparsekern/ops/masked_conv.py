@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import mask_math
+from . import mask_apply, mask_math
 
 try:
     from ..kernels.masked_conv import masked_weight, masked_weight_backward, weight_format
@@ -40,12 +40,12 @@ def _triton_path(t: Tensor) -> bool:
 
 
 def _forward_torch(weight, mask, kind, beta, scale):
-    w_eff = mask_math.masked_weight(weight, mask, kind, beta, scale)
+    w_eff = mask_apply.masked_weight(weight, mask, kind, beta, scale)
     return w_eff.contiguous(memory_format=weight_format(weight))
 
 
 def _backward_torch(grad_w_eff, weight, mask, kind, beta, scale, mask_grad):
-    grad_w, grad_m = mask_math.weight_and_mask_grads(grad_w_eff, weight, mask, kind, beta, scale, mask_grad)
+    grad_w, grad_m = mask_apply.weight_and_mask_grads(grad_w_eff, weight, mask, kind, beta, scale, mask_grad)
     fmt = weight_format(weight)
     if grad_m is None:
         grad_m = mask.new_empty(0)

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import mask_math
+from . import mask_apply, mask_math
 
 try:
     from ..kernels.masked_linear import masked_linear_grad_weight, masked_matmul
@@ -40,18 +40,18 @@ def _triton_path(t: Tensor) -> bool:
 
 
 def _forward_torch(x, weight, bias, mask, kind, beta, scale):
-    return F.linear(x, mask_math.masked_weight(weight, mask, kind, beta, scale), bias).contiguous()
+    return F.linear(x, mask_apply.masked_weight(weight, mask, kind, beta, scale), bias).contiguous()
 
 
 def _grad_input_torch(grad_y, weight, mask, kind, beta, scale):
-    return (grad_y @ mask_math.masked_weight(weight, mask, kind, beta, scale)).contiguous()
+    return (grad_y @ mask_apply.masked_weight(weight, mask, kind, beta, scale)).contiguous()
 
 
 def _grad_weight_torch(grad_y, x, weight, mask, kind, beta, scale, mask_grad, bias_grad):
     # G in float32 (float64 for float64), as the kernel's accumulator, before the gates.
     cdtype = torch.promote_types(x.dtype, torch.float32)
     G = grad_y.to(cdtype).t() @ x.to(cdtype)
-    grad_w, grad_m = mask_math.weight_and_mask_grads(G, weight, mask, kind, beta, scale, mask_grad)
+    grad_w, grad_m = mask_apply.weight_and_mask_grads(G, weight, mask, kind, beta, scale, mask_grad)
     grad_m = grad_m.contiguous() if grad_m is not None else mask.new_empty(0)
     grad_b = grad_y.sum(0) if bias_grad else grad_y.new_empty(0)
     return grad_w.contiguous(), grad_m, grad_b

@@ -1,0 +1,288 @@
+// w_eff = w ⊙ g(mask) and its backward on the CPU, one pass each, for every mask kind of
+// sparsekern/ops/mask_math.py. This is the CPU kernel of masked_conv2d_weight and of the
+// weight side of masked_linear (the CUDA side is Triton).
+//
+// Why C++: the torch expressions take several passes, and a float * bool product takes
+// ATen's dynamic-cast loop, which does not vectorise: on a 512x512x3x3 weight (2.36M values,
+// 2 threads) `w * m` took 1.68 ms against 0.37 ms for `w * m.float()`; here the bool is
+// widened in the loop. The sigmoid kind was 5 passes forward and 9 backward.
+//
+// Layouts: float32 weight, non-overlapping and dense in any memory format (contiguous or
+// channels_last), and a mask that is either elementwise (weight's sizes and strides: bool
+// for binary/straight_through, float32 otherwise) or one float32 gate per output row
+// (sizes [out, 1, ..., 1], hard-concrete channel gates) with weight.stride(0) the row size,
+// so each row is one block of memory. Anything else runs the torch math (mask_math.py).
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <algorithm>
+#include <string_view>
+#include <vector>
+
+// Float compares may be if-converted into selects only when they cannot trap: without this
+// the clamps in exp_f32 kept the sigmoid loops scalar (7.1 ms vs 0.6 ms on 2.36M values).
+// It changes no result, only whether FP exception flags are observable.
+#pragma GCC optimize("no-trapping-math")
+
+namespace sparsekern {
+namespace {
+
+constexpr int64_t kGrain = int64_t{1} << 15;
+
+enum class Kind { kBinary, kStraightThrough, kSigmoid, kRelaxed, kHardConcrete };
+
+Kind parse_kind(std::string_view kind) {
+  if (kind == "binary") return Kind::kBinary;
+  if (kind == "straight_through") return Kind::kStraightThrough;
+  if (kind == "sigmoid") return Kind::kSigmoid;
+  if (kind == "relaxed") return Kind::kRelaxed;
+  if (kind == "hard_concrete") return Kind::kHardConcrete;
+  TORCH_CHECK_VALUE(false, "mask_apply: unknown `kind` '", kind, "'");
+}
+
+// exp(x) in float32 from float operations only, so `#pragma omp simd` loops vectorise
+// (glibc declares its vector expf only under -ffast-math). Cody-Waite reduction x = n ln2 + r,
+// |r| <= ln2/2, a degree-6 polynomial for e^r, 2^n from the exponent bits; relative error
+// within 2 ulp. x is clamped to [-87, 88]: e^-87 = 1.6e-38 is the smallest normal range.
+inline float exp_f32(float x) {
+  // Selects written out: std::min comes from a header compiled without the pragma above
+  // and would not inline; fminf does not vectorise without -ffast-math. NaN stays NaN.
+  x = x > 88.0f ? 88.0f : x;
+  x = x < -87.0f ? -87.0f : x;
+  // round(x / ln2) by the 1.5 * 2^23 trick: nearbyint does not vectorise without SSE4.1.
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  // 2^n from the exponent bits (a union: std::bit_cast went through memory and blocked
+  // vectorisation; GCC documents union type punning).
+  union {
+    int32_t i;
+    float f;
+  } two_n;
+  two_n.i = (static_cast<int32_t>(n) + 127) << 23;
+  return p * two_n.f;
+}
+
+inline float sigmoid_f32(float t) { return 1.0f / (1.0f + exp_f32(-t)); }
+
+struct Layout {
+  bool per_row;   // one gate per output row (else elementwise)
+  int64_t inner;  // elements per row
+};
+
+Layout check_layout(const at::Tensor& weight, const at::Tensor& mask, Kind kind) {
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat, "mask_apply: `weight` must be float32, got ",
+                   weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.device().is_cpu() && mask.device().is_cpu(), "mask_apply: CPU tensors only");
+  TORCH_CHECK_VALUE(weight.is_non_overlapping_and_dense(), "mask_apply: `weight` must be dense");
+  const bool bool_kind = kind == Kind::kBinary || kind == Kind::kStraightThrough;
+  TORCH_CHECK_TYPE(mask.scalar_type() == (bool_kind ? at::kBool : at::kFloat), "mask_apply: `mask` must be ",
+                   bool_kind ? "bool" : "float32", " for this kind, got ", mask.scalar_type());
+  if (mask.sizes() == weight.sizes()) {
+    TORCH_CHECK_VALUE(mask.strides() == weight.strides(), "mask_apply: `mask` must have weight's strides");
+    return {false, 1};
+  }
+  TORCH_CHECK_VALUE(kind == Kind::kHardConcrete && weight.dim() >= 1 && mask.dim() == weight.dim() &&
+                        mask.size(0) == weight.size(0) && mask.numel() == weight.size(0) && mask.is_contiguous(),
+                    "mask_apply: `mask` must have weight's shape or (hard_concrete) [out, 1, ..., 1]");
+  const int64_t rows = weight.size(0);
+  const int64_t inner = rows == 0 ? 0 : weight.numel() / rows;
+  TORCH_CHECK_VALUE(rows <= 1 || weight.stride(0) == inner, "mask_apply: weight rows must be contiguous blocks");
+  return {true, inner};
+}
+
+// The loops over one range [b, e). Free functions with restrict pointers and the
+// constants as values: inside a by-reference lambda GCC reloaded beta and the pointers
+// through the closure on every iteration (they might alias the output) and kept the
+// sigmoid loop scalar.
+using f32 = float;
+using u8 = uint8_t;
+
+void gate_bool(const f32* __restrict x, const u8* __restrict m, f32* __restrict out, int64_t b, int64_t e) {
+#pragma omp simd
+  for (int64_t i = b; i < e; ++i) out[i] = x[i] * static_cast<f32>(m[i]);
+}
+
+void gate_float(const f32* __restrict x, const f32* __restrict m, f32* __restrict out, int64_t b, int64_t e) {
+#pragma omp simd
+  for (int64_t i = b; i < e; ++i) out[i] = x[i] * m[i];
+}
+
+void gate_sigmoid(const f32* __restrict x, const f32* __restrict s, f32* __restrict out, int64_t b, int64_t e,
+                  f32 beta, f32 scale) {
+#pragma omp simd
+  for (int64_t i = b; i < e; ++i) out[i] = x[i] * (scale * sigmoid_f32(beta * s[i]));
+}
+
+// grad_w = G ⊙ m and grad_m = G ⊙ w (relaxed, elementwise hard_concrete).
+void backward_float(const f32* __restrict G, const f32* __restrict w, const f32* __restrict m, f32* __restrict gw,
+                    f32* __restrict gm, int64_t b, int64_t e) {
+#pragma omp simd
+  for (int64_t i = b; i < e; ++i) {
+    gw[i] = G[i] * m[i];
+    gm[i] = G[i] * w[i];
+  }
+}
+
+// grad_w = G ⊙ scale·σ(βs), grad_s = G ⊙ w ⊙ scale·β·σ(βs)(1 − σ(βs)).
+void backward_sigmoid(const f32* __restrict G, const f32* __restrict w, const f32* __restrict s, f32* __restrict gw,
+                      f32* __restrict gs, int64_t b, int64_t e, f32 beta, f32 scale) {
+  const f32 slope = scale * beta;
+#pragma omp simd
+  for (int64_t i = b; i < e; ++i) {
+    const f32 sig = sigmoid_f32(beta * s[i]);
+    gw[i] = G[i] * (scale * sig);
+    gs[i] = G[i] * w[i] * (slope * sig * (1.0f - sig));
+  }
+}
+
+// Rows [r0, r1) of inner elements, one gate z[r] each: grad_w = G·z[r], and when gz is
+// given, gz[r] = Σ_row G ⊙ w (float accumulators, like the reference's float32 sum).
+void backward_rows(const f32* __restrict G, const f32* __restrict w, const f32* __restrict z, f32* __restrict gw,
+                   f32* __restrict gz, int64_t r0, int64_t r1, int64_t inner) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const f32 g = z[r];
+    const int64_t b = r * inner, e = b + inner;
+#pragma omp simd
+    for (int64_t i = b; i < e; ++i) gw[i] = G[i] * g;
+    if (gz != nullptr) {
+      f32 acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = b; i < e; ++i) acc += G[i] * w[i];
+      gz[r] = acc;
+    }
+  }
+}
+
+void forward_rows(const f32* __restrict w, const f32* __restrict z, f32* __restrict out, int64_t r0, int64_t r1,
+                  int64_t inner) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const f32 g = z[r];
+#pragma omp simd
+    for (int64_t i = r * inner; i < (r + 1) * inner; ++i) out[i] = w[i] * g;
+  }
+}
+
+// Runs f(r0, r1) over row ranges with about kGrain elements per task.
+template <typename F>
+void parallel_rows(int64_t rows, int64_t inner, F&& f) {
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, inner));
+  at::parallel_for(0, rows, grain, f);
+}
+
+const u8* bool_data(const at::Tensor& m) {
+  return reinterpret_cast<const u8*>(m.const_data_ptr<bool>());  // at::kBool stores 0 or 1
+}
+
+at::Tensor mask_apply_cpu(const at::Tensor& weight, const at::Tensor& mask, c10::string_view kind_name,
+                          double beta_d, double scale_d) {
+  const Kind kind = parse_kind(kind_name);
+  const Layout layout = check_layout(weight, mask, kind);
+  at::Tensor out = at::empty_like(weight);
+  const f32* w = weight.const_data_ptr<f32>();
+  f32* o = out.mutable_data_ptr<f32>();
+  const int64_t n = weight.numel();
+  const f32 beta = static_cast<f32>(beta_d), scale = static_cast<f32>(scale_d);
+  if (layout.per_row) {
+    const f32* z = mask.const_data_ptr<f32>();
+    const int64_t inner = layout.inner;
+    parallel_rows(mask.numel(), inner, [=](int64_t r0, int64_t r1) { forward_rows(w, z, o, r0, r1, inner); });
+  } else if (mask.scalar_type() == at::kBool) {
+    const u8* m = bool_data(mask);
+    at::parallel_for(0, n, kGrain, [=](int64_t b, int64_t e) { gate_bool(w, m, o, b, e); });
+  } else if (kind == Kind::kSigmoid) {
+    const f32* m = mask.const_data_ptr<f32>();
+    at::parallel_for(0, n, kGrain, [=](int64_t b, int64_t e) { gate_sigmoid(w, m, o, b, e, beta, scale); });
+  } else {
+    const f32* m = mask.const_data_ptr<f32>();
+    at::parallel_for(0, n, kGrain, [=](int64_t b, int64_t e) { gate_float(w, m, o, b, e); });
+  }
+  return out;
+}
+
+// (grad_w, grad_mask): grad_w = G ⊙ g (G itself for straight_through), grad_mask =
+// G ⊙ w ⊙ dg/dmask for the learnable kinds when mask_grad (summed over each row for
+// per-row gates), else an empty tensor.
+std::tuple<at::Tensor, at::Tensor> mask_apply_backward_cpu(const at::Tensor& grad, const at::Tensor& weight,
+                                                           const at::Tensor& mask, c10::string_view kind_name,
+                                                           double beta_d, double scale_d, bool mask_grad) {
+  const Kind kind = parse_kind(kind_name);
+  const Layout layout = check_layout(weight, mask, kind);
+  TORCH_CHECK_TYPE(grad.scalar_type() == at::kFloat, "mask_apply_backward: `grad` must be float32");
+  TORCH_CHECK_VALUE(grad.sizes() == weight.sizes() && grad.strides() == weight.strides(),
+                    "mask_apply_backward: `grad` must have weight's sizes and strides");
+  const bool learnable = kind == Kind::kSigmoid || kind == Kind::kRelaxed || kind == Kind::kHardConcrete;
+  mask_grad = mask_grad && learnable;
+  at::Tensor grad_w = at::empty_like(weight);
+  at::Tensor grad_m = mask_grad ? at::empty_like(mask) : at::empty({0}, mask.options());
+  if (kind == Kind::kStraightThrough) {
+    grad_w.copy_(grad);
+    return {grad_w, grad_m};
+  }
+  const f32* G = grad.const_data_ptr<f32>();
+  const f32* w = weight.const_data_ptr<f32>();
+  f32* gw = grad_w.mutable_data_ptr<f32>();
+  f32* gm = mask_grad ? grad_m.mutable_data_ptr<f32>() : nullptr;
+  const int64_t n = weight.numel();
+  const f32 beta = static_cast<f32>(beta_d), scale = static_cast<f32>(scale_d);
+  if (layout.per_row) {
+    const f32* z = mask.const_data_ptr<f32>();
+    const int64_t inner = layout.inner;
+    parallel_rows(mask.numel(), inner, [=](int64_t r0, int64_t r1) { backward_rows(G, w, z, gw, gm, r0, r1, inner); });
+  } else if (mask.scalar_type() == at::kBool) {
+    const u8* m = bool_data(mask);
+    at::parallel_for(0, n, kGrain, [=](int64_t b, int64_t e) { gate_bool(G, m, gw, b, e); });
+  } else if (kind == Kind::kSigmoid) {
+    const f32* m = mask.const_data_ptr<f32>();
+    at::parallel_for(0, n, kGrain, [=](int64_t b, int64_t e) {
+      if (gm != nullptr) {
+        backward_sigmoid(G, w, m, gw, gm, b, e, beta, scale);
+      } else {
+        gate_sigmoid(G, m, gw, b, e, beta, scale);
+      }
+    });
+  } else {  // relaxed and elementwise hard_concrete: g = mask, dg/dmask = 1
+    const f32* m = mask.const_data_ptr<f32>();
+    at::parallel_for(0, n, kGrain, [=](int64_t b, int64_t e) {
+      if (gm != nullptr) {
+        backward_float(G, w, m, gw, gm, b, e);
+      } else {
+        gate_float(G, m, gw, b, e);
+      }
+    });
+  }
+  return {grad_w, grad_m};
+}
+
+// weight *= keep in place (bool keep-mask, weight's sizes and strides): what keeps
+// binary-masked weights exactly zero after an optimiser step.
+void zero_masked_cpu(at::Tensor& weight, const at::Tensor& keep) {
+  check_layout(weight, keep, Kind::kBinary);
+  TORCH_CHECK_VALUE(keep.sizes() == weight.sizes(), "zero_masked_: `keep` must have weight's shape");
+  f32* w = weight.mutable_data_ptr<f32>();
+  const u8* m = bool_data(keep);
+  at::parallel_for(0, weight.numel(), kGrain, [=](int64_t b, int64_t e) {
+#pragma omp simd
+    for (int64_t i = b; i < e; ++i) w[i] *= static_cast<f32>(m[i]);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("mask_apply", &mask_apply_cpu);
+  m.impl("mask_apply_backward", &mask_apply_backward_cpu);
+  m.impl("zero_masked_", &zero_masked_cpu);
+}
+
+}  // namespace sparsekern

@@ -1,0 +1,159 @@
+"""The C++ CPU kernels of w ⊙ g (sparsekern::mask_apply, mask_apply_backward) and
+zero_masked_: against the float64 math of mask_math for every kind and layout the C++
+path takes (contiguous, channels_last, per-row hard-concrete gates, odd and zero sizes),
+the fallback for layouts it does not take, sigmoid at extreme scores, opcheck, bad input."""
+import pytest
+import torch
+
+from conftest import tolerances
+from masked_helpers import make_mask
+from sparsekern import ops
+from sparsekern._extension import HAS_EXTENSION
+from sparsekern.ops import mask_apply, mask_math
+
+KINDS = mask_math.KINDS
+SHAPES = [(37, 53), (7, 5, 3, 3), (0, 4), (1, 1)]
+
+
+def case(kind, shape, per_row=False, channels_last=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen)
+    mask_shape = (shape[0],) + (1,) * (len(shape) - 1) if per_row else None
+    m = make_mask(kind, shape, gen, mask_shape)
+    G = torch.randn(shape, generator=gen)
+    if channels_last:
+        w, G = w.contiguous(memory_format=torch.channels_last), G.contiguous(memory_format=torch.channels_last)
+        if not per_row:
+            m = m.contiguous(memory_format=torch.channels_last)
+    return w, m, G
+
+
+def expected(w, m, G, kind, beta, scale):
+    """(w_eff, grad_w, grad_mask) in float64 from mask_math."""
+    d = lambda t: t.double() if t.is_floating_point() else t
+    w_eff = mask_math.masked_weight(d(w), d(m), kind, beta, scale)
+    gw, gm = mask_math.weight_and_mask_grads(d(G), d(w), d(m), kind, beta, scale, True)
+    return w_eff, gw, gm
+
+
+LAYOUTS = [(s, False, False) for s in SHAPES] + [((6, 4, 3, 3), False, True)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape,per_row,channels_last", LAYOUTS)
+def test_matches_float64_math(kind, shape, per_row, channels_last):
+    w, m, G = case(kind, shape, per_row, channels_last)
+    beta, scale = 2.5, 1.3
+    assert mask_apply._cpp_layout(w, m, kind)
+    w_eff = mask_apply.masked_weight(w, m, kind, beta, scale)
+    gw, gm = mask_apply.weight_and_mask_grads(G, w, m, kind, beta, scale, True)
+    ew, egw, egm = expected(w, m, G, kind, beta, scale)
+    tol = tolerances(torch.float32)
+    torch.testing.assert_close(w_eff.double(), ew, **tol)
+    torch.testing.assert_close(gw.double(), egw, **tol)
+    assert w_eff.stride() == w.stride() and gw.stride() == w.stride()
+    if kind in mask_math.LEARNABLE_KINDS:
+        torch.testing.assert_close(gm.double(), egm, **tol)
+    else:
+        assert gm is None
+
+
+@pytest.mark.parametrize("kind", ["hard_concrete"])
+@pytest.mark.parametrize("shape", [(37, 53), (6, 4, 3, 3), (0, 5, 1, 1)])
+def test_per_row_gates(kind, shape):
+    w, m, G = case(kind, shape, per_row=True)
+    assert mask_apply._cpp_layout(w, m, kind)
+    gw, gm = mask_apply.weight_and_mask_grads(G, w, m, kind, 1.0, 1.0, True)
+    _, egw, egm = expected(w, m, G, kind, 1.0, 1.0)
+    # gm sums a row of w.numel() / out products in float32
+    torch.testing.assert_close(gm.double(), egm, **tolerances(torch.float32, k=8.0 * shape[1] * 9))
+    torch.testing.assert_close(gw.double(), egw, **tolerances(torch.float32))
+    assert gm.shape == m.shape
+
+
+@pytest.mark.parametrize("kind", ["binary", "sigmoid", "hard_concrete"])
+def test_layouts_the_cpp_path_does_not_take_fall_back(kind):
+    w, m, G = case(kind, (8, 6))
+    cases = [
+        (w.t(), m.t(), G.t()),          # non-contiguous weight
+        (w.double(), m, G.double()),    # float64: the torch math
+        (w.half(), m, G.half()),
+    ]
+    if kind == "hard_concrete":
+        cases.append((w, m[:1, :].expand(1, 6).contiguous(), G))  # per-column gates [1, in]
+    for wi, mi, Gi in cases:
+        assert not mask_apply._cpp_layout(wi, mi, kind)
+        got = mask_apply.masked_weight(wi, mi, kind, 2.0, 1.0)
+        torch.testing.assert_close(got, mask_math.masked_weight(wi, mi, kind, 2.0, 1.0))
+        gw, _ = mask_apply.weight_and_mask_grads(Gi, wi, mi, kind, 2.0, 1.0, True)
+        torch.testing.assert_close(gw, mask_math.weight_and_mask_grads(Gi, wi, mi, kind, 2.0, 1.0, True)[0])
+
+
+def test_grad_in_another_memory_format_is_reordered():
+    w, m, G = case("relaxed", (6, 4, 3, 3))
+    G_cl = G.contiguous(memory_format=torch.channels_last)
+    gw, gm = mask_apply.weight_and_mask_grads(G_cl, w, m, "relaxed", 1.0, 1.0, True)
+    _, egw, egm = expected(w, m, G, "relaxed", 1.0, 1.0)
+    torch.testing.assert_close(gw.double(), egw, **tolerances(torch.float32))
+    torch.testing.assert_close(gm.double(), egm, **tolerances(torch.float32))
+
+
+def test_sigmoid_gate_at_extreme_scores():
+    s = torch.cat([torch.linspace(-120.0, 120.0, 100_001), torch.tensor([float("inf"), -float("inf")])])
+    g = mask_apply.masked_weight(torch.ones_like(s), s, "sigmoid", 1.0, 1.0).double()
+    ref = torch.sigmoid(s.double())
+    # absolute error at most a float32 ulp of 1; relative error ~1e-7 wherever the gate is a normal float
+    torch.testing.assert_close(g, ref, rtol=4e-7, atol=1.2e-7)
+    normal = ref > 1e-37
+    assert ((g[normal] - ref[normal]).abs() / ref[normal]).max() < 4e-7
+    nan = mask_apply.masked_weight(torch.ones(1), torch.tensor([float("nan")]), "sigmoid", 1.0, 1.0)
+    assert nan.isnan().all()
+
+
+def test_zero_masked_is_exact_in_place_and_bumps_version():
+    w = torch.nn.Parameter(torch.randn(37, 53))
+    keep = torch.rand(37, 53) > 0.7
+    before, version = w.detach().clone(), w._version
+    ops.zero_masked_(w, keep)
+    assert torch.equal(w.detach(), before * keep)
+    assert w._version > version
+    cl = torch.randn(4, 3, 3, 3).contiguous(memory_format=torch.channels_last)
+    keep_cl = (torch.rand(4, 3, 3, 3) > 0.5).contiguous(memory_format=torch.channels_last)
+    expect = cl * keep_cl
+    ops.zero_masked_(cl, keep_cl)
+    assert torch.equal(cl, expect)
+
+
+def test_zero_masked_rejects_bad_keep():
+    w = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="keep"):
+        ops.zero_masked_(w, torch.ones(3, 4))
+    with pytest.raises(ValueError, match="keep"):
+        ops.zero_masked_(w, torch.ones(4, 3, dtype=torch.bool))
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="checks the C++ kernels' own argument checks")
+def test_cpp_kernels_reject_layouts_they_do_not_take():
+    w = torch.randn(4, 6)
+    with pytest.raises(TypeError, match="bool"):
+        torch.ops.sparsekern.mask_apply(w, torch.ones(4, 6), "binary", 1.0, 1.0)
+    with pytest.raises(ValueError, match="strides"):
+        torch.ops.sparsekern.mask_apply(w, torch.ones(6, 4).t(), "relaxed", 1.0, 1.0)
+    with pytest.raises(ValueError, match="kind"):
+        torch.ops.sparsekern.mask_apply(w, torch.ones(4, 6), "nope", 1.0, 1.0)
+    with pytest.raises(TypeError, match="float32"):
+        torch.ops.sparsekern.mask_apply(w.double(), torch.ones(4, 6).double(), "relaxed", 1.0, 1.0)
+    with pytest.raises(ValueError, match="grad"):
+        torch.ops.sparsekern.mask_apply_backward(torch.ones(6, 4).t(), w, torch.ones(4, 6), "relaxed", 1.0, 1.0, True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_opcheck(kind):
+    w, m, G = case(kind, (7, 5, 3, 3), per_row=kind == "hard_concrete")
+    torch.library.opcheck(torch.ops.sparsekern.mask_apply.default, (w, m, kind, 2.0, 1.5))
+    torch.library.opcheck(torch.ops.sparsekern.mask_apply_backward.default, (G, w, m, kind, 2.0, 1.5, True))
+
+
+def test_opcheck_zero_masked():
+    w, keep = torch.randn(5, 7), torch.rand(5, 7) > 0.5
+    torch.library.opcheck(torch.ops.sparsekern.zero_masked_.default, (w, keep))

@@ -1,0 +1,112 @@
+"""w_eff = weight ⊙ g(mask) and its backward on the CPU: the C++ kernels
+(csrc/cpu/mask_apply_cpu.cpp) where the layout allows, the torch math of mask_math
+elsewhere. These are the CPU kernels of masked_conv2d_weight and of masked_linear's weight
+side; on CUDA the Triton kernels gate the weight themselves.
+
+Why: the torch math is several passes, and float * bool takes ATen's dynamic-cast loop,
+which does not vectorise. On a 512x512x3x3 weight (2.36M values, 2 threads, quiet
+machine; see the table in bench/results/masked_ops.md) the C++ kernels are one pass each.
+
+Also `zero_masked_(weight, keep)`: weight *= keep in place, what the methods run after
+every optimiser step to keep binary-masked weights exactly zero (C++ on CPU float32,
+`weight.mul_(keep)` elsewhere).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import mask_math
+from ._library import cpp_op
+
+Tensor = torch.Tensor
+
+
+def _apply_reference(weight, mask, kind, beta, scale):
+    return mask_math.masked_weight(weight, mask, kind, beta, scale)
+
+
+def _backward_reference(grad, weight, mask, kind, beta, scale, mask_grad):
+    grad_w, grad_m = mask_math.weight_and_mask_grads(grad, weight, mask, kind, beta, scale, mask_grad)
+    if grad_w is grad:
+        grad_w = grad_w.clone()
+    return grad_w, (mask.new_empty(0) if grad_m is None else grad_m)
+
+
+def _zero_reference(weight, keep):
+    weight.mul_(keep)
+
+
+_apply_op = cpp_op("mask_apply", _apply_reference)
+_backward_op = cpp_op("mask_apply_backward", _backward_reference)
+_zero_op = cpp_op("zero_masked_", _zero_reference)
+
+
+@torch.library.register_fake("sparsekern::mask_apply")
+def _(weight, mask, kind, beta, scale):
+    return torch.empty_like(weight)
+
+
+@torch.library.register_fake("sparsekern::mask_apply_backward")
+def _(grad, weight, mask, kind, beta, scale, mask_grad):
+    if mask_grad and kind in mask_math.LEARNABLE_KINDS:
+        return torch.empty_like(weight), torch.empty_like(mask)
+    return torch.empty_like(weight), mask.new_empty(0)
+
+
+@torch.library.register_fake("sparsekern::zero_masked_")
+def _(weight, keep):
+    return None
+
+
+def _cpp_layout(weight: Tensor, mask: Tensor, kind: str) -> bool:
+    """Whether the C++ kernels take these tensors (see the .cpp header for the layouts)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return False
+    if not (weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    if mask.dtype != (torch.bool if kind in mask_math.BOOL_KINDS else torch.float32):
+        return False
+    if mask.shape == weight.shape:
+        return mask.stride() == weight.stride()
+    rows = weight.shape[0] if weight.dim() else 0
+    return (
+        kind == "hard_concrete" and mask.dim() == weight.dim() and mask.numel() == rows
+        and mask.shape[0] == rows and mask.is_contiguous()
+        and (rows <= 1 or weight.stride(0) * rows == weight.numel())
+    )
+
+
+def masked_weight(weight: Tensor, mask: Tensor, kind: str, beta: float, scale: float) -> Tensor:
+    """weight ⊙ g in weight's dtype and memory format (values only; no autograd)."""
+    if _cpp_layout(weight, mask, kind):
+        return _apply_op(weight, mask, kind, beta, scale)
+    return mask_math.masked_weight(weight, mask, kind, beta, scale)
+
+
+def weight_and_mask_grads(
+    grad: Tensor, weight: Tensor, mask: Tensor, kind: str, beta: float, scale: float, mask_grad: bool
+) -> tuple[Tensor, Optional[Tensor]]:
+    """mask_math.weight_and_mask_grads: (grad_w, grad_mask or None); grad_w comes out in
+    weight's memory format on the C++ path."""
+    if grad.dtype == torch.float32 and _cpp_layout(weight, mask, kind):
+        if grad.stride() != weight.stride():  # e.g. a channels_last grad for a contiguous weight
+            grad = torch.empty_like(weight).copy_(grad)
+        grad_w, grad_m = _backward_op(grad, weight, mask, kind, beta, scale, mask_grad)
+        return grad_w, (grad_m if mask_grad and kind in mask_math.LEARNABLE_KINDS else None)
+    return mask_math.weight_and_mask_grads(grad, weight, mask, kind, beta, scale, mask_grad)
+
+
+@torch.no_grad()
+def zero_masked_(weight: Tensor, keep: Tensor) -> None:
+    """weight *= keep (bool, weight's shape) in place."""
+    if keep.dtype != torch.bool or keep.shape != weight.shape:
+        raise ValueError(f"`keep` must be a bool tensor of weight's shape {tuple(weight.shape)}")
+    if _cpp_layout(weight, keep, "binary"):
+        _zero_op(weight, keep)
+        # The C++ op has no ADInplaceOrView kernel, so nothing bumped the version counter
+        # that autograd checks saved tensors against; do it here, as mul_ would.
+        torch.autograd.graph.increment_version(weight)
+    else:
+        weight.mul_(keep)
