@@ -44,7 +44,7 @@ LAYOUTS = [(s, False, False) for s in SHAPES] + [((6, 4, 3, 3), False, True)]
 def test_matches_float64_math(kind, shape, per_row, channels_last):
     w, m, G = case(kind, shape, per_row, channels_last)
     beta, scale = 2.5, 1.3
-    assert mask_apply._cpp_layout(w, m, kind)
+    assert mask_apply.cpp_layout(w, m, kind)
     w_eff = mask_apply.masked_weight(w, m, kind, beta, scale)
     gw, gm = mask_apply.weight_and_mask_grads(G, w, m, kind, beta, scale, True)
     ew, egw, egm = expected(w, m, G, kind, beta, scale)
@@ -62,7 +62,7 @@ def test_matches_float64_math(kind, shape, per_row, channels_last):
 @pytest.mark.parametrize("shape", [(37, 53), (6, 4, 3, 3), (0, 5, 1, 1)])
 def test_per_row_gates(kind, shape):
     w, m, G = case(kind, shape, per_row=True)
-    assert mask_apply._cpp_layout(w, m, kind)
+    assert mask_apply.cpp_layout(w, m, kind)
     gw, gm = mask_apply.weight_and_mask_grads(G, w, m, kind, 1.0, 1.0, True)
     _, egw, egm = expected(w, m, G, kind, 1.0, 1.0)
     # gm sums a row of w.numel() / out products in float32
@@ -82,7 +82,7 @@ def test_layouts_the_cpp_path_does_not_take_fall_back(kind):
     if kind == "hard_concrete":
         cases.append((w, m[:1, :].expand(1, 6).contiguous(), G))  # per-column gates [1, in]
     for wi, mi, Gi in cases:
-        assert not mask_apply._cpp_layout(wi, mi, kind)
+        assert not mask_apply.cpp_layout(wi, mi, kind)
         got = mask_apply.masked_weight(wi, mi, kind, 2.0, 1.0)
         torch.testing.assert_close(got, mask_math.masked_weight(wi, mi, kind, 2.0, 1.0))
         gw, _ = mask_apply.weight_and_mask_grads(Gi, wi, mi, kind, 2.0, 1.0, True)

@@ -31,7 +31,7 @@
 namespace sparsekern {
 namespace {
 
-constexpr int64_t kGrain = int64_t{1} << 15;
+constexpr int64_t kGrain = int64_t{1} << 17;
 
 enum class Kind { kBinary, kStraightThrough, kSigmoid, kRelaxed, kHardConcrete };
 

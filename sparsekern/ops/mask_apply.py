@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from .._extension import HAS_EXTENSION
 from . import mask_math
 from ._library import cpp_op
 
@@ -60,7 +61,7 @@ def _(weight, keep):
     return None
 
 
-def _cpp_layout(weight: Tensor, mask: Tensor, kind: str) -> bool:
+def cpp_layout(weight: Tensor, mask: Tensor, kind: str) -> bool:
     """Whether the C++ kernels take these tensors (see the .cpp header for the layouts)."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return False
@@ -80,7 +81,7 @@ def _cpp_layout(weight: Tensor, mask: Tensor, kind: str) -> bool:
 
 def masked_weight(weight: Tensor, mask: Tensor, kind: str, beta: float, scale: float) -> Tensor:
     """weight ⊙ g in weight's dtype and memory format (values only; no autograd)."""
-    if _cpp_layout(weight, mask, kind):
+    if cpp_layout(weight, mask, kind):
         return _apply_op(weight, mask, kind, beta, scale)
     return mask_math.masked_weight(weight, mask, kind, beta, scale)
 
@@ -90,7 +91,7 @@ def weight_and_mask_grads(
 ) -> tuple[Tensor, Optional[Tensor]]:
     """mask_math.weight_and_mask_grads: (grad_w, grad_mask or None); grad_w comes out in
     weight's memory format on the C++ path."""
-    if grad.dtype == torch.float32 and _cpp_layout(weight, mask, kind):
+    if grad.dtype == torch.float32 and cpp_layout(weight, mask, kind):
         if grad.stride() != weight.stride():  # e.g. a channels_last grad for a contiguous weight
             grad = torch.empty_like(weight).copy_(grad)
         grad_w, grad_m = _backward_op(grad, weight, mask, kind, beta, scale, mask_grad)
@@ -98,12 +99,25 @@ def weight_and_mask_grads(
     return mask_math.weight_and_mask_grads(grad, weight, mask, kind, beta, scale, mask_grad)
 
 
+def eager_cpu(weight: Tensor, mask: Tensor, kind: str) -> bool:
+    """Whether masked_weight_autograd takes this call: eager mode (torch.compile traces
+    the masked ops, whose autograd is registered in Python), the C++ extension present
+    (it holds the autograd) and a layout the C++ kernels take."""
+    return HAS_EXTENSION and not torch.compiler.is_compiling() and cpp_layout(weight, mask, kind)
+
+
+def masked_weight_autograd(weight: Tensor, mask: Tensor, kind: str, beta: float, scale: float) -> Tensor:
+    """weight ⊙ g, differentiable w.r.t. weight and (learnable kinds) mask, with the
+    autograd in C++ (csrc/mask_apply_autograd.cpp): the masked ops' eager CPU path."""
+    return _apply_op(weight, mask, kind, beta, scale)
+
+
 @torch.no_grad()
 def zero_masked_(weight: Tensor, keep: Tensor) -> None:
     """weight *= keep (bool, weight's shape) in place."""
     if keep.dtype != torch.bool or keep.shape != weight.shape:
         raise ValueError(f"`keep` must be a bool tensor of weight's shape {tuple(weight.shape)}")
-    if _cpp_layout(weight, keep, "binary"):
+    if cpp_layout(weight, keep, "binary"):
         _zero_op(weight, keep)
         # The C++ op has no ADInplaceOrView kernel, so nothing bumped the version counter
         # that autograd checks saved tensors against; do it here, as mul_ would.

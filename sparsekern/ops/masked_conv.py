@@ -128,4 +128,6 @@ def masked_conv2d_weight(
     Gradients reach weight and (float kinds) the mask, per the table in mask_math.
     """
     kind, beta, scale = mask_math.check_common(weight, mask, kind, beta, scale, weight_dim=4)
+    if mask_apply.eager_cpu(weight, mask, kind):
+        return mask_apply.masked_weight_autograd(weight, mask, kind, beta, scale)
     return _masked_weight_op(weight, mask, kind, beta, scale)

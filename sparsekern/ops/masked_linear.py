@@ -178,6 +178,10 @@ def masked_linear(
     On CUDA the GEMMs gate the weight tiles as they load them; w_eff is never stored.
     """
     kind, beta, scale = _check(x, weight, bias, mask, kind, beta, scale)
+    if mask_apply.eager_cpu(weight, mask, kind):
+        # Eager CPU: the GEMMs are oneDNN's either way; only the gate is ours, with its
+        # autograd in C++ (see csrc/mask_apply_autograd.cpp for why).
+        return F.linear(x, mask_apply.masked_weight_autograd(weight, mask, kind, beta, scale), bias)
     lead = x.shape[:-1]
     y = _masked_linear_op(x.reshape(-1, x.shape[-1]), weight, bias, mask, kind, beta, scale)
     return y.reshape(*lead, weight.shape[0])
