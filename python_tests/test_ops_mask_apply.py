@@ -157,3 +157,74 @@ def test_opcheck(kind):
 def test_opcheck_zero_masked():
     w, keep = torch.randn(5, 7), torch.rand(5, 7) > 0.5
     torch.library.opcheck(torch.ops.sparsekern.zero_masked_.default, (w, keep))
+
+
+# --- the eager CPU path: mask_apply with its autograd in C++ -----------------------------
+
+
+def grads_through(fn, w, m, G):
+    w = w.detach().clone().requires_grad_()
+    m = m.detach().clone().requires_grad_(m.is_floating_point())
+    out = fn(w, m)
+    out.backward(G)
+    return out.detach(), w.grad, m.grad
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ autograd is part of the extension")
+@pytest.mark.parametrize(
+    "kind,per_row,channels_last",
+    [(k, False, cl) for k in KINDS for cl in (False, True)] + [("hard_concrete", True, False)],
+)
+def test_eager_autograd_matches_the_op(kind, per_row, channels_last):
+    w, m, G = case(kind, (6, 4, 3, 3), per_row, channels_last)
+    assert mask_apply.eager_cpu(w, m, kind)
+    eager = grads_through(lambda w, m: ops.masked_conv2d_weight(w, m, kind=kind, beta=2.0, scale=1.5), w, m, G)
+    via_op = grads_through(lambda w, m: torch.ops.sparsekern.masked_conv2d_weight(w, m, kind, 2.0, 1.5), w, m, G)
+    for a, b in zip(eager, via_op):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, **tolerances(torch.float32))
+    assert eager[0].grad_fn is None and eager[1].stride() == w.stride()
+    if kind == "straight_through":
+        assert torch.equal(eager[1], G)  # unmasked
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ autograd is part of the extension")
+def test_eager_autograd_grads_only_what_requires_grad():
+    w, m, G = case("sigmoid", (5, 7))
+    m = m.requires_grad_()
+    out = mask_apply.masked_weight_autograd(w, m, "sigmoid", 1.0, 1.0)  # w needs no grad
+    (gm,) = torch.autograd.grad(out, m, G)
+    torch.testing.assert_close(gm.double(), expected(w, m.detach(), G, "sigmoid", 1.0, 1.0)[2],
+                               **tolerances(torch.float32))
+    w = w.requires_grad_()
+    out = mask_apply.masked_weight_autograd(w, m.detach(), "sigmoid", 1.0, 1.0)
+    (gw,) = torch.autograd.grad(out, w, G)
+    torch.testing.assert_close(gw.double(), expected(w.detach(), m, G, "sigmoid", 1.0, 1.0)[1],
+                               **tolerances(torch.float32))
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ autograd is part of the extension")
+def test_eager_linear_matches_the_op():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 53, generator=gen)
+    w, m, _ = case("relaxed", (37, 53))
+    b = torch.randn(37, generator=gen)
+    Gy = torch.randn(2, 9, 37, generator=gen)
+
+    def run(fn):
+        xs, ws, ms, bs = (t.detach().clone().requires_grad_() for t in (x, w, m, b))
+        fn(xs, ws, bs, ms).backward(Gy)
+        return [t.grad for t in (xs, ws, ms, bs)]
+
+    eager = run(lambda x, w, b, m: ops.masked_linear(x, w, b, m, kind="relaxed"))
+    via_op = run(lambda x, w, b, m: torch.ops.sparsekern.masked_linear(
+        x.reshape(-1, 53), w, b, m, "relaxed", 1.0, 1.0).reshape(2, 9, 37))
+    for a, c in zip(eager, via_op):
+        torch.testing.assert_close(a, c, **tolerances(torch.float32, k=64))
+
+
+def test_compiling_uses_the_op_not_the_eager_path(monkeypatch):
+    w, m, _ = case("binary", (4, 3, 3, 3))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not mask_apply.eager_cpu(w, m, "binary")
