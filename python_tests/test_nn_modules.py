@@ -184,7 +184,7 @@ def test_sigmoid_scale_and_beta():
     assert layer.mask.scale == pytest.approx(1 / (1 / (1 + math.exp(0.5))))
     x = torch.randn(4, 3)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))  # g = 1 at init
-    layer.mask.beta = 7.0  # settable; the next forward uses it
+    layer.mask.set_beta(layer, 7.0)  # the next forward uses it
     g = torch.sigmoid(7.0 * layer.weight_score) * layer.mask.scale
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight * g, layer.bias))
     assert SparseLinear(3, 2, mask="sigmoid", scale_init=False).mask.scale == 1.0
@@ -349,3 +349,35 @@ def test_compile_hard_concrete_offset_does_not_recompile_every_step():
         outs = [compiled(torch.ones(2, 8)) for _ in range(4)]
     assert compiles <= 2 and layer.mask.offset == 4
     assert not torch.equal(outs[2], outs[3])
+
+
+def test_compile_sigmoid_beta_change_does_not_recompile():
+    """CS anneals β every epoch; the compiled forward reads it from the layer's
+    `weight_beta` buffer, so a new β is a new input value, not a new graph."""
+    torch._dynamo.reset()
+    layer = make_layer("sigmoid", SparseConv2d, 3, 4, 3, padding=1, dtype=torch.float32).train()
+    compiles = 0
+
+    def backend(gm, example_inputs):
+        nonlocal compiles
+        compiles += 1
+        return gm
+
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    x = torch.randn(2, 3, 6, 6)
+    for beta in (1.0, 2.5, 7.0, 40.0):
+        layer.mask.set_beta(layer, beta)
+        ref = copy.deepcopy(layer)
+        y = compiled(x)
+        torch.testing.assert_close(y, ref(x), **TOL)
+        assert float(layer.weight_beta) == beta == layer.mask.beta
+    assert compiles == 1
+
+
+def test_sigmoid_beta_is_set_through_set_beta():
+    layer = SparseLinear(3, 2, mask="sigmoid")
+    with pytest.raises(AttributeError, match="set_beta"):
+        layer.mask.beta = 2.0
+    with pytest.raises(ValueError, match="beta"):
+        layer.mask.set_beta(layer, -1.0)
+    assert "weight_beta" not in layer.state_dict()  # not a checkpoint entry: the method owns β

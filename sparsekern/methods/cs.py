@@ -98,7 +98,7 @@ class ContinuousSparsification(PruningMethod):
         self.beta = beta
         if not self.ticket:
             for _, layer in self.layers:
-                layer.mask.beta = beta
+                layer.mask.set_beta(layer, beta)
 
     def _after_epoch(self) -> None:
         if not self.ticket:

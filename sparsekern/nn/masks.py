@@ -127,8 +127,26 @@ class SigmoidMask(MaskKind):
 
     def __init__(self, *, s0: float = 0.0, beta: float = 1.0, scale_init: bool = True):
         self.s0 = _real("s0", s0)
-        self.beta = _real("beta", beta, low=0.0, low_open=True)
+        self._beta = _real("beta", beta, low=0.0, low_open=True)
         self.scale_init = _bool("scale_init", scale_init)
+
+    @property
+    def beta(self) -> float:
+        """The temperature β; change it with set_beta(layer, β)."""
+        return self._beta
+
+    @beta.setter
+    def beta(self, value) -> None:
+        raise AttributeError("set the temperature with layer.mask.set_beta(layer, beta): it also updates "
+                             "the layer's `weight_beta` buffer that compiled forwards read")
+
+    def set_beta(self, layer: nn.Module, beta: float) -> None:
+        """Sets β: the float the eager forward passes to the op, and the layer's 0-dim
+        buffer `weight_beta` (not in the state_dict) that a torch.compile'd forward reads
+        instead, so annealing β does not recompile (a float read off the module is a
+        guarded constant: each new β was a new graph, eager after 8)."""
+        self._beta = _real("beta", beta, low=0.0, low_open=True)
+        layer.weight_beta.fill_(self._beta)
 
     @property
     def scale(self) -> float:
@@ -138,18 +156,22 @@ class SigmoidMask(MaskKind):
     def attach(self, layer):
         w = layer.weight
         layer.weight_score = nn.Parameter(torch.full_like(w, self.s0, requires_grad=True))
+        layer.register_buffer("weight_beta", torch.tensor(self._beta, device=w.device), persistent=False)
 
     def op_mask(self, layer):
-        return layer.weight_score, {"kind": self.name, "beta": self.beta, "scale": self.scale}
+        if torch.compiler.is_compiling():
+            # β·s from the buffer, so the graph takes β as an input; the op then runs with β = 1.
+            return layer.weight_beta * layer.weight_score, {"kind": self.name, "beta": 1.0, "scale": self.scale}
+        return layer.weight_score, {"kind": self.name, "beta": self._beta, "scale": self.scale}
 
     def gate(self, layer):
-        return (self.scale * torch.sigmoid(self.beta * layer.weight_score.detach())).to(layer.weight.dtype)
+        return (self.scale * torch.sigmoid(self._beta * layer.weight_score.detach())).to(layer.weight.dtype)
 
     def keep(self, layer):
         return layer.weight_score.detach() > 0
 
     def options(self):
-        return {"s0": self.s0, "beta": self.beta, "scale_init": self.scale_init}
+        return {"s0": self.s0, "beta": self._beta, "scale_init": self.scale_init}
 
 
 class RelaxedMask(MaskKind):
