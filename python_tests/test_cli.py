@@ -125,6 +125,17 @@ def test_end_to_end_per_method(method, tmp_path, capsys):
         assert "β" in log[1] and report["history"][-1]["phase"] == "ticket"
 
 
+def test_l0_per_layer_densities(tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--method", "l0", "--layer-density", "fc1=0.5", "fc2=0.25", *TINY,
+                     "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["layer_density"] == {"fc1": 0.5, "fc2": 0.25}
+    assert report["final"]["target_density"] == pytest.approx(0.375)  # the log shows the mean
+    extra = torch.load(out / "checkpoint.pt", weights_only=False)["method"]["extra"]
+    assert list(extra["groups"]) == ["fc1", "fc2"] and extra["multipliers"].shape == (2,)  # fc3: unconstrained
+
+
 def test_cifar_end_to_end(tmp_path):
     write_cifar(tmp_path / "data", per_batch=4)
     out = tmp_path / "run"
@@ -162,6 +173,11 @@ def fails(capsys, argv, *needles):
     (["--method", "dense", "--lr", "-1"], ["--lr", "must be > 0"]),
     (["--method", "nope"], ["--method", "invalid choice"]),
     (["--model", "mlp"], ["required: --method"]),
+    (["--method", "gmp", "--layer-density", "fc1=0.5"], ["--layer-density is for --method l0"]),
+    (["--method", "l0", "--layer-density", "nope=0.5"], ["unknown layers ['nope']"]),
+    (["--method", "l0", "--layer-density", "fc1"], ["--layer-density", "expected LAYER=D"]),
+    (["--method", "l0", "--layer-density", "fc1=1.5"], ["--layer-density", "must be in (0, 1]"]),
+    (["--method", "l0", "--layer-density", "fc1=0.5", "--density", "0.5"], ["not allowed with argument"]),
 ])
 def test_bad_arguments_fail_before_anything_is_written(args, needles, tmp_path, capsys):
     out = tmp_path / "run"

@@ -55,6 +55,13 @@ def _fraction(low_open: bool, high_open: bool):
     return parse
 
 
+def _layer_density(text: str) -> tuple[str, float]:
+    name, sep, value = text.rpartition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected LAYER=D (a layer name and its density), got {text!r}")
+    return name, _fraction(True, False)(value)
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -89,6 +96,10 @@ def train_parser(methods: list[str] | None = None) -> argparse.ArgumentParser:
                         help="target fraction of pruned weights: the method's sparsity (or target_density = 1 - S)")
     target.add_argument("--density", type=_fraction(True, False), default=S, metavar="D",
                         help="target fraction of kept weights: the method's target_density (or sparsity = 1 - D)")
+    target.add_argument("--layer-density", type=_layer_density, nargs="+", default=S, metavar="LAYER=D",
+                        help="l0: one expected-density constraint per named layer (ConstrainedL0's target_density "
+                             "dict), e.g. --layer-density conv1=0.5 fc=0.2; layers not named are gated but "
+                             "unconstrained")
 
     sched = p.add_argument_group("schedule and optimiser")
     sched.add_argument("--epochs", type=_positive_int, default=S,
@@ -163,6 +174,11 @@ def _split(ns: argparse.Namespace) -> tuple[dict, dict, dict]:
     d = _defaults()
     given = vars(ns)
     config = {k: v for k, v in given.items() if k in d and k != "method_options"}
+    if config.get("layer_density") is not None:
+        pairs = config["layer_density"]
+        config["layer_density"] = dict(pairs)
+        if len(config["layer_density"]) != len(pairs):
+            raise ValueError("--layer-density names a layer twice")
     control = {k: given.get(k) for k in RUN_CONTROL}
     options = {k: v for k, v in given.items() if k not in d and k not in RUN_CONTROL}
     return config, options, control

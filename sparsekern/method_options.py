@@ -74,7 +74,7 @@ ROUND_BASED = ("imp", "cs", "concave")
 DERIVED = {
     "model": "the model being trained",
     "sparsity": "--sparsity S (or 1 - --density)",
-    "target_density": "--density D (or 1 - --sparsity)",
+    "target_density": "--density D (or 1 - --sparsity), or --layer-density LAYER=D ... (l0)",
     "epochs_per_round": "--epochs",
     "seed": "--seed",
 }
@@ -320,7 +320,7 @@ def _wrap(text: str, width: int) -> list[str]:
 
 
 def method_kwargs(method: str, given: dict, *, sparsity: float | None, density: float | None, epochs: int,
-                  seed: int, end_iteration_default, rounds: int) -> dict:
+                  seed: int, end_iteration_default, rounds: int, layer_density: dict | None = None) -> dict:
     """The constructor keyword arguments for `method`: the flags given (`given`: argument
     name → value, only those on the command line) plus the derived ones. Raises ValueError
     naming the flag when the method does not take it or a required value is missing."""
@@ -343,6 +343,10 @@ def method_kwargs(method: str, given: dict, *, sparsity: float | None, density: 
     if "target_density" in params and sparsity is not None:
         # The value given, not 1 - (1 - D): that would not round-trip exactly.
         kwargs["target_density"] = density if density is not None else 1.0 - sparsity
+    if layer_density is not None:
+        if "target_density" not in params:
+            raise ValueError(f"--method {method} takes no per-layer densities: drop --layer-density")
+        kwargs["target_density"] = dict(layer_density)
     if sparsity is not None and "sparsity" not in params and "target_density" not in params:
         if method == "imp" and "prune_fraction" in params and "prune_fraction" not in given:
             if rounds < 2:

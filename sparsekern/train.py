@@ -68,6 +68,7 @@ class RunConfig:
     data_dir: str | None = None
     sparsity: float | None = None
     density: float | None = None
+    layer_density: dict[str, float] | None = None  # l0: {layer name: ε}, one constraint each
     epochs: int = 10
     rounds: int = 1
     pretrain_epochs: int | None = None  # oneshot; None: --epochs
@@ -99,6 +100,14 @@ class RunConfig:
         need(self.sparsity is None or self.density is None, "give --sparsity or --density, not both")
         need(self.sparsity is None or 0.0 <= self.sparsity < 1.0, f"--sparsity must be in [0, 1), got {self.sparsity}")
         need(self.density is None or 0.0 < self.density <= 1.0, f"--density must be in (0, 1], got {self.density}")
+        if self.layer_density is not None:
+            need(self.method == "l0", f"--layer-density is for --method l0 (ConstrainedL0), not --method {self.method}")
+            need(self.sparsity is None and self.density is None,
+                 "give --layer-density or --sparsity/--density, not both")
+            need(isinstance(self.layer_density, dict) and len(self.layer_density) > 0,
+                 "--layer-density needs at least one LAYER=D")
+            for name, d in self.layer_density.items():
+                need(isinstance(d, (int, float)) and 0.0 < d <= 1.0, f"--layer-density {name}={d}: D must be in (0, 1]")
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
         need(self.rounds == 1 or self.method in mo.ROUND_BASED,
@@ -275,7 +284,8 @@ class Trainer:
         cfg = self.cfg
         given = dict(cfg.method_options)
         if self.method_cls is None:
-            mo.method_kwargs(cfg.method, given, sparsity=cfg.target_sparsity, density=cfg.density, epochs=cfg.epochs,
+            mo.method_kwargs(cfg.method, given, sparsity=cfg.target_sparsity, density=cfg.density,
+                             layer_density=cfg.layer_density, epochs=cfg.epochs,
                              seed=cfg.seed, end_iteration_default=None, rounds=cfg.rounds)
             if cfg.mask_lr is not None:
                 raise ValueError("--mask-lr: --method dense has no mask parameters")
@@ -289,6 +299,7 @@ class Trainer:
         if mask_lr is not None and "mask_lr" in ctor:
             given["mask_lr"], mask_lr = mask_lr, None
         kwargs = mo.method_kwargs(cfg.method, given, sparsity=cfg.target_sparsity, density=cfg.density,
+                             layer_density=cfg.layer_density,
                                   epochs=cfg.epochs, seed=cfg.seed, end_iteration_default=end, rounds=cfg.rounds)
         return kwargs, mask_lr
 
