@@ -106,6 +106,14 @@ Layout check_layout(const at::Tensor& weight, const at::Tensor& mask, Kind kind)
 // through the closure on every iteration (they might alias the output) and kept the
 // sigmoid loop scalar.
 using f32 = float;
+
+// The sigmoid loops are compute-bound (exp_f32 is ~15 flops per value): GCC builds them
+// once per listed ISA and picks the widest the CPU has when the library loads.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SK_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SK_SIMD_CLONES
+#endif
 using u8 = uint8_t;
 
 void gate_bool(const f32* __restrict x, const u8* __restrict m, f32* __restrict out, int64_t b, int64_t e) {
@@ -118,7 +126,7 @@ void gate_float(const f32* __restrict x, const f32* __restrict m, f32* __restric
   for (int64_t i = b; i < e; ++i) out[i] = x[i] * m[i];
 }
 
-void gate_sigmoid(const f32* __restrict x, const f32* __restrict s, f32* __restrict out, int64_t b, int64_t e,
+SK_SIMD_CLONES void gate_sigmoid(const f32* __restrict x, const f32* __restrict s, f32* __restrict out, int64_t b, int64_t e,
                   f32 beta, f32 scale) {
 #pragma omp simd
   for (int64_t i = b; i < e; ++i) out[i] = x[i] * (scale * sigmoid_f32(beta * s[i]));
@@ -135,7 +143,7 @@ void backward_float(const f32* __restrict G, const f32* __restrict w, const f32*
 }
 
 // grad_w = G ⊙ scale·σ(βs), grad_s = G ⊙ w ⊙ scale·β·σ(βs)(1 − σ(βs)).
-void backward_sigmoid(const f32* __restrict G, const f32* __restrict w, const f32* __restrict s, f32* __restrict gw,
+SK_SIMD_CLONES void backward_sigmoid(const f32* __restrict G, const f32* __restrict w, const f32* __restrict s, f32* __restrict gw,
                       f32* __restrict gs, int64_t b, int64_t e, f32 beta, f32 scale) {
   const f32 slope = scale * beta;
 #pragma omp simd
