@@ -14,4 +14,14 @@ TORCH_LIBRARY(sparsekern, m) {
   // Fills float32 `out` with the Philox4x32-10 uniform stream of (seed, offset) over its
   // flat indices (the hard-concrete noise; CPU kernel only, CUDA draws it inside Triton).
   m.def("philox_uniform_(Tensor(a!) out, int seed, int offset) -> ()");
+  // The hard-concrete gates' CPU kernels (float32/float16/bfloat16; CUDA runs the Triton
+  // kernels of sparsekern::hard_concrete_sample): z in log_alpha's dtype and the expected
+  // L0, group_size * sum sigmoid(log_alpha - beta log(-gamma/zeta)), as a 0-dim float32
+  // tensor, from one pass; the backward regenerates the noise from (seed, offset).
+  m.def(
+      "hard_concrete_sample_fused(Tensor log_alpha, int seed, int offset, int group_size, float beta, "
+      "float gamma, float zeta, bool training) -> (Tensor, Tensor)");
+  m.def(
+      "hard_concrete_sample_fused_backward(Tensor grad_z, Tensor grad_l0, Tensor log_alpha, int seed, "
+      "int offset, int group_size, float beta, float gamma, float zeta, bool training) -> Tensor");
 }

@@ -17,6 +17,14 @@ CPP_SCHEMAS = {
     "magnitude_threshold": "magnitude_threshold(Tensor[] tensors, int n_prune) -> Tensor",
     "magnitude_masks": "magnitude_masks(Tensor[] tensors, int n_prune) -> (Tensor[], Tensor)",
     "philox_uniform_": "philox_uniform_(Tensor(a!) out, int seed, int offset) -> ()",
+    "hard_concrete_sample_fused": (
+        "hard_concrete_sample_fused(Tensor log_alpha, int seed, int offset, int group_size, float beta, "
+        "float gamma, float zeta, bool training) -> (Tensor, Tensor)"
+    ),
+    "hard_concrete_sample_fused_backward": (
+        "hard_concrete_sample_fused_backward(Tensor grad_z, Tensor grad_l0, Tensor log_alpha, int seed, "
+        "int offset, int group_size, float beta, float gamma, float zeta, bool training) -> Tensor"
+    ),
 }
 
 # A FRAGMENT, not a DEF: the Triton ops add to the same namespace.
