@@ -21,4 +21,14 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def("mask_apply_backward(Tensor grad, Tensor weight, Tensor mask, str kind, float beta, float scale, bool mask_grad) -> (Tensor, Tensor)");
   // weight *= keep (bool) in place: keeps binary-masked weights exactly zero.
   m.def("zero_masked_(Tensor(a!) weight, Tensor keep) -> ()");
+  // The hard-concrete gates' CPU kernels (float32/float16/bfloat16; CUDA runs the Triton
+  // kernels of sparsekern::hard_concrete_sample): z in log_alpha's dtype and the expected
+  // L0, group_size * sum sigmoid(log_alpha - beta log(-gamma/zeta)), as a 0-dim float32
+  // tensor, from one pass; the backward regenerates the noise from (seed, offset).
+  m.def(
+      "hard_concrete_sample_fused(Tensor log_alpha, int seed, int offset, int group_size, float beta, "
+      "float gamma, float zeta, bool training) -> (Tensor, Tensor)");
+  m.def(
+      "hard_concrete_sample_fused_backward(Tensor grad_z, Tensor grad_l0, Tensor log_alpha, int seed, "
+      "int offset, int group_size, float beta, float gamma, float zeta, bool training) -> Tensor");
 }

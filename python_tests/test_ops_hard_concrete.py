@@ -6,10 +6,14 @@ Comparisons use beta, gamma, zeta rounded to float32: the Triton kernel (CUDA) r
 them as float32 scalars, so that is the only way a float64 comparison can be tight there.
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import sparsekern
 from conftest import tolerances
 from sparsekern import ops
 from sparsekern.kernels import hard_concrete as hc_kernels
@@ -346,11 +350,13 @@ def test_bad_inputs_raise(call, error, name):
 
 
 def test_cpu_noise_kernel_matches_reference_stream():
-    # The C++ Philox (csrc/cpu/philox_cpu.cpp) must reproduce reference.philox_uniform bit
-    # for bit, including 64-bit seeds/offsets and sizes that split across threads.
+    # The C++ Philox (csrc/cpu/hard_concrete_cpu.cpp) must reproduce reference.philox_uniform
+    # bit for bit, including 64-bit seeds/offsets, sizes that end inside a vector or a
+    # block, and sizes that split across threads.
     from sparsekern.ops.reference import philox_uniform
 
-    for numel, seed, offset in [(1, 0, 0), (1000, 3, 7), (70_001, 2**40 + 5, 2**33 + 9), (0, 1, 1)]:
+    cases = [(1, 0, 0), (33, 5, 6), (513, 1, 2), (1000, 3, 7), (70_001, 2**40 + 5, 2**33 + 9), (0, 1, 1)]
+    for numel, seed, offset in cases:
         out = torch.empty(numel)
         torch.ops.sparsekern.philox_uniform_(out, seed, offset)
         assert torch.equal(out, philox_uniform(numel, seed, offset))
@@ -361,3 +367,231 @@ def test_cpu_noise_kernel_rejects_bad_output():
         torch.ops.sparsekern.philox_uniform_(torch.empty(3, dtype=torch.float64), 0, 0)
     with pytest.raises(ValueError, match="contiguous"):
         torch.ops.sparsekern.philox_uniform_(torch.empty(4, 4).t(), 0, 0)
+
+
+# --- the fused C++ CPU kernels (csrc/cpu/hard_concrete_cpu.cpp) ---------------------------
+# float32 / float16 / bfloat16 on the CPU run sparsekern::hard_concrete_sample_fused and its
+# backward. Their oracle is float64 math on the same float32 noise u (the float64 reference
+# would draw u in float64, which moves z by up to ~1e-3 where 1 - u < 1e-4): z and the
+# gradient through autograd, the expected L0 from reference.hard_concrete_l0.
+
+FUSED_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# float32: the kernels' log/exp are within a few ulp; 16-bit: one rounding of the result.
+FUSED_TOL = {
+    torch.float32: dict(rtol=2e-5, atol=2e-5),
+    torch.float16: tolerances(torch.float16, k=2),
+    torch.bfloat16: tolerances(torch.bfloat16, k=2),
+}
+FUSED = torch.ops.sparsekern.hard_concrete_sample_fused
+FUSED_BACKWARD = torch.ops.sparsekern.hard_concrete_sample_fused_backward
+
+
+def float64_gates(la, seed, offset, training, u=None):
+    """z of reference.hard_concrete_gates in float64 for log alpha `la` (float64, may
+    require grad), with the float32 noise u of a float32 log alpha."""
+    if training:
+        if u is None:
+            u = reference.hard_concrete_uniform(la.shape, seed, offset, torch.float32)
+        u = u.double()
+        la = la + (torch.log(u) - torch.log1p(-u))
+    s = torch.sigmoid(la / BETA)
+    return torch.clamp(s * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def float64_oracle(la, seed, offset, group_size, training, grad_z, grad_l0):
+    """(z, expected L0, d(sum(z grad_z) + grad_l0 L0)/d la), all float64."""
+    x = la.detach().double().requires_grad_()
+    z = float64_gates(x, seed, offset, training)
+    l0 = reference.hard_concrete_l0(x, group_size, BETA, GAMMA, ZETA)
+    (grad,) = torch.autograd.grad((z * grad_z.double()).sum() + grad_l0 * l0, x)
+    return z.detach(), l0.detach(), grad
+
+
+def fused_sample_and_grad(la, seed, offset, group_size, training, grad_z, grad_l0):
+    la = la.detach().clone().requires_grad_()
+    z, l0 = ops.hard_concrete_sample(la, seed, offset, group_size, training=training, **CONSTS)
+    torch.autograd.backward([z, l0], [grad_z, torch.tensor(grad_l0)])
+    return z.detach(), l0.detach(), la.grad
+
+
+@pytest.mark.parametrize("group_size", [1, 9])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
+@pytest.mark.parametrize("shape", [(7,), (37, 53), (3, 4, 2, 2), (130, 301)])
+def test_fused_matches_float64_oracle(shape, dtype, training, group_size):
+    # (130, 301): 76 blocks of 512 in 3 chunks, so it runs on several threads.
+    la = log_alpha_like(shape, "cpu", dtype)
+    grad_z = log_alpha_like(shape, "cpu", dtype, seed=1, scale=1.0)
+    z, l0, grad = fused_sample_and_grad(la, 8, 21, group_size, training, grad_z, 0.37)
+    z64, l0_64, grad64 = float64_oracle(la, 8, 21, group_size, training, grad_z, 0.37)
+    assert z.dtype == dtype and z.shape == la.shape and z.is_contiguous()
+    assert l0.dtype == torch.float32 and l0.dim() == 0 and grad.dtype == dtype
+    torch.testing.assert_close(z.double(), z64, **FUSED_TOL[dtype])
+    torch.testing.assert_close(l0.double(), l0_64, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad.double(), grad64, **FUSED_TOL[dtype])
+    # The public op ran the C++ kernel: its outputs are the kernel's, bit for bit.
+    z_op, l0_op = FUSED(la, 8, 21, group_size, BETA, GAMMA, ZETA, training)
+    assert torch.equal(z, z_op) and torch.equal(l0, l0_op)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_backward_of_one_output(training):
+    # grad_l0 = 0 (only z used) skips the L0 term; grad_z = 0 (only L0 used) keeps it.
+    la = log_alpha_like((37, 53), "cpu")
+    grad_z = log_alpha_like((37, 53), "cpu", seed=2, scale=1.0)
+    _, _, expected_z = float64_oracle(la, 3, 4, 5, training, grad_z, 0.0)
+    _, _, expected_l0 = float64_oracle(la, 3, 4, 5, training, torch.zeros_like(grad_z), 2.5)
+    x = la.clone().requires_grad_()
+    z, _ = ops.hard_concrete_sample(x, 3, 4, 5, training=training, **CONSTS)
+    (got_z,) = torch.autograd.grad((z * grad_z).sum(), x)
+    _, l0 = ops.hard_concrete_sample(x, 3, 4, 5, training=training, **CONSTS)
+    (got_l0,) = torch.autograd.grad(2.5 * l0, x)
+    torch.testing.assert_close(got_z.double(), expected_z, **FUSED_TOL[torch.float32])
+    torch.testing.assert_close(got_l0.double(), expected_l0, **FUSED_TOL[torch.float32])
+
+
+def test_fused_noise_is_bit_identical_to_the_reference_stream():
+    # log alpha = -(log u - log(1 - u)) puts every gate at s = 1/2, where z depends on u
+    # alone: there z agrees with float64 math on reference.hard_concrete_uniform's float32 u
+    # to 1e-6 (the kernels' log/exp rounding: ~3e-7). A u rounded once (an FMA fusing
+    # eps + (1 - 2 eps) r) or off by one ulp misses that at many gates; checked below.
+    n, seed, offset = 2**14, 5, 9
+    u = reference.hard_concrete_uniform((n,), seed, offset, torch.float32)
+    la = -(torch.log(u.double()) - torch.log1p(-u.double())).float()
+    z = ops.hard_concrete_gates(la, seed, offset, **CONSTS)
+    expected = float64_gates(la.double(), seed, offset, True, u)
+    torch.testing.assert_close(z.double(), expected, rtol=0, atol=1e-6)
+
+    r = reference.philox_uniform(n, seed, offset).double()
+    eps, scale = f32(reference.HARD_CONCRETE_EPS), f32(1 - 2 * reference.HARD_CONCRETE_EPS)
+    u_fma = (eps + scale * r).float()  # one rounding
+    u_next = torch.nextafter(u, torch.tensor(1.0))
+    for wrong in (u_fma, u_next):
+        moved = (float64_gates(la.double(), seed, offset, True, wrong) - expected).abs()
+        assert int((moved > 1e-6).sum()) > 50
+
+
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
+@pytest.mark.parametrize("shape", [(0,), (0, 4)])
+def test_fused_zero_size(shape, dtype):
+    la = torch.zeros(shape, dtype=dtype, requires_grad=True)
+    z, l0 = ops.hard_concrete_sample(la, 1, 1, 3)
+    assert z.shape == shape and z.dtype == dtype and l0.dtype == torch.float32 and l0.item() == 0.0
+    (z.sum() + l0).backward()
+    assert la.grad.shape == shape
+
+
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
+def test_fused_non_contiguous(dtype):
+    base = log_alpha_like((53, 37), "cpu", dtype)
+    gbase = log_alpha_like((53, 37), "cpu", dtype, seed=3, scale=1.0)
+    for la, grad_z in ((base.t(), gbase.t()), (base[::2, 1:], gbase[::2, 1:])):
+        assert not la.is_contiguous() and not grad_z.is_contiguous()
+        z, l0, grad = fused_sample_and_grad(la, 4, 5, 2, True, grad_z, 0.5)
+        z_c, l0_c, grad_c = fused_sample_and_grad(la.contiguous(), 4, 5, 2, True, grad_z.contiguous(), 0.5)
+        assert torch.equal(z, z_c) and torch.equal(l0, l0_c) and torch.equal(grad, grad_c)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_non_finite_log_alpha(training):
+    la = torch.tensor([float("-inf"), -2.0, 0.5, float("inf"), 3.0])
+    z, l0 = FUSED(la, 1, 2, 1, BETA, GAMMA, ZETA, training)
+    assert z[0] == 0 and z[3] == 1 and bool(torch.isfinite(z).all()) and bool(torch.isfinite(l0))
+    torch.testing.assert_close(l0.double(), ref_l0(la.double()), rtol=1e-6, atol=0)
+    grad = FUSED_BACKWARD(torch.ones(5), torch.tensor(1.0), la, 1, 2, 1, BETA, GAMMA, ZETA, training)
+    assert grad[0] == 0 and grad[3] == 0 and bool(torch.isfinite(grad).all())
+    # NaN propagates to its gate, the L0 and its gradient, as on the torch path.
+    la[2] = float("nan")
+    z, l0 = FUSED(la, 1, 2, 1, BETA, GAMMA, ZETA, training)
+    assert bool(z[2].isnan()) and bool(l0.isnan()) and bool(torch.isfinite(z[[0, 1, 3, 4]]).all())
+    grad = FUSED_BACKWARD(torch.ones(5), torch.tensor(1.0), la, 1, 2, 1, BETA, GAMMA, ZETA, training)
+    assert bool(grad[2].isnan()) and bool(torch.isfinite(grad[[0, 1, 3, 4]]).all())
+
+
+def test_fused_results_do_not_depend_on_the_thread_count():
+    la = log_alpha_like((200_003,), "cpu")
+    grad_z = log_alpha_like((200_003,), "cpu", seed=4, scale=1.0)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in sorted({1, max(threads, 2)}):
+            torch.set_num_threads(t)
+            z, l0 = FUSED(la, 6, 7, 3, BETA, GAMMA, ZETA, True)
+            grad = FUSED_BACKWARD(grad_z, torch.tensor(0.3), la, 6, 7, 3, BETA, GAMMA, ZETA, True)
+            results.append((z, l0, grad))
+    finally:
+        torch.set_num_threads(threads)
+    (z1, l01, g1), (z2, l02, g2) = results
+    assert torch.equal(z1, z2) and torch.equal(l01, l02) and torch.equal(g1, g2)
+
+
+ISA_SCRIPT = """
+import sys, torch
+import sparsekern.ops  # registers the ops
+la, grad_z = torch.load(sys.argv[1])
+args = (8, 21, 3, *[float(c) for c in sys.argv[3:6]])
+ops = torch.ops.sparsekern
+out = {"capability": torch.backends.cpu.get_cpu_capability()}
+for training in (True, False):
+    out[training] = (
+        *ops.hard_concrete_sample_fused(la, *args, training),
+        ops.hard_concrete_sample_fused_backward(grad_z, torch.tensor(0.37), la, *args, training),
+    )
+r = torch.empty(5000)
+torch.ops.sparsekern.philox_uniform_(r, 2**40 + 5, 2**33 + 9)
+out["philox"] = r
+torch.save(out, sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(not sparsekern.HAS_EXTENSION, reason="needs the compiled extension")
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_fused_lower_instruction_sets(tmp_path, capability):
+    # The kernels follow ATen's CPU capability, so ATEN_CPU_CAPABILITY selects the baseline
+    # and AVX2 builds of the loops and the Philox stream on an AVX-512 machine too.
+    la = log_alpha_like((61, 67), "cpu")
+    grad_z = log_alpha_like((61, 67), "cpu", seed=5, scale=1.0)
+    torch.save((la, grad_z), tmp_path / "in.pt")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    paths = [str(tmp_path / "in.pt"), str(tmp_path / "out.pt")]
+    out = subprocess.run(
+        [sys.executable, "-c", ISA_SCRIPT, *paths, repr(BETA), repr(GAMMA), repr(ZETA)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    got = torch.load(tmp_path / "out.pt")
+    if capability == "avx2" and got["capability"] != "AVX2":
+        pytest.skip(f"this CPU has no AVX2 ({got['capability']})")
+    assert got["capability"] == capability.upper()
+    assert torch.equal(got["philox"], reference.philox_uniform(5000, 2**40 + 5, 2**33 + 9))
+    for training in (True, False):
+        z, l0, grad = got[training]
+        z64, l0_64, grad64 = float64_oracle(la, 8, 21, 3, training, grad_z, 0.37)
+        torch.testing.assert_close(z.double(), z64, **FUSED_TOL[torch.float32])
+        torch.testing.assert_close(l0.double(), l0_64, rtol=1e-5, atol=0)
+        torch.testing.assert_close(grad.double(), grad64, **FUSED_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
+def test_fused_opcheck(dtype, training):
+    la = log_alpha_like((5, 7), "cpu", dtype)
+    torch.library.opcheck(FUSED.default, (la, 3, 4, 2, BETA, GAMMA, ZETA, training))
+    grad_z = log_alpha_like((5, 7), "cpu", dtype, seed=1)
+    for grad_l0 in (torch.tensor(0.5), torch.tensor(0.0)):
+        torch.library.opcheck(FUSED_BACKWARD.default, (grad_z, grad_l0, la, 3, 4, 2, BETA, GAMMA, ZETA, training))
+
+
+@pytest.mark.skipif(not sparsekern.HAS_EXTENSION, reason="the torch fallback takes any dtype")
+def test_fused_rejects_bad_inputs():
+    la = torch.zeros(3)
+    with pytest.raises(ValueError, match="`log_alpha`"):
+        FUSED(la.double(), 0, 0, 1, BETA, GAMMA, ZETA, True)
+    with pytest.raises(ValueError, match="`grad_z`"):
+        FUSED_BACKWARD(torch.zeros(4), torch.tensor(1.0), la, 0, 0, 1, BETA, GAMMA, ZETA, True)
+    with pytest.raises(ValueError, match="`grad_z`"):
+        FUSED_BACKWARD(torch.zeros(3, dtype=torch.float16), torch.tensor(1.0), la, 0, 0, 1, BETA, GAMMA, ZETA, True)
+    with pytest.raises(ValueError, match="`grad_l0`"):
+        FUSED_BACKWARD(torch.zeros(3), torch.zeros(2), la, 0, 0, 1, BETA, GAMMA, ZETA, True)
+    with pytest.raises(ValueError, match="`group_size`"):
+        FUSED(la, 0, 0, 0, BETA, GAMMA, ZETA, True)

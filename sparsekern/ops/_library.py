@@ -21,6 +21,14 @@ CPP_SCHEMAS = {
     "mask_apply_backward": "mask_apply_backward(Tensor grad, Tensor weight, Tensor mask, str kind, "
     "float beta, float scale, bool mask_grad) -> (Tensor, Tensor)",
     "zero_masked_": "zero_masked_(Tensor(a!) weight, Tensor keep) -> ()",
+    "hard_concrete_sample_fused": (
+        "hard_concrete_sample_fused(Tensor log_alpha, int seed, int offset, int group_size, float beta, "
+        "float gamma, float zeta, bool training) -> (Tensor, Tensor)"
+    ),
+    "hard_concrete_sample_fused_backward": (
+        "hard_concrete_sample_fused_backward(Tensor grad_z, Tensor grad_l0, Tensor log_alpha, int seed, "
+        "int offset, int group_size, float beta, float gamma, float zeta, bool training) -> Tensor"
+    ),
 }
 
 # A FRAGMENT, not a DEF: the Triton ops add to the same namespace.
