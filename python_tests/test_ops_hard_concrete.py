@@ -16,6 +16,7 @@ import torch
 import sparsekern
 from conftest import tolerances
 from sparsekern import ops
+from sparsekern._extension import HAS_EXTENSION
 from sparsekern.kernels import hard_concrete as hc_kernels
 from sparsekern.ops import reference
 
@@ -595,3 +596,29 @@ def test_fused_rejects_bad_inputs():
         FUSED_BACKWARD(torch.zeros(3), torch.zeros(2), la, 0, 0, 1, BETA, GAMMA, ZETA, True)
     with pytest.raises(ValueError, match="`group_size`"):
         FUSED(la, 0, 0, 0, BETA, GAMMA, ZETA, True)
+
+
+# --- the eager CPU path: the fused kernels with their autograd in C++ ---------------------
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ autograd is part of the extension")
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("use", ["z", "l0", "both"])
+def test_eager_autograd_matches_the_op(training, use):
+    gen = torch.Generator().manual_seed(5)
+    log_alpha = 2 * torch.randn(37, 53, generator=gen)
+    weights = torch.randn(37, 53, generator=gen)
+
+    def grad(fn):
+        la = log_alpha.clone().requires_grad_()
+        z, l0 = fn(la)
+        loss = {"z": (z * weights).sum(), "l0": 3.0 * l0, "both": (z * weights).sum() + 3.0 * l0}[use]
+        loss.backward()
+        return z.detach(), l0.detach(), la.grad
+
+    args = (11, 4, 6, BETA, GAMMA, ZETA, training)
+    eager = grad(lambda la: ops.hard_concrete_sample(la, 11, 4, 6, training=training, beta=BETA, gamma=GAMMA,
+                                                     zeta=ZETA))
+    via_op = grad(lambda la: torch.ops.sparsekern.hard_concrete_sample(la, *args))
+    for a, b in zip(eager, via_op):
+        torch.testing.assert_close(a, b, **tolerances(torch.float32))

@@ -32,6 +32,7 @@ import numbers
 import torch
 
 from .. import _checks
+from .._extension import HAS_EXTENSION
 from . import reference
 from ._library import cpp_op
 from ..kernels.hard_concrete import backward as _triton_backward
@@ -244,6 +245,10 @@ def hard_concrete_sample(
     group_size = _check_int("group_size", group_size, 1)
     if not isinstance(training, bool):
         raise TypeError(f"`training` must be a bool, got {type(training).__name__}")
+    if HAS_EXTENSION and _fused(log_alpha) and not torch.compiler.is_compiling():
+        # Eager CPU: the fused kernels with their autograd in C++ (csrc/eager_autograd.cpp),
+        # without the custom-op dispatch in Python; torch.compile traces _sample_op.
+        return _fused_sample(log_alpha, seed, offset, group_size, beta, gamma, zeta, training)
     return _sample_op(log_alpha, seed, offset, group_size, beta, gamma, zeta, training)
 
 

@@ -108,7 +108,7 @@ def eager_cpu(weight: Tensor, mask: Tensor, kind: str) -> bool:
 
 def masked_weight_autograd(weight: Tensor, mask: Tensor, kind: str, beta: float, scale: float) -> Tensor:
     """weight ⊙ g, differentiable w.r.t. weight and (learnable kinds) mask, with the
-    autograd in C++ (csrc/mask_apply_autograd.cpp): the masked ops' eager CPU path."""
+    autograd in C++ (csrc/eager_autograd.cpp): the masked ops' eager CPU path."""
     return _apply_op(weight, mask, kind, beta, scale)
 
 

@@ -180,7 +180,7 @@ def masked_linear(
     kind, beta, scale = _check(x, weight, bias, mask, kind, beta, scale)
     if mask_apply.eager_cpu(weight, mask, kind):
         # Eager CPU: the GEMMs are oneDNN's either way; only the gate is ours, with its
-        # autograd in C++ (see csrc/mask_apply_autograd.cpp for why).
+        # autograd in C++ (see csrc/eager_autograd.cpp for why).
         return F.linear(x, mask_apply.masked_weight_autograd(weight, mask, kind, beta, scale), bias)
     lead = x.shape[:-1]
     y = _masked_linear_op(x.reshape(-1, x.shape[-1]), weight, bias, mask, kind, beta, scale)

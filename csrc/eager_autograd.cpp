@@ -1,5 +1,6 @@
-// Autograd for sparsekern::mask_apply (w_eff = w ⊙ g), in C++: what SparseConv2d and
-// SparseLinear call in eager mode on the CPU.
+// Autograd in C++ for the CPU kernels the modules call in eager mode:
+// sparsekern::mask_apply (w_eff = w ⊙ g; SparseConv2d, SparseLinear) and
+// sparsekern::hard_concrete_sample_fused (the L0 gates z and expected L0).
 //
 // Why in C++: the same forward and backward through torch.library's Python custom-op
 // machinery (masked_conv2d_weight: argument defaults, a generated autograd.Function, a
@@ -8,9 +9,12 @@
 // that overhead was most of the binary mask's +14%. Under torch.compile the modules call
 // masked_conv2d_weight / masked_linear, whose autograd is registered in Python
 // (sparsekern/ops/masked_conv.py); both reach the same CPU kernels
-// (csrc/cpu/mask_apply_cpu.cpp), so the math is written once.
+// (csrc/cpu/mask_apply_cpu.cpp), so the math is written once. The same holds for the gates
+// (sparsekern::hard_concrete_sample, csrc/cpu/hard_concrete_cpu.cpp).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -81,6 +85,57 @@ class MaskApply : public torch::autograd::Function<MaskApply> {
   }
 };
 
+using HcSample = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, int64_t, int64_t, double, double,
+                                                     double, bool);
+using HcBackward = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
+                              double, double, double, bool);
+
+// (z, expected L0) from log α; the backward regenerates the noise from (seed, offset), so
+// only log α is saved (never u or z).
+class HardConcreteSample : public torch::autograd::Function<HardConcreteSample> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& log_alpha, int64_t seed, int64_t offset,
+                               int64_t group_size, double beta, double gamma, double zeta, bool training) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("sparsekern::hard_concrete_sample_fused", "")
+                         .typed<HcSample>();
+    ctx->save_for_backward({log_alpha});
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["offset"] = offset;
+    ctx->saved_data["group_size"] = group_size;
+    ctx->saved_data["beta"] = beta;
+    ctx->saved_data["gamma"] = gamma;
+    ctx->saved_data["zeta"] = zeta;
+    ctx->saved_data["training"] = training;
+    auto [z, l0] = op.call(log_alpha, seed, offset, group_size, beta, gamma, zeta, training);
+    return {z, l0};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("sparsekern::hard_concrete_sample_fused_backward", "")
+                         .typed<HcBackward>();
+    const at::Tensor log_alpha = ctx->get_saved_variables()[0];
+    variable_list out(8);
+    if (!ctx->needs_input_grad(0)) return out;
+    // An output that did not reach the loss has no gradient: it contributes zero.
+    at::Tensor grad_z = grads[0].defined() ? grads[0] : at::zeros_like(log_alpha);
+    at::Tensor grad_l0 = grads[1].defined() ? grads[1] : at::zeros({}, log_alpha.options().dtype(at::kFloat));
+    auto& d = ctx->saved_data;
+    out[0] = op.call(grad_z, grad_l0, log_alpha, d["seed"].toInt(), d["offset"].toInt(), d["group_size"].toInt(),
+                     d["beta"].toDouble(), d["gamma"].toDouble(), d["zeta"].toDouble(), d["training"].toBool());
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> hard_concrete_sample_autograd(const at::Tensor& log_alpha, int64_t seed,
+                                                                 int64_t offset, int64_t group_size, double beta,
+                                                                 double gamma, double zeta, bool training) {
+  auto out = HardConcreteSample::apply(log_alpha, seed, offset, group_size, beta, gamma, zeta, training);
+  return {out[0], out[1]};
+}
+
 at::Tensor mask_apply_autograd(const at::Tensor& weight, const at::Tensor& mask, c10::string_view kind, double beta,
                                double scale) {
   return MaskApply::apply(weight, mask, std::string(kind), beta, scale);
@@ -88,6 +143,9 @@ at::Tensor mask_apply_autograd(const at::Tensor& weight, const at::Tensor& mask,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sparsekern, Autograd, m) { m.impl("mask_apply", &mask_apply_autograd); }
+TORCH_LIBRARY_IMPL(sparsekern, Autograd, m) {
+  m.impl("mask_apply", &mask_apply_autograd);
+  m.impl("hard_concrete_sample_fused", &hard_concrete_sample_autograd);
+}
 
 }  // namespace sparsekern
