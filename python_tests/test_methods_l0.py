@@ -4,7 +4,10 @@ and layer-wise), density() reporting, init rescaling, structured purge, the pena
 baseline, argument checks before the model changes, and a bit-exact state_dict
 round-trip (noise offsets included)."""
 import copy
+import gc
 import math
+import pickle
+import weakref
 
 import pytest
 import torch
@@ -391,3 +394,125 @@ def test_state_dict_round_trip_continues_bit_exactly(cls, args, kwargs):
     if cls is ConstrainedL0:
         assert torch.equal(method_a["extra"]["multipliers"], method_b["extra"]["multipliers"])
         assert method.multipliers == restored.multipliers
+
+
+# --- the expected L0 of the gates' forward --------------------------------------------------
+# A layer's training forward computes its expected L0 in the same pass as its gates;
+# penalty() reuses that tensor while it is current, so the L0 gradient joins the gates' one
+# backward pass. Otherwise (log α changed, the graph used or missing) it is recomputed.
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
+
+
+def _recompute_always(monkeypatch):
+    from sparsekern.nn.masks import HardConcreteMask
+
+    monkeypatch.setattr(HardConcreteMask, "_current_forward_l0", lambda self, log_alpha: None)
+
+
+def _log_alpha_grads(method):
+    return [layer.weight_log_alpha.grad.clone() for _, layer in method.layers]
+
+
+@pytest.mark.parametrize("cls, args, kwargs", [
+    (ConstrainedL0, (0.3,), {}),
+    (ConstrainedL0, (0.3,), {"structured": True}),
+    (PenalizedL0, (1e-2,), {}),
+])
+def test_penalty_reuses_the_forward_expected_l0(monkeypatch, cls, args, kwargs):
+    x, y = _batch()
+    model = toy()
+    method = cls(model, *args, **kwargs)
+    if cls is ConstrainedL0:
+        method._lambda.fill_(0.7)  # an active constraint: the L0 term has a gradient
+    twin, twin_method = copy.deepcopy((model, method))
+    model.train(), twin.train()
+
+    loss = F.cross_entropy(model(x), y)
+    nonzero = method._expected_nonzero()
+    assert all(n is layer.mask._forward_l0[-1] for n, (_, layer) in zip(nonzero, method.layers))
+    (loss + method.penalty()).backward()
+
+    _recompute_always(monkeypatch)  # the twin: same weights, seeds and offsets
+    twin_loss = F.cross_entropy(twin(x), y)
+    (twin_loss + twin_method.penalty()).backward()
+    for got, expected in zip(_log_alpha_grads(method), _log_alpha_grads(twin_method)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_penalty_after_the_gates_backward_recomputes():
+    # loss.backward() used the forward's graph; a separate penalty().backward() must not
+    # reach into it (it would raise), and gets the L0 gradient alone.
+    x, y = _batch(1)
+    method = PenalizedL0(toy(), 0.5)
+    model = method.model.train()
+    F.cross_entropy(model(x), y).backward()
+    task_grads = _log_alpha_grads(method)
+    penalty = method.penalty()
+    assert all(n is not layer.mask._forward_l0[-1] for n, (_, layer) in zip(method._expected_nonzero(), method.layers))
+    penalty.backward()
+    for task, got, (_, layer) in zip(task_grads, _log_alpha_grads(method), method.layers):
+        p = torch.sigmoid(layer.weight_log_alpha.detach() - SHIFT)
+        torch.testing.assert_close(got - task, 0.5 * p * (1 - p), rtol=1e-5, atol=1e-8)
+
+
+def test_penalty_after_log_alpha_changed_recomputes():
+    x, _ = _batch(2)
+    method = ConstrainedL0(toy(), 0.5)
+    method.model.train()(x)
+    set_log_alpha(method, [logit_for(0.7), logit_for(0.4)])  # in place, as an optimiser step
+    nonzero = method._expected_nonzero()
+    assert [float(n.detach()) for n in nonzero] == pytest.approx([12 * 0.7, 6 * 0.4], rel=1e-5)
+    with torch.no_grad():  # the no-grad path (density(), the dual step) checks it too
+        assert [float(n) for n in method._expected_nonzero()] == pytest.approx([12 * 0.7, 6 * 0.4], rel=1e-5)
+
+
+def test_penalty_after_a_no_grad_forward_has_a_gradient():
+    x, _ = _batch(3)
+    method = PenalizedL0(toy(), 1.0)
+    with torch.no_grad():
+        method.model.train()(x)
+    with torch.no_grad():
+        reused = method._expected_nonzero()
+    assert all(n is not None and not n.requires_grad for n in reused)
+    penalty = method.penalty()
+    assert penalty.requires_grad
+    penalty.backward()
+    assert all(layer.weight_log_alpha.grad is not None for _, layer in method.layers)
+
+
+def test_model_copies_after_a_training_forward():
+    # export() and checkpoints deep-copy / pickle the model: the kept graph tensor stays out.
+    x, y = _batch(4)
+    method = ConstrainedL0(toy(), 0.5)
+    model = method.model.train()
+    loss = F.cross_entropy(model(x), y) + method.penalty()
+    twin = copy.deepcopy(model)
+    assert all(m.mask._forward_l0 is None for m in twin.modules() if hasattr(m, "mask"))
+    assert all(m.mask._forward_l0 is not None for m in model.modules() if hasattr(m, "mask"))
+    pickle.loads(pickle.dumps(model))
+    exported = method.export().model
+    assert not any(hasattr(m, "mask") for m in exported.modules())
+    loss.backward()  # the original's graph is intact
+
+
+def test_kept_expected_l0_does_not_hold_the_previous_gradient():
+    # The usual loop: forward, penalty, zero_grad(set_to_none=True), backward. The kept
+    # entry must not keep the previous step's .grad alive through that backward.
+    x, y = _batch(5)
+    method = PenalizedL0(toy(), 1e-2)
+    model = method.model.train()
+    opt = torch.optim.SGD(method.param_groups(lr=0.1), lr=0.1)
+    for _ in range(2):
+        loss = F.cross_entropy(model(x), y) + method.penalty()
+        previous = [weakref.ref(layer.weight_log_alpha.grad) for _, layer in method.layers
+                    if layer.weight_log_alpha.grad is not None]
+        opt.zero_grad(set_to_none=True)
+        gc.collect()
+        assert all(ref() is None for ref in previous)
+        loss.backward()
+        opt.step()
+        method.step()

@@ -332,6 +332,31 @@ def test_compile_fullgraph_conv(kind, device):
     _compiled_matches_eager(kind, layer, torch.randn(2, 3, 6, 6, device=device))
 
 
+@pytest.mark.parametrize("cls, args, x_shape", [
+    (SparseLinear, (8, 4), (3, 8)),
+    (SparseConv2d, (3, 4, 3), (2, 3, 6, 6)),
+])
+def test_compile_fullgraph_keeps_the_expected_l0(cls, args, x_shape):
+    # The compiled forward keeps its expected L0 for expected_nonzero() (a side effect
+    # dynamo replays); using it gives the eager gradient, and the layer still deep-copies.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = make_layer("hard_concrete", cls, *args, dtype=torch.float32).train()
+    ref = copy.deepcopy(layer)
+    x = torch.randn(x_shape)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    l0 = layer.mask.expected_nonzero(layer)
+    assert l0 is layer.mask._forward_l0[-1] and l0.requires_grad
+    (y.square().sum() + 0.3 * l0).backward()
+    y_ref = ref(x)
+    l0_ref = ops.hard_concrete_l0(ref.weight_log_alpha, ref.mask.group_size(ref))
+    (y_ref.square().sum() + 0.3 * l0_ref).backward()
+    torch.testing.assert_close(l0.detach(), l0_ref.detach(), **TOL)
+    torch.testing.assert_close(layer.weight_log_alpha.grad, ref.weight_log_alpha.grad, **TOL)
+    assert copy.deepcopy(layer).mask._forward_l0 is None
+
+
 def test_compile_hard_concrete_offset_does_not_recompile_every_step():
     """The Philox offset is a Python int that changes every training step; with
     allow_unspec_int_on_nn_module dynamo makes it symbolic after one recompile."""

@@ -80,7 +80,19 @@ class _HardConcreteMethod(PruningMethod):
 
     # ---- expected L0
     def _expected_nonzero(self) -> list[torch.Tensor]:
-        """E[#nonzero weights] per layer (0-dim, differentiable in log α)."""
+        """E[#nonzero weights] per layer (0-dim, differentiable in log α).
+
+        Computed once per step: each layer's training forward gets it from the same pass
+        over log α as its gates (ops.hard_concrete_sample), and HardConcreteMask.
+        expected_nonzero returns that tensor while it is current, so the L0 gradient rides
+        the gates' one backward pass too; otherwise (log α changed since, or the forward's
+        graph already used by a backward) it is computed afresh. Measured on the CIFAR
+        ResNet-18, unstructured (11.2M log α), batch 32, 2 CPU threads, with the fused
+        CPU kernels: recomputing it here, a second forward and backward pass over every
+        log α, took 26 ms of a 594-646 ms step (4.1-4.4%), more inside a step (a zero
+        grad_z tensor for the unused gates, a second gradient to add into log α's); with
+        the reuse the step went from 1.26-1.46x to 1.21-1.24x dense (4 interleaved runs
+        of 7-15 steps; the machine drifted)."""
         return [layer.mask.expected_nonzero(layer) for _, layer in self.layers]
 
     def _expected_l2(self) -> torch.Tensor:

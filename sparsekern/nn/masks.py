@@ -21,6 +21,7 @@ import abc
 import inspect
 import math
 import numbers
+import weakref
 
 import torch
 from torch import nn
@@ -211,6 +212,8 @@ class HardConcreteMask(MaskKind):
     stream at (seed, offset) and then advances offset by one (the op's counter is
     (flat index, offset), so a new offset is fresh noise for every gate); the backward
     regenerates z from the same (seed, offset). Eval uses the deterministic median gate.
+    The op computes the expected L0 in the same pass as z; each forward keeps it for
+    expected_nonzero() (the L0 methods' penalty), which uses it while it is current.
 
     Under torch.compile the offset is a Python int that changes every training step;
     dynamo specialises on it and recompiles each step unless
@@ -245,6 +248,15 @@ class HardConcreteMask(MaskKind):
             raise ValueError(f"mask option `seed` must be in [0, 2**63), got {seed}")
         self.seed = int(seed)
         self.offset = 0
+        # The last forward's expected L0 and what it was computed from (see expected_nonzero).
+        self._forward_l0: tuple | None = None
+
+    def __getstate__(self):
+        # The kept expected L0 is a graph tensor (copy.deepcopy refuses those, and
+        # sparsekern.export deep-copies the model): copies and pickles start without it.
+        state = self.__dict__.copy()
+        state["_forward_l0"] = None
+        return state
 
     def gate_shape(self, weight: torch.Tensor) -> tuple[int, ...]:
         if not self.structured:
@@ -264,9 +276,18 @@ class HardConcreteMask(MaskKind):
 
     def sample(self, layer: nn.Module) -> torch.Tensor:
         """z for this forward: a fresh sample in training (advancing the offset), the
-        deterministic median gate in eval."""
+        deterministic median gate in eval. The op computes the expected L0 in the same
+        pass over log α; it is kept for expected_nonzero(), with log α's and its .grad's
+        versions at this point."""
         log_alpha = layer.weight_log_alpha
-        z = ops.hard_concrete_gates(log_alpha, self.seed, self.offset, training=layer.training, **self._hc())
+        z, l0 = ops.hard_concrete_sample(
+            log_alpha, self.seed, self.offset, self.group_size(layer), training=layer.training, **self._hc()
+        )
+        # .grad held weakly: a strong reference would keep the previous step's gradient
+        # alive through the next backward after optimizer.zero_grad(set_to_none=True).
+        grad = log_alpha.grad
+        grad_ref = None if grad is None else weakref.ref(grad)
+        self._forward_l0 = (log_alpha, log_alpha._version, grad_ref, None if grad is None else grad._version, l0)
         if layer.training:
             self.offset += 1
         return z
@@ -286,8 +307,39 @@ class HardConcreteMask(MaskKind):
         return layer.weight.numel() // layer.weight_log_alpha.numel()
 
     def expected_nonzero(self, layer: nn.Module) -> torch.Tensor:
-        """E[number of nonzero weights], differentiable in log α (the L0 constraint/penalty)."""
+        """E[number of nonzero weights], differentiable in log α (the L0 constraint/penalty).
+
+        The layer's last forward computed it already, in the same pass as the gates; that
+        tensor is returned while it still stands for the current log α: log α is the same
+        tensor, not modified since (an optimiser step or the clamp bumps its version), and,
+        when a gradient is wanted, its graph is there and not yet used by a backward (one
+        through the gates writes log α's .grad, so .grad must be the same tensor at the same
+        version). The L0 term's gradient then joins the gates' in their one backward pass.
+        Otherwise it is computed afresh (a second pass over log α, and a second backward).
+        A backward that writes no .grad (torch.autograd.grad w.r.t. log α) goes unnoticed:
+        a penalty used after it reaches into the used graph, and its backward raises."""
+        cached = self._current_forward_l0(layer.weight_log_alpha)
+        if cached is not None:
+            return cached
         return ops.hard_concrete_l0(layer.weight_log_alpha, self.group_size(layer), **self._hc())
+
+    def _current_forward_l0(self, log_alpha: torch.Tensor) -> torch.Tensor | None:
+        entry = getattr(self, "_forward_l0", None)
+        if entry is None:
+            return None
+        la, version, grad_ref, grad_version, l0 = entry
+        if la is not log_alpha or la._version != version:
+            return None
+        if not (torch.is_grad_enabled() and log_alpha.requires_grad):
+            return l0.detach()
+        if not l0.requires_grad:  # the forward ran without a graph
+            return None
+        now = log_alpha.grad
+        if grad_ref is None:
+            unchanged = now is None
+        else:
+            unchanged = now is not None and grad_ref() is now and now._version == grad_version
+        return l0 if unchanged else None
 
     def expected_density(self, layer: nn.Module) -> torch.Tensor:
         return self.expected_nonzero(layer) / layer.weight.numel()
