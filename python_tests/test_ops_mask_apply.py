@@ -130,6 +130,10 @@ def test_zero_masked_rejects_bad_keep():
         ops.zero_masked_(w, torch.ones(3, 4))
     with pytest.raises(ValueError, match="keep"):
         ops.zero_masked_(w, torch.ones(4, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="keep"):
+        ops.zero_masked_(w, [[True] * 4] * 3)
+    with pytest.raises(TypeError, match="weight"):
+        ops.zero_masked_(w.tolist(), torch.ones(3, 4, dtype=torch.bool))
 
 
 @pytest.mark.skipif(not HAS_EXTENSION, reason="checks the C++ kernels' own argument checks")

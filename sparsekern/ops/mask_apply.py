@@ -115,6 +115,9 @@ def masked_weight_autograd(weight: Tensor, mask: Tensor, kind: str, beta: float,
 @torch.no_grad()
 def zero_masked_(weight: Tensor, keep: Tensor) -> None:
     """weight *= keep (bool, weight's shape) in place."""
+    for name, t in (("weight", weight), ("keep", keep)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
     if keep.dtype != torch.bool or keep.shape != weight.shape:
         raise ValueError(f"`keep` must be a bool tensor of weight's shape {tuple(weight.shape)}")
     if cpp_layout(weight, keep, "binary"):
