@@ -178,6 +178,7 @@ def fails(capsys, argv, *needles):
     (["--method", "l0", "--layer-density", "fc1"], ["--layer-density", "expected LAYER=D"]),
     (["--method", "l0", "--layer-density", "fc1=1.5"], ["--layer-density", "must be in (0, 1]"]),
     (["--method", "l0", "--layer-density", "fc1=0.5", "--density", "0.5"], ["not allowed with argument"]),
+    (["--method", "l0", "--layer-density", "fc1=0.5", "fc1=0.3"], ["--layer-density names a layer twice"]),
 ])
 def test_bad_arguments_fail_before_anything_is_written(args, needles, tmp_path, capsys):
     out = tmp_path / "run"

@@ -213,9 +213,9 @@ def cmd_train(argv: list[str]) -> int:
     focused = [method] if ("-h" in argv or "--help" in argv) and method in mo.METHODS else None
     parser = train_parser(focused)
     ns = parser.parse_args(argv)
-    config, options, control = _split(ns)
-    out = Path(control["out"])
+    out = Path(ns.out)
     try:
+        config, options, control = _split(ns)
         if control["resume"]:
             cfg = _resume_config(out, config, options)
         else:
