@@ -114,11 +114,17 @@ class PruningMethod:
         for _, layer in self.layers:
             layer.mask.project(layer)
         self._after_step()  # may change masks: zero binary-masked weights after it
+        self._zero_binary_masked()
+        if self.round_based and self._rewind_state is None and self.iteration == self.rewind_iteration:
+            self._save_rewind_point()
+
+    @torch.no_grad()
+    def _zero_binary_masked(self) -> None:
+        """Pruned weights of binary-masked layers back to exactly 0 (momentum, weight
+        decay or a rewind copy can move them)."""
         for _, layer in self.layers:
             if layer.mask.name == "binary":
                 ops.zero_masked_(layer.weight, layer.weight_mask)
-        if self.round_based and self._rewind_state is None and self.iteration == self.rewind_iteration:
-            self._save_rewind_point()
 
     def end_epoch(self) -> None:
         self.epoch += 1
@@ -165,9 +171,7 @@ class PruningMethod:
         state = self.model.state_dict()
         for k, v in self._rewind_state.items():
             state[k].copy_(v)
-        for _, layer in self.layers:
-            if layer.mask.name == "binary":
-                ops.zero_masked_(layer.weight, layer.weight_mask)
+        self._zero_binary_masked()
         self.iteration = self.rewind_iteration
 
     # ---- reporting

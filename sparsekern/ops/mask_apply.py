@@ -4,8 +4,8 @@ elsewhere. These are the CPU kernels of masked_conv2d_weight and of masked_linea
 side; on CUDA the Triton kernels gate the weight themselves.
 
 Why: the torch math is several passes, and float * bool takes ATen's dynamic-cast loop,
-which does not vectorise. On a 512x512x3x3 weight (2.36M values, 2 threads, quiet
-machine; see the table in bench/results/masked_ops.md) the C++ kernels are one pass each.
+which does not vectorise. On a 512x512x3x3 weight (2.36M values, 2 threads) `w.mul_(m)`
+took 1.22 ms against 0.23 ms for zero_masked_; the C++ kernels are one pass each.
 
 Also `zero_masked_(weight, keep)`: weight *= keep in place, what the methods run after
 every optimiser step to keep binary-masked weights exactly zero (C++ on CPU float32,
