@@ -1,13 +1,25 @@
 """Hard-concrete gates (Louizos et al. 2018): sampling + expected-L0 partial sums in one
 pass, and the backward that re-derives the noise from (seed, offset).
 
+- `sample` / `backward`: the gates z themselves (one gate per log_alpha; group_size scales
+  the expected L0 of gates shared by group_size weights each).
+- `masked_sample` / `masked_backward`: a weight gated elementwise (log_alpha has the
+  weight's shape): w_eff = weight * z from one pass, z never written; the backward gives
+  grad_w and grad_log_alpha in one pass, regenerating z from (seed, offset). The same two
+  kernels with MASKED set, so the gate math lives once; z is rounded to log_alpha's dtype
+  before the product, so masked_sample(w, la) equals w * sample(la)[0] when w and la
+  share a dtype.
+
 Noise: Philox4x32-10 keyed by `seed`, counter (flat index lo, flat index hi, offset lo,
 offset hi); the first output word becomes r in [0, 1) via tl.uint_to_uniform_float and
 u = eps + (1 - 2 eps) r. reference.philox_uniform computes the same stream with torch ops.
 Every (offset, index) pair is a distinct counter, so consecutive offsets never reuse noise.
+Inputs are made contiguous: the index is log_alpha's row-major flat index.
 
 Math runs in float32 (float64 for float64 log_alpha); beta, gamma, zeta arrive as float32
-kernel scalars, so float64 results carry their float32 rounding.
+kernel scalars, so float64 results carry their float32 rounding. The masked products
+(weight * z, grad_w_eff * z, grad_w_eff * weight) run in float64 if weight or log_alpha is
+float64, else in float32.
 """
 from __future__ import annotations
 
@@ -67,14 +79,32 @@ def _load_block(ptr, beta, gamma, zeta, n, FP64: tl.constexpr, BLOCK: tl.constex
 
 
 @triton.jit
+def _clamp01(y):
+    return tl.minimum(tl.maximum(y, 0.0), 1.0)
+
+
+@triton.jit
+def _masked_z(y, log_alpha_ptr, MUL_FP64: tl.constexpr):
+    """z rounded to log_alpha's dtype (the value sample() stores), in the product dtype."""
+    z = _clamp01(y).to(log_alpha_ptr.dtype.element_ty)
+    return z.to(tl.float64 if MUL_FP64 else tl.float32)
+
+
+@triton.jit
 def _sample_kernel(
-    log_alpha_ptr, z_ptr, l0_partial_ptr, n, seed, offset, beta, gamma, zeta,
-    TRAINING: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
+    log_alpha_ptr, weight_ptr, out_ptr, l0_partial_ptr, n, seed, offset, beta, gamma, zeta,
+    MASKED: tl.constexpr, TRAINING: tl.constexpr, FP64: tl.constexpr, MUL_FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
+    """out = z, or weight * z if MASKED (weight_ptr and MUL_FP64 are unused otherwise)."""
     idx, inb, la, beta, gamma, zeta = _load_block(log_alpha_ptr, beta, gamma, zeta, n, FP64, BLOCK)
     _, y = _gate(la, seed, offset, idx, beta, gamma, zeta, TRAINING)
-    z = tl.minimum(tl.maximum(y, 0.0), 1.0)
-    tl.store(z_ptr + idx, z.to(z_ptr.dtype.element_ty), mask=inb)
+    if MASKED:
+        z = _masked_z(y, log_alpha_ptr, MUL_FP64)
+        out = tl.load(weight_ptr + idx, mask=inb, other=0.0).to(z.dtype) * z
+    else:
+        out = _clamp01(y)
+    tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=inb)
     # One expected-L0 partial per program, summed by the launcher in a fixed order
     # (float atomics would make the sum run-to-run nondeterministic).
     p = tl.where(inb, _p_nonzero(la, beta, gamma, zeta), 0.0)
@@ -83,15 +113,26 @@ def _sample_kernel(
 
 @triton.jit
 def _backward_kernel(
-    grad_z_ptr, grad_l0_ptr, log_alpha_ptr, grad_ptr, n, seed, offset, beta, gamma, zeta,
-    TRAINING: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
+    grad_out_ptr, grad_l0_ptr, log_alpha_ptr, weight_ptr, grad_ptr, grad_w_ptr, n,
+    seed, offset, beta, gamma, zeta,
+    MASKED: tl.constexpr, TRAINING: tl.constexpr, FP64: tl.constexpr, MUL_FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
+    """grad (log_alpha's) from grad_out = dL/dz, or, if MASKED, from grad_out = dL/dw_eff,
+    also writing grad_w (weight_ptr, grad_w_ptr and MUL_FP64 are unused otherwise)."""
     idx, inb, la, beta, gamma, zeta = _load_block(log_alpha_ptr, beta, gamma, zeta, n, FP64, BLOCK)
-    gz = tl.load(grad_z_ptr + idx, mask=inb, other=0.0).to(la.dtype)
     # Gradient of the expected L0, already times group_size; read on the device so the
     # backward never syncs the host.
     gl0 = tl.load(grad_l0_ptr).to(la.dtype)
     s, y = _gate(la, seed, offset, idx, beta, gamma, zeta, TRAINING)
+    if MASKED:
+        z = _masked_z(y, log_alpha_ptr, MUL_FP64)
+        g = tl.load(grad_out_ptr + idx, mask=inb, other=0.0).to(z.dtype)
+        tl.store(grad_w_ptr + idx, (g * z).to(grad_w_ptr.dtype.element_ty), mask=inb)
+        # w_eff = weight * z, so dL/dz = dL/dw_eff * weight.
+        gz = (g * tl.load(weight_ptr + idx, mask=inb, other=0.0).to(z.dtype)).to(la.dtype)
+    else:
+        gz = tl.load(grad_out_ptr + idx, mask=inb, other=0.0).to(la.dtype)
     # dz/dlog_alpha: zero where the clamp is active.
     dz = tl.where((y > 0.0) & (y < 1.0), (zeta - gamma) * s * (1.0 - s) / beta, 0.0)
     p = _p_nonzero(la, beta, gamma, zeta)
@@ -101,6 +142,16 @@ def _backward_kernel(
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
+
+
+def _check_same_shape(what: str, t: torch.Tensor, log_alpha: torch.Tensor) -> None:
+    # The kernels index every tensor by log_alpha's numel: a mismatch would read out of bounds.
+    if t.shape != log_alpha.shape:
+        raise ValueError(f"{what} has shape {tuple(t.shape)}, log_alpha {tuple(log_alpha.shape)}")
+
+
+def _mul_fp64(weight: torch.Tensor, log_alpha: torch.Tensor) -> bool:
+    return torch.float64 in (weight.dtype, log_alpha.dtype)
 
 
 def sample(
@@ -116,8 +167,9 @@ def sample(
     partials = torch.empty(n_blocks, dtype=_acc_dtype(log_alpha.dtype), device=log_alpha.device)
     if n > 0:
         wrap_triton(_sample_kernel)[(n_blocks,)](
-            log_alpha, z, partials, n, seed, offset, beta, gamma, zeta,
-            TRAINING=training, FP64=log_alpha.dtype == torch.float64, BLOCK=BLOCK,
+            log_alpha, log_alpha, z, partials, n, seed, offset, beta, gamma, zeta,
+            MASKED=False, TRAINING=training, FP64=log_alpha.dtype == torch.float64,
+            MUL_FP64=False, BLOCK=BLOCK,
         )
     return z, partials.sum() * group_size
 
@@ -136,7 +188,56 @@ def backward(
     if n > 0:
         n_blocks = (n + BLOCK - 1) // BLOCK
         wrap_triton(_backward_kernel)[(n_blocks,)](
-            grad_z, grad_l0, log_alpha, grad, n, seed, offset, beta, gamma, zeta,
-            TRAINING=training, FP64=log_alpha.dtype == torch.float64, BLOCK=BLOCK,
+            grad_z, grad_l0, log_alpha, log_alpha, grad, grad, n, seed, offset, beta, gamma, zeta,
+            MASKED=False, TRAINING=training, FP64=log_alpha.dtype == torch.float64,
+            MUL_FP64=False, BLOCK=BLOCK,
         )
     return grad
+
+
+def masked_sample(
+    weight: torch.Tensor, log_alpha: torch.Tensor, seed: int, offset: int,
+    beta: float, gamma: float, zeta: float, training: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_eff, expected_l0): w_eff = weight * z in weight's dtype (contiguous), z the gates
+    sample(log_alpha, seed, offset, 1, ...) draws; expected_l0 as sample returns it for
+    group_size 1. One pass; z is never written."""
+    _check_same_shape("weight", weight, log_alpha)
+    weight, log_alpha = weight.contiguous(), log_alpha.contiguous()
+    n = log_alpha.numel()
+    n_blocks = (n + BLOCK - 1) // BLOCK
+    w_eff = torch.empty_like(weight)
+    partials = torch.empty(n_blocks, dtype=_acc_dtype(log_alpha.dtype), device=log_alpha.device)
+    if n > 0:
+        wrap_triton(_sample_kernel)[(n_blocks,)](
+            log_alpha, weight, w_eff, partials, n, seed, offset, beta, gamma, zeta,
+            MASKED=True, TRAINING=training, FP64=log_alpha.dtype == torch.float64,
+            MUL_FP64=_mul_fp64(weight, log_alpha), BLOCK=BLOCK,
+        )
+    return w_eff, partials.sum()
+
+
+def masked_backward(
+    grad_w_eff: torch.Tensor, grad_l0: torch.Tensor, weight: torch.Tensor,
+    log_alpha: torch.Tensor, seed: int, offset: int, beta: float, gamma: float, zeta: float,
+    training: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_w, grad_log_alpha) given the gradients of masked_sample's two outputs:
+    grad_w = grad_w_eff * z, and grad_log_alpha is backward()'s with
+    grad_z = grad_w_eff * weight and group_size 1. One pass, z regenerated from
+    (seed, offset)."""
+    _check_same_shape("weight", weight, log_alpha)
+    _check_same_shape("grad_w_eff", grad_w_eff, log_alpha)
+    weight, log_alpha, grad_w_eff = weight.contiguous(), log_alpha.contiguous(), grad_w_eff.contiguous()
+    n = log_alpha.numel()
+    grad_w = torch.empty_like(weight)
+    grad = torch.empty_like(log_alpha)
+    grad_l0 = grad_l0.to(_acc_dtype(log_alpha.dtype))
+    if n > 0:
+        n_blocks = (n + BLOCK - 1) // BLOCK
+        wrap_triton(_backward_kernel)[(n_blocks,)](
+            grad_w_eff, grad_l0, log_alpha, weight, grad, grad_w, n, seed, offset, beta, gamma, zeta,
+            MASKED=True, TRAINING=training, FP64=log_alpha.dtype == torch.float64,
+            MUL_FP64=_mul_fp64(weight, log_alpha), BLOCK=BLOCK,
+        )
+    return grad_w, grad
