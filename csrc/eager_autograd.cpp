@@ -1,6 +1,7 @@
 // Autograd in C++ for the CPU kernels the modules call in eager mode:
-// sparsekern::mask_apply (w_eff = w ⊙ g; SparseConv2d, SparseLinear) and
-// sparsekern::hard_concrete_sample_fused (the L0 gates z and expected L0).
+// sparsekern::mask_apply (w_eff = w ⊙ g; SparseConv2d, SparseLinear),
+// sparsekern::hard_concrete_sample_fused (the L0 gates z and expected L0) and
+// sparsekern::hard_concrete_masked_weight_fused (w z under unstructured gates, z unstored).
 //
 // Why in C++: the same forward and backward through torch.library's Python custom-op
 // machinery (masked_conv2d_weight: argument defaults, a generated autograd.Function, a
@@ -129,6 +130,62 @@ class HardConcreteSample : public torch::autograd::Function<HardConcreteSample> 
   }
 };
 
+using HcMasked = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t, int64_t, double,
+                                                     double, double, bool);
+using HcMaskedBackward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                             const at::Tensor&, int64_t, int64_t, double, double,
+                                                             double, bool);
+
+// (w z, expected L0) under unstructured gates; saves the inputs weight and log α only
+// (parameters, kept anyway): the backward regenerates z, so no weight-sized tensor is saved.
+class HardConcreteMaskedWeight : public torch::autograd::Function<HardConcreteMaskedWeight> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& log_alpha,
+                               int64_t seed, int64_t offset, double beta, double gamma, double zeta, bool training) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("sparsekern::hard_concrete_masked_weight_fused", "")
+                         .typed<HcMasked>();
+    ctx->save_for_backward({weight, log_alpha});
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["offset"] = offset;
+    ctx->saved_data["beta"] = beta;
+    ctx->saved_data["gamma"] = gamma;
+    ctx->saved_data["zeta"] = zeta;
+    ctx->saved_data["training"] = training;
+    auto [w_eff, l0] = op.call(weight, log_alpha, seed, offset, beta, gamma, zeta, training);
+    return {w_eff, l0};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("sparsekern::hard_concrete_masked_weight_fused_backward", "")
+                         .typed<HcMaskedBackward>();
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& weight = saved[0];
+    const at::Tensor& log_alpha = saved[1];
+    variable_list out(8);
+    if (!(ctx->needs_input_grad(0) || ctx->needs_input_grad(1))) return out;
+    at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(weight);
+    at::Tensor grad_l0 = grads[1].defined() ? grads[1] : at::zeros({}, log_alpha.options().dtype(at::kFloat));
+    auto& d = ctx->saved_data;
+    auto [grad_w, grad_la] = op.call(grad, grad_l0, weight, log_alpha, d["seed"].toInt(), d["offset"].toInt(),
+                                     d["beta"].toDouble(), d["gamma"].toDouble(), d["zeta"].toDouble(),
+                                     d["training"].toBool());
+    if (ctx->needs_input_grad(0)) out[0] = grad_w;
+    if (ctx->needs_input_grad(1)) out[1] = grad_la;
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> hard_concrete_masked_weight_autograd(const at::Tensor& weight,
+                                                                        const at::Tensor& log_alpha, int64_t seed,
+                                                                        int64_t offset, double beta, double gamma,
+                                                                        double zeta, bool training) {
+  auto out = HardConcreteMaskedWeight::apply(weight, log_alpha, seed, offset, beta, gamma, zeta, training);
+  return {out[0], out[1]};
+}
+
 std::tuple<at::Tensor, at::Tensor> hard_concrete_sample_autograd(const at::Tensor& log_alpha, int64_t seed,
                                                                  int64_t offset, int64_t group_size, double beta,
                                                                  double gamma, double zeta, bool training) {
@@ -146,6 +203,7 @@ at::Tensor mask_apply_autograd(const at::Tensor& weight, const at::Tensor& mask,
 TORCH_LIBRARY_IMPL(sparsekern, Autograd, m) {
   m.impl("mask_apply", &mask_apply_autograd);
   m.impl("hard_concrete_sample_fused", &hard_concrete_sample_autograd);
+  m.impl("hard_concrete_masked_weight_fused", &hard_concrete_masked_weight_autograd);
 }
 
 }  // namespace sparsekern

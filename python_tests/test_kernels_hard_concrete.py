@@ -208,12 +208,14 @@ def test_masked_sample_low_precision(shape, dtype, training):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_masked_sample_is_weight_times_sample(dtype, training):
-    # Same gates, same stream, same L0 partials. Exact: z is rounded to log_alpha's dtype
-    # before the product, and two half-precision values multiply exactly in float32.
+    # Same gates, same stream, same L0 partials. z stays in the compute dtype (float32,
+    # float64) for the product, which is rounded once to weight's dtype: the gates of
+    # log_alpha taken to the compute dtype first are the same numbers.
     w, la = log_alpha_like((37, 53), dtype, seed=1), log_alpha_like((37, 53), dtype)
     w_eff, l0 = masked_sample(w, la, 7, 100, training)
-    z, l0_sample = sample(la, 7, 100, 1, training)
-    assert_rounded_once(w_eff, w * z)
+    acc = torch.promote_types(dtype, torch.float32)
+    z, l0_sample = sample(la.to(acc), 7, 100, 1, training)
+    assert_rounded_once(w_eff, (w.to(acc) * z).to(dtype))
     assert torch.equal(l0, l0_sample)
 
 
@@ -262,8 +264,8 @@ def test_masked_backward_low_precision(dtype):
     gl0 = torch.tensor(0.37, device=DEV)
     grad_w, grad_la = masked_backward(g, gl0, w, la, 3, 77)
     assert grad_w.dtype == grad_la.dtype == dtype
-    z = sample(la, 3, 77)[0]
-    assert_rounded_once(grad_w, g * z)
+    z = sample(la.float(), 3, 77)[0]  # the unrounded gates (see above)
+    assert_rounded_once(grad_w, (g.float() * z).to(dtype))
     w64, la64 = w.double().requires_grad_(), la.double().requires_grad_()
     ref_w, ref_l0 = ref_masked(w64, la64, 3, 77)
     _, expected = torch.autograd.grad((ref_w * g.double()).sum() + gl0.double() * ref_l0, (w64, la64))

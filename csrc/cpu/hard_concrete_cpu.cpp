@@ -1,7 +1,9 @@
 // Hard-concrete gates on the CPU, fused: one pass over log alpha draws the Philox noise,
 // writes the gates z and sums the expected L0 (hard_concrete_sample_fused); one pass
 // regenerates the noise from (seed, offset) and writes the gradient
-// (hard_concrete_sample_fused_backward). Also the Philox stream itself (philox_uniform_):
+// (hard_concrete_sample_fused_backward). The masked pair (hard_concrete_masked_weight_fused
+// and its backward) does the same for a weight under unstructured gates: it writes w z
+// and, backward, grad_w and grad log alpha, so z is never stored nor saved for backward. Also the Philox stream itself (philox_uniform_):
 // this file is the only CPU Philox.
 //
 // Why: the torch path (sparsekern/ops/hard_concrete.py, _sample_torch / _backward_torch)
@@ -390,10 +392,11 @@ SK_INLINE float gate_logit(const Consts& k, float x, float u) {
   return x * k.inv_beta;
 }
 
-// z for la[0, m) given their u (unused in eval); returns the block's sum of P(z != 0).
-template <bool kTraining>
+// z for la[0, m) given their u (unused in eval), or with kMasked w z (the masked weight:
+// z itself is never stored); returns the block's sum of P(z != 0).
+template <bool kMasked, bool kTraining>
 SK_INLINE float forward_body(const Consts& k, const float* __restrict la, const float* __restrict u,
-                             float* __restrict z, int64_t m) {
+                             const float* __restrict w, float* __restrict out, int64_t m) {
   const float stretch = k.stretch, gamma = k.gamma, l0_shift = k.l0_shift;
   float l0 = 0.0f;
 #pragma omp simd reduction(+ : l0)
@@ -401,7 +404,8 @@ SK_INLINE float forward_body(const Consts& k, const float* __restrict la, const 
     const float x = la[j];
     const SigmoidPair g = sigmoid_pair(gate_logit<kTraining>(k, x, kTraining ? u[j] : 0.0f), x - l0_shift);
     const float y = g.first.s * stretch + gamma;
-    z[j] = std::min(std::max(y, 0.0f), 1.0f);
+    const float z = std::min(std::max(y, 0.0f), 1.0f);
+    out[j] = kMasked ? w[j] * z : z;
     l0 += g.second.s;
   }
   return l0;
@@ -419,10 +423,12 @@ SK_INLINE SigmoidPair gate_and_p(float t, float t_p) {
 
 // d loss / d log alpha = grad_z dz/dlog alpha + grad_l0 group_size p (1 - p), with
 // dz/dlog alpha = (zeta - gamma) / beta s (1 - s) where 0 < y < 1, else 0.
-// kL0: grad_l0 != 0 (when it is 0 the second sigmoid is skipped).
-template <bool kTraining, bool kL0>
+// kMasked: gz is the gradient of the masked weight w z, so grad_z = gz w, and the weight's
+// gradient gz z goes to grad_w. kL0: grad_l0 != 0 (when it is 0 the second sigmoid is skipped).
+template <bool kMasked, bool kTraining, bool kL0>
 SK_INLINE void backward_body(const Consts& k, const float* __restrict la, const float* __restrict u,
-                             const float* __restrict gz, float gl0, float* __restrict grad, int64_t m) {
+                             const float* __restrict gz, const float* __restrict w, float gl0,
+                             float* __restrict grad, float* __restrict grad_w, int64_t m) {
   const float stretch = k.stretch, gamma = k.gamma, l0_shift = k.l0_shift, dz_scale = k.dz_scale;
 #pragma omp simd
   for (int64_t j = 0; j < m; ++j) {
@@ -430,40 +436,46 @@ SK_INLINE void backward_body(const Consts& k, const float* __restrict la, const 
     const SigmoidPair g = gate_and_p<kL0>(gate_logit<kTraining>(k, x, kTraining ? u[j] : 0.0f), x - l0_shift);
     const float y = g.first.s * stretch + gamma;
     const float dz = select((y > 0.0f) & (y < 1.0f), dz_scale * g.first.ds, 0.0f);
-    float out = gz[j] * dz;
+    float out = (kMasked ? gz[j] * w[j] : gz[j]) * dz;
     if constexpr (kL0) out += gl0 * g.second.ds;
     grad[j] = out;
+    if constexpr (kMasked) grad_w[j] = gz[j] * std::min(std::max(y, 0.0f), 1.0f);
   }
 }
 
 // ---- one instruction set's kernels -------------------------------------------------------
 
-using ForwardFn = float (*)(const Consts&, const float*, const float*, float*, int64_t);
-using BackwardFn = void (*)(const Consts&, const float*, const float*, const float*, float, float*, int64_t);
+using ForwardFn = float (*)(const Consts&, const float*, const float*, const float*, float*, int64_t);
+using BackwardFn = void (*)(const Consts&, const float*, const float*, const float*, const float*, float, float*,
+                            float*, int64_t);
 
 struct Kernels {
   PhiloxFn philox;
-  ForwardFn forward[2];      // [training]
-  BackwardFn backward[2][2];  // [training][grad_l0 != 0]
+  ForwardFn forward[2][2];       // [masked][training]
+  BackwardFn backward[2][2][2];  // [masked][training][grad_l0 != 0]
 };
 
 // The bodies above inline into these, compiled for each target (a callee with the default
 // target may inline into one with a wider target).
-#define SK_DEFINE_KERNELS(NAME, TARGET, PHILOX)                                                             \
-  template <bool kTraining>                                                                                  \
-  TARGET float forward_##NAME(const Consts& k, const float* la, const float* u, float* z, int64_t m) {      \
-    return forward_body<kTraining>(k, la, u, z, m);                                                          \
-  }                                                                                                          \
-  template <bool kTraining, bool kL0>                                                                        \
-  TARGET void backward_##NAME(const Consts& k, const float* la, const float* u, const float* gz, float gl0,  \
-                              float* grad, int64_t m) {                                                      \
-    backward_body<kTraining, kL0>(k, la, u, gz, gl0, grad, m);                                               \
-  }                                                                                                          \
-  constexpr Kernels kKernels_##NAME = {                                                                      \
-      PHILOX,                                                                                                \
-      {forward_##NAME<false>, forward_##NAME<true>},                                                         \
-      {{backward_##NAME<false, false>, backward_##NAME<false, true>},                                        \
-       {backward_##NAME<true, false>, backward_##NAME<true, true>}}};
+#define SK_DEFINE_KERNELS(NAME, TARGET, PHILOX)                                                               \
+  template <bool kMasked, bool kTraining>                                                                      \
+  TARGET float forward_##NAME(const Consts& k, const float* la, const float* u, const float* w, float* out,     \
+                              int64_t m) {                                                                     \
+    return forward_body<kMasked, kTraining>(k, la, u, w, out, m);                                              \
+  }                                                                                                            \
+  template <bool kMasked, bool kTraining, bool kL0>                                                            \
+  TARGET void backward_##NAME(const Consts& k, const float* la, const float* u, const float* gz, const float* w, \
+                              float gl0, float* grad, float* grad_w, int64_t m) {                              \
+    backward_body<kMasked, kTraining, kL0>(k, la, u, gz, w, gl0, grad, grad_w, m);                             \
+  }                                                                                                            \
+  constexpr Kernels kKernels_##NAME = {                                                                        \
+      PHILOX,                                                                                                  \
+      {{forward_##NAME<false, false>, forward_##NAME<false, true>},                                            \
+       {forward_##NAME<true, false>, forward_##NAME<true, true>}},                                             \
+      {{{backward_##NAME<false, false, false>, backward_##NAME<false, false, true>},                           \
+        {backward_##NAME<false, true, false>, backward_##NAME<false, true, true>}},                            \
+       {{backward_##NAME<true, false, false>, backward_##NAME<true, false, true>},                             \
+        {backward_##NAME<true, true, false>, backward_##NAME<true, true, true>}}}};
 
 SK_DEFINE_KERNELS(generic, , philox_generic)
 #if SK_X86_DISPATCH
@@ -580,75 +592,130 @@ void check_params(const char* op, int64_t seed, int64_t offset, int64_t group_si
   TORCH_CHECK_VALUE(std::isfinite(zeta) && zeta > 1, op, ": `zeta` must be finite and > 1, got ", zeta);
 }
 
-std::tuple<at::Tensor, at::Tensor> hard_concrete_sample_fused_cpu(const at::Tensor& log_alpha_in, int64_t seed,
-                                                                   int64_t offset, int64_t group_size, double beta,
-                                                                   double gamma, double zeta, bool training) {
-  constexpr const char* op = "hard_concrete_sample_fused";
+// A tensor the kernels read: the log alpha (or weight, for the masked ops) of the op's
+// dtype, on the CPU, of log alpha's shape.
+void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& log_alpha) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": `", name, "` must be a CPU tensor, got ", t.device());
+  TORCH_CHECK_VALUE(t.sizes() == log_alpha.sizes(), op, ": `", name, "` must have log_alpha's shape ",
+                    log_alpha.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == log_alpha.scalar_type(), op, ": `", name, "` must have log_alpha's dtype ",
+                    log_alpha.scalar_type(), ", got ", t.scalar_type());
+}
+
+// z (weight undefined) or the masked weight w z, and the expected L0: one pass.
+std::tuple<at::Tensor, at::Tensor> sample_impl(const char* op, const at::Tensor& log_alpha_in,
+                                               const at::Tensor& weight_in, int64_t seed, int64_t offset,
+                                               int64_t group_size, double beta, double gamma, double zeta,
+                                               bool training) {
   check_log_alpha(op, log_alpha_in);
   check_params(op, seed, offset, group_size, beta, gamma, zeta);
+  const bool masked = weight_in.defined();
+  if (masked) check_like(op, "weight", weight_in, log_alpha_in);
   const at::Tensor log_alpha = log_alpha_in.contiguous();
+  const at::Tensor weight = masked ? weight_in.contiguous() : at::Tensor();
   const int64_t n = log_alpha.numel();
-  at::Tensor z = at::empty(log_alpha.sizes(), log_alpha.options());
+  at::Tensor out_t = at::empty(log_alpha.sizes(), log_alpha.options());
   const Consts k(seed, offset, beta, gamma, zeta);
   const Kernels& kern = kernels();
-  const ForwardFn forward = kern.forward[training];
+  const ForwardFn forward = kern.forward[masked][training];
   std::vector<float> partials((n + kBlock - 1) / kBlock);
   dispatch_dtype(log_alpha.scalar_type(), [&](auto dtype_tag) {
     using scalar_t = decltype(dtype_tag);
     const scalar_t* la = log_alpha.const_data_ptr<scalar_t>();
-    scalar_t* out = z.mutable_data_ptr<scalar_t>();
+    const scalar_t* wp = masked ? weight.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* out = out_t.mutable_data_ptr<scalar_t>();
     for_each_block(n, [&](int64_t b, int64_t first, int64_t m) {
-      alignas(64) float u[kBlock], x_buf[kBlock], z_buf[kBlock];
+      alignas(64) float u[kBlock], x_buf[kBlock], w_buf[kBlock], z_buf[kBlock];
       if (training) kern.philox(k.stream, first, m, k.unit_scale, k.eps, u);
       const float* x = load_block(la + first, x_buf, m);
-      partials[b] = forward(k, x, u, out_block(out + first, z_buf), m);
+      const float* w = masked ? load_block(wp + first, w_buf, m) : nullptr;
+      partials[b] = forward(k, x, u, w, out_block(out + first, z_buf), m);
       store_block(z_buf, out + first, m);
     });
   });
   double l0 = 0.0;
   for (const float p : partials) l0 += p;
-  return {z, at::scalar_tensor(static_cast<double>(group_size) * l0, log_alpha.options().dtype(at::kFloat))};
+  return {out_t, at::scalar_tensor(static_cast<double>(group_size) * l0, log_alpha.options().dtype(at::kFloat))};
 }
 
-at::Tensor hard_concrete_sample_fused_backward_cpu(const at::Tensor& grad_z_in, const at::Tensor& grad_l0,
-                                                   const at::Tensor& log_alpha_in, int64_t seed, int64_t offset,
-                                                   int64_t group_size, double beta, double gamma, double zeta,
-                                                   bool training) {
-  constexpr const char* op = "hard_concrete_sample_fused_backward";
+// (grad log alpha, grad weight): grad is z's gradient, or with weight defined the masked
+// weight's (then grad weight = grad z, else undefined). One pass; the noise is regenerated.
+std::tuple<at::Tensor, at::Tensor> backward_impl(const char* op, const at::Tensor& grad_in,
+                                                 const at::Tensor& grad_l0, const at::Tensor& log_alpha_in,
+                                                 const at::Tensor& weight_in, int64_t seed, int64_t offset,
+                                                 int64_t group_size, double beta, double gamma, double zeta,
+                                                 bool training) {
   check_log_alpha(op, log_alpha_in);
   check_params(op, seed, offset, group_size, beta, gamma, zeta);
-  TORCH_CHECK_VALUE(grad_z_in.sizes() == log_alpha_in.sizes(), op, ": `grad_z` must have log_alpha's shape ",
-                    log_alpha_in.sizes(), ", got ", grad_z_in.sizes());
-  TORCH_CHECK_VALUE(grad_z_in.scalar_type() == log_alpha_in.scalar_type(), op,
-                    ": `grad_z` must have log_alpha's dtype ", log_alpha_in.scalar_type(), ", got ",
-                    grad_z_in.scalar_type());
-  TORCH_CHECK_VALUE(grad_z_in.device().is_cpu(), op, ": `grad_z` must be a CPU tensor");
+  const bool masked = weight_in.defined();
+  check_like(op, masked ? "grad" : "grad_z", grad_in, log_alpha_in);
+  if (masked) check_like(op, "weight", weight_in, log_alpha_in);
   TORCH_CHECK_VALUE(grad_l0.numel() == 1 && grad_l0.device().is_cpu() && grad_l0.is_floating_point(), op,
                     ": `grad_l0` must be a one-element floating-point CPU tensor");
   const at::Tensor log_alpha = log_alpha_in.contiguous();
-  const at::Tensor grad_z = grad_z_in.contiguous();
+  const at::Tensor grad_z = grad_in.contiguous();
+  const at::Tensor weight = masked ? weight_in.contiguous() : at::Tensor();
   const int64_t n = log_alpha.numel();
   at::Tensor grad = at::empty(log_alpha.sizes(), log_alpha.options());
+  at::Tensor grad_w = masked ? at::empty(log_alpha.sizes(), log_alpha.options()) : at::Tensor();
   const Consts k(seed, offset, beta, gamma, zeta);
   // group_size folded into the L0 gradient, rounded to float32 like the torch path's.
   const float gl0 = static_cast<float>(grad_l0.item<double>() * static_cast<double>(group_size));
   const Kernels& kern = kernels();
-  const BackwardFn backward = kern.backward[training][gl0 != 0.0f];  // NaN counts as nonzero
+  const BackwardFn backward = kern.backward[masked][training][gl0 != 0.0f];  // NaN counts as nonzero
   dispatch_dtype(log_alpha.scalar_type(), [&](auto dtype_tag) {
     using scalar_t = decltype(dtype_tag);
     const scalar_t* la = log_alpha.const_data_ptr<scalar_t>();
     const scalar_t* gz = grad_z.const_data_ptr<scalar_t>();
+    const scalar_t* wp = masked ? weight.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+    scalar_t* out_w = masked ? grad_w.mutable_data_ptr<scalar_t>() : nullptr;
     for_each_block(n, [&](int64_t, int64_t first, int64_t m) {
-      alignas(64) float u[kBlock], x_buf[kBlock], g_buf[kBlock], out_buf[kBlock];
+      alignas(64) float u[kBlock], x_buf[kBlock], g_buf[kBlock], w_buf[kBlock], out_buf[kBlock], gw_buf[kBlock];
       if (training) kern.philox(k.stream, first, m, k.unit_scale, k.eps, u);
       const float* x = load_block(la + first, x_buf, m);
       const float* g = load_block(gz + first, g_buf, m);
-      backward(k, x, u, g, gl0, out_block(out + first, out_buf), m);
+      const float* w = masked ? load_block(wp + first, w_buf, m) : nullptr;
+      float* gw = masked ? out_block(out_w + first, gw_buf) : nullptr;
+      backward(k, x, u, g, w, gl0, out_block(out + first, out_buf), gw, m);
       store_block(out_buf, out + first, m);
+      if (masked) store_block(gw_buf, out_w + first, m);
     });
   });
-  return grad;
+  return {grad, grad_w};
+}
+
+std::tuple<at::Tensor, at::Tensor> hard_concrete_sample_fused_cpu(const at::Tensor& log_alpha, int64_t seed,
+                                                                   int64_t offset, int64_t group_size, double beta,
+                                                                   double gamma, double zeta, bool training) {
+  return sample_impl("hard_concrete_sample_fused", log_alpha, at::Tensor(), seed, offset, group_size, beta, gamma,
+                     zeta, training);
+}
+
+at::Tensor hard_concrete_sample_fused_backward_cpu(const at::Tensor& grad_z, const at::Tensor& grad_l0,
+                                                   const at::Tensor& log_alpha, int64_t seed, int64_t offset,
+                                                   int64_t group_size, double beta, double gamma, double zeta,
+                                                   bool training) {
+  return std::get<0>(backward_impl("hard_concrete_sample_fused_backward", grad_z, grad_l0, log_alpha, at::Tensor(),
+                                   seed, offset, group_size, beta, gamma, zeta, training));
+}
+
+std::tuple<at::Tensor, at::Tensor> hard_concrete_masked_weight_fused_cpu(const at::Tensor& weight,
+                                                                          const at::Tensor& log_alpha, int64_t seed,
+                                                                          int64_t offset, double beta, double gamma,
+                                                                          double zeta, bool training) {
+  TORCH_CHECK_VALUE(weight.defined(), "hard_concrete_masked_weight_fused: `weight` is undefined");
+  return sample_impl("hard_concrete_masked_weight_fused", log_alpha, weight, seed, offset, 1, beta, gamma, zeta,
+                     training);
+}
+
+std::tuple<at::Tensor, at::Tensor> hard_concrete_masked_weight_fused_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& grad_l0, const at::Tensor& weight, const at::Tensor& log_alpha,
+    int64_t seed, int64_t offset, double beta, double gamma, double zeta, bool training) {
+  TORCH_CHECK_VALUE(weight.defined(), "hard_concrete_masked_weight_fused_backward: `weight` is undefined");
+  auto [grad_la, grad_w] = backward_impl("hard_concrete_masked_weight_fused_backward", grad, grad_l0, log_alpha,
+                                         weight, seed, offset, 1, beta, gamma, zeta, training);
+  return {grad_w, grad_la};
 }
 
 void philox_uniform_cpu(at::Tensor& out, int64_t seed, int64_t offset) {
@@ -672,6 +739,8 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("philox_uniform_", &philox_uniform_cpu);
   m.impl("hard_concrete_sample_fused", &hard_concrete_sample_fused_cpu);
   m.impl("hard_concrete_sample_fused_backward", &hard_concrete_sample_fused_backward_cpu);
+  m.impl("hard_concrete_masked_weight_fused", &hard_concrete_masked_weight_fused_cpu);
+  m.impl("hard_concrete_masked_weight_fused_backward", &hard_concrete_masked_weight_fused_backward_cpu);
 }
 
 }  // namespace sparsekern

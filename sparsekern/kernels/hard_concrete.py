@@ -6,9 +6,9 @@ pass, and the backward that re-derives the noise from (seed, offset).
 - `masked_sample` / `masked_backward`: a weight gated elementwise (log_alpha has the
   weight's shape): w_eff = weight * z from one pass, z never written; the backward gives
   grad_w and grad_log_alpha in one pass, regenerating z from (seed, offset). The same two
-  kernels with MASKED set, so the gate math lives once; z is rounded to log_alpha's dtype
-  before the product, so masked_sample(w, la) equals w * sample(la)[0] when w and la
-  share a dtype.
+  kernels with MASKED set, so the gate math lives once; z stays in the compute dtype for
+  the product, so masked_sample(w, la) equals w * sample(la)[0] where z is exact in
+  log_alpha's dtype (float32, float64) and is rounded once less in float16/bfloat16.
 
 Noise: Philox4x32-10 keyed by `seed`, counter (flat index lo, flat index hi, offset lo,
 offset hi); the first output word becomes r in [0, 1) via tl.uint_to_uniform_float and
@@ -85,9 +85,9 @@ def _clamp01(y):
 
 @triton.jit
 def _masked_z(y, log_alpha_ptr, MUL_FP64: tl.constexpr):
-    """z rounded to log_alpha's dtype (the value sample() stores), in the product dtype."""
-    z = _clamp01(y).to(log_alpha_ptr.dtype.element_ty)
-    return z.to(tl.float64 if MUL_FP64 else tl.float32)
+    """z in the product dtype, not rounded to log_alpha's dtype first: w_eff is rounded
+    once (as the CPU kernels and reference.hard_concrete_masked_weight do)."""
+    return _clamp01(y).to(tl.float64 if MUL_FP64 else tl.float32)
 
 
 @triton.jit

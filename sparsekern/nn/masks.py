@@ -66,6 +66,12 @@ class MaskKind(abc.ABC):
         """Whether the bias is multiplied by the same gate as its output channel."""
         return False
 
+    def masked_weight(self, layer: nn.Module) -> torch.Tensor | None:
+        """w ⊙ g computed by the kind itself in one fused op, for kinds whose gate is not an
+        input of the masked ops (unstructured hard-concrete); None: the layer calls the
+        masked op with op_mask(). Never for a bias-gated layer."""
+        return None
+
     def keep(self, layer: nn.Module) -> torch.Tensor:
         """The support as a bool tensor of the weight's shape: which weights the mask keeps."""
         return (self.gate(layer) != 0).expand(layer.weight.shape)
@@ -277,12 +283,32 @@ class HardConcreteMask(MaskKind):
     def sample(self, layer: nn.Module) -> torch.Tensor:
         """z for this forward: a fresh sample in training (advancing the offset), the
         deterministic median gate in eval. The op computes the expected L0 in the same
-        pass over log α; it is kept for expected_nonzero(), with log α's and its .grad's
-        versions at this point."""
-        log_alpha = layer.weight_log_alpha
+        pass over log α; it is kept for expected_nonzero()."""
         z, l0 = ops.hard_concrete_sample(
-            log_alpha, self.seed, self.offset, self.group_size(layer), training=layer.training, **self._hc()
+            layer.weight_log_alpha, self.seed, self.offset, self.group_size(layer), training=layer.training,
+            **self._hc(),
         )
+        self._keep_forward_l0(layer, l0)
+        return z
+
+    def masked_weight(self, layer: nn.Module) -> torch.Tensor | None:
+        """Unstructured gates: w ⊙ z and the expected L0 from one fused op that stores no z
+        (its backward regenerates z from (seed, offset)); z is hard_concrete_sample's at
+        this offset. Not on CUDA for a linear layer: there the masked linear's GEMM gates
+        the weight tiles as it loads them (w_eff never written), from a sampled z."""
+        w = layer.weight
+        if self.structured or (w.dim() == 2 and w.device.type == "cuda"):
+            return None
+        w_eff, l0 = ops.hard_concrete_masked_weight(
+            w, layer.weight_log_alpha, self.seed, self.offset, training=layer.training, **self._hc()
+        )
+        self._keep_forward_l0(layer, l0)
+        return w_eff
+
+    def _keep_forward_l0(self, layer: nn.Module, l0: torch.Tensor) -> None:
+        """Keeps this forward's expected L0 with log α's and its .grad's versions, and
+        advances the offset in training (the next forward draws fresh noise)."""
+        log_alpha = layer.weight_log_alpha
         # .grad held weakly: a strong reference would keep the previous step's gradient
         # alive through the next backward after optimizer.zero_grad(set_to_none=True).
         grad = log_alpha.grad
@@ -290,7 +316,6 @@ class HardConcreteMask(MaskKind):
         self._forward_l0 = (log_alpha, log_alpha._version, grad_ref, None if grad is None else grad._version, l0)
         if layer.training:
             self.offset += 1
-        return z
 
     def op_mask(self, layer):
         return self.sample(layer), {"kind": self.name}

@@ -7,11 +7,13 @@ A state_dict from a sparse model has the extra mask entries (weight_mask, weight
 weight_log_alpha); to load it into a plain model, export() first (or strict=False).
 
 The forward/backward is the op layer's (sparsekern.ops.masked_linear /
-masked_conv2d_weight, hard_concrete_gates); this file only wires module state to it.
+masked_conv2d_weight, hard_concrete_gates, hard_concrete_masked_weight for unstructured
+gates, via MaskKind.masked_weight); this file only wires module state to it.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -86,6 +88,9 @@ class SparseLinear(_SparseMixin, nn.Linear):
         self._attach_mask(mask, mask_options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.mask.masked_weight(self)
+        if w is not None:
+            return F.linear(x, w, self.bias)
         m, kw = self.mask.op_mask(self)
         return ops.masked_linear(x, self.weight, self.bias, m, **kw)
 
@@ -138,6 +143,9 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
         self._attach_mask(mask, mask_options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.mask.masked_weight(self)  # never bias-gated
+        if w is not None:
+            return self._conv_forward(x, w, self.bias)
         m, kw = self.mask.op_mask(self)
         w = ops.masked_conv2d_weight(self.weight, m, **kw)
         bias = self.bias

@@ -9,7 +9,8 @@ from .mask_apply import zero_masked_
 __all__ = ["reference", "magnitude_threshold", "magnitude_masks", "n_prune_for"]
 __all__ += ["masked_linear", "masked_conv2d_weight", "zero_masked_"]
 from .hard_concrete import hard_concrete_gates, hard_concrete_l0, hard_concrete_sample
+from .hard_concrete_masked import hard_concrete_masked_weight
 from .dpf_mask import dpf_mask_update, mask_flips, mask_iou
 
-__all__ += ["hard_concrete_gates", "hard_concrete_l0", "hard_concrete_sample"]
+__all__ += ["hard_concrete_gates", "hard_concrete_l0", "hard_concrete_sample", "hard_concrete_masked_weight"]
 __all__ += ["dpf_mask_update", "mask_flips", "mask_iou"]

@@ -29,6 +29,14 @@ CPP_SCHEMAS = {
         "hard_concrete_sample_fused_backward(Tensor grad_z, Tensor grad_l0, Tensor log_alpha, int seed, "
         "int offset, int group_size, float beta, float gamma, float zeta, bool training) -> Tensor"
     ),
+    "hard_concrete_masked_weight_fused": (
+        "hard_concrete_masked_weight_fused(Tensor weight, Tensor log_alpha, int seed, int offset, float beta, "
+        "float gamma, float zeta, bool training) -> (Tensor, Tensor)"
+    ),
+    "hard_concrete_masked_weight_fused_backward": (
+        "hard_concrete_masked_weight_fused_backward(Tensor grad, Tensor grad_l0, Tensor weight, Tensor log_alpha, "
+        "int seed, int offset, float beta, float gamma, float zeta, bool training) -> (Tensor, Tensor)"
+    ),
 }
 
 # A FRAGMENT, not a DEF: the Triton ops add to the same namespace.

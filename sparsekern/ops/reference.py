@@ -175,6 +175,24 @@ def hard_concrete_l0(
     return group_size * torch.sigmoid(x - beta * math.log(-gamma / zeta)).sum()
 
 
+def hard_concrete_masked_weight(
+    weight: torch.Tensor,
+    log_alpha: torch.Tensor,
+    seed: int,
+    offset: int,
+    training: bool = True,
+    beta: float = 2.0 / 3.0,
+    gamma: float = -0.1,
+    zeta: float = 1.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight ⊙ z, expected L0) for unstructured gates (log_alpha of weight's shape): z
+    from hard_concrete_gates, kept in the compute dtype (not rounded to a low-precision
+    dtype) before the product, which is returned in weight's dtype."""
+    z = hard_concrete_gates(log_alpha.to(_compute_dtype(log_alpha.dtype)), seed, offset, training, beta, gamma, zeta)
+    w_eff = (weight.to(z.dtype) * z).to(weight.dtype)
+    return w_eff, hard_concrete_l0(log_alpha, 1, beta, gamma, zeta)
+
+
 # --- DPF mask update -----------------------------------------------------------------------
 
 

@@ -1,0 +1,186 @@
+"""hard_concrete_masked_weight: a weight under unstructured hard-concrete gates,
+w_eff = weight ⊙ z(log α; seed, offset), and the expected L0, from one pass; the backward
+gives grad_w and grad log α from one pass that regenerates z from (seed, offset).
+
+Why a fused op: the two-op path (hard_concrete_sample writes z, the masked op multiplies)
+stores z, a weight-sized tensor, and the masked op's autograd keeps it until the backward;
+its backward writes grad_z for the gates' backward to read. Here z exists only in
+registers: autograd saves weight and log α, which are parameters and kept anyway
+(DESIGN.md: "hard-concrete: from the Philox seed and offset, never a stored u or z").
+Structured gates ([out,1,1,1] / [1,in]) are tiny and keep the two-op path.
+
+Paths: CUDA runs the Triton kernels (kernels/hard_concrete.py masked_sample /
+masked_backward). On the CPU, float32/float16/bfloat16 run the fused C++ kernels
+(csrc/cpu/hard_concrete_cpu.cpp) with their autograd in C++ in eager mode; float64 and
+other devices run the torch math. z is the same stream as hard_concrete_sample's for the
+same (seed, offset) (log α's flat row-major index), kept in float32 (float64 for float64)
+for the product, so w_eff is rounded once, to weight's dtype. w_eff is contiguous.
+Oracle: reference.hard_concrete_masked_weight.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._extension import HAS_EXTENSION
+from . import hard_concrete as hc
+from ._library import cpp_op
+
+try:
+    from ..kernels.hard_concrete import masked_backward as _triton_backward
+    from ..kernels.hard_concrete import masked_sample as _triton_sample
+except ImportError:  # no Triton installed: every device runs the torch math
+    _triton_sample = _triton_backward = None
+
+Tensor = torch.Tensor
+
+
+# --- the torch math: float64, devices without a kernel, the C++ ops' fallback ------------
+
+
+def _forward_torch(weight, log_alpha, seed, offset, beta, gamma, zeta, training):
+    acc = hc._acc_dtype(log_alpha.dtype)
+    z, l0 = hc._sample_torch(log_alpha.to(acc), seed, offset, 1, beta, gamma, zeta, training)
+    return (weight.to(acc) * z).to(weight.dtype).contiguous(), l0
+
+
+def _backward_torch(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training):
+    acc = hc._acc_dtype(log_alpha.dtype)
+    la = log_alpha.to(acc)
+    z, _ = hc._sample_torch(la, seed, offset, 1, beta, gamma, zeta, training)
+    grad = grad.to(acc)
+    grad_la = hc._backward_torch(grad * weight.to(acc), grad_l0, la, seed, offset, 1, beta, gamma, zeta, training)
+    return (grad * z).to(weight.dtype).contiguous(), grad_la.to(log_alpha.dtype).contiguous()
+
+
+_fused_forward = cpp_op("hard_concrete_masked_weight_fused", _forward_torch)
+_fused_backward = cpp_op("hard_concrete_masked_weight_fused_backward", _backward_torch)
+
+
+@torch.library.register_fake("sparsekern::hard_concrete_masked_weight_fused")
+def _fused_forward_fake(weight, log_alpha, seed, offset, beta, gamma, zeta, training):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format), log_alpha.new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("sparsekern::hard_concrete_masked_weight_fused_backward")
+def _fused_backward_fake(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training):
+    fmt = torch.contiguous_format
+    return torch.empty_like(weight, memory_format=fmt), torch.empty_like(log_alpha, memory_format=fmt)
+
+
+def _cpu_fused(weight: Tensor, log_alpha: Tensor) -> bool:
+    return hc._fused(log_alpha) and weight.dtype == log_alpha.dtype
+
+
+def _forward_cpu(weight, log_alpha, seed, offset, beta, gamma, zeta, training):
+    if _cpu_fused(weight, log_alpha):
+        return _fused_forward(weight, log_alpha, seed, offset, beta, gamma, zeta, training)
+    return _forward_torch(weight, log_alpha, seed, offset, beta, gamma, zeta, training)
+
+
+def _backward_cpu(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training):
+    if _cpu_fused(weight, log_alpha):
+        return _fused_backward(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training)
+    return _backward_torch(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training)
+
+
+def _triton_path(t: Tensor) -> bool:
+    return _triton_sample is not None and t.device.type == "cuda" and t.dtype != torch.float64
+
+
+# --- the ops ----------------------------------------------------------------------------
+
+
+@torch.library.triton_op("sparsekern::hard_concrete_masked_weight", mutates_args=())
+def _op(
+    weight: Tensor, log_alpha: Tensor, seed: int, offset: int, beta: float, gamma: float, zeta: float, training: bool
+) -> tuple[Tensor, Tensor]:
+    # torch.compile runs this body for every device (it bypasses the CPU kernel below).
+    if not _triton_path(log_alpha):
+        return _forward_cpu(weight, log_alpha, seed, offset, beta, gamma, zeta, training)
+    return _triton_sample(weight, log_alpha, seed, offset, beta, gamma, zeta, training)
+
+
+@torch.library.triton_op("sparsekern::hard_concrete_masked_weight_backward", mutates_args=())
+def _backward_op(
+    grad: Tensor, grad_l0: Tensor, weight: Tensor, log_alpha: Tensor, seed: int, offset: int,
+    beta: float, gamma: float, zeta: float, training: bool,
+) -> tuple[Tensor, Tensor]:
+    if not _triton_path(log_alpha):
+        return _backward_cpu(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training)
+    return _triton_backward(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training)
+
+
+_op.register_kernel("cpu")(_forward_cpu)
+_backward_op.register_kernel("cpu")(_backward_cpu)
+
+
+@_op.register_fake
+def _(weight, log_alpha, seed, offset, beta, gamma, zeta, training):
+    w_eff = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    return w_eff, log_alpha.new_empty((), dtype=hc._acc_dtype(log_alpha.dtype))
+
+
+@_backward_op.register_fake
+def _(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training):
+    fmt = torch.contiguous_format
+    return torch.empty_like(weight, memory_format=fmt), torch.empty_like(log_alpha, memory_format=fmt)
+
+
+def _setup_context(ctx, inputs, output):
+    weight, log_alpha, *args = inputs
+    ctx.save_for_backward(weight, log_alpha)  # inputs only: z is regenerated
+    ctx.args = args
+
+
+def _backward(ctx, grad, grad_l0):
+    weight, log_alpha = ctx.saved_tensors
+    if grad is None:  # an output that did not reach the loss contributes zero
+        grad = torch.zeros_like(weight)
+    if grad_l0 is None:
+        grad_l0 = log_alpha.new_zeros((), dtype=hc._acc_dtype(log_alpha.dtype))
+    grad_w, grad_la = _backward_op(grad, grad_l0, weight, log_alpha, *ctx.args)
+    need_w, need_la = ctx.needs_input_grad[:2]
+    return (grad_w if need_w else None, grad_la if need_la else None) + (None,) * len(ctx.args)
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- the public function ----------------------------------------------------------------
+
+
+def hard_concrete_masked_weight(
+    weight: Tensor,
+    log_alpha: Tensor,
+    seed: int,
+    offset: int,
+    *,
+    training: bool = True,
+    beta: float = hc.BETA,
+    gamma: float = hc.GAMMA,
+    zeta: float = hc.ZETA,
+) -> tuple[Tensor, Tensor]:
+    """(weight ⊙ z, expected L0) for unstructured gates: log_alpha has weight's shape,
+    dtype and device; z = hard_concrete_gates(log_alpha, seed, offset, training=...) and
+    the expected L0 = hard_concrete_l0(log_alpha), both from one pass and differentiable
+    in weight and log_alpha, with no weight-sized tensor saved for the backward."""
+    beta, gamma, zeta = hc._check(log_alpha, beta, gamma, zeta)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"`weight` must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.shape != log_alpha.shape:
+        raise ValueError(
+            f"`log_alpha` must have weight's shape {tuple(weight.shape)} (one gate per weight), "
+            f"got {tuple(log_alpha.shape)}"
+        )
+    if weight.dtype != log_alpha.dtype:
+        raise TypeError(f"`weight` must have log_alpha's dtype {log_alpha.dtype}, got {weight.dtype}")
+    if weight.device != log_alpha.device:
+        raise ValueError(f"`weight` must be on log_alpha's device {log_alpha.device}, got {weight.device}")
+    seed = hc._check_int("seed", seed, 0)
+    offset = hc._check_int("offset", offset, 0)
+    if not isinstance(training, bool):
+        raise TypeError(f"`training` must be a bool, got {type(training).__name__}")
+    if HAS_EXTENSION and _cpu_fused(weight, log_alpha) and not torch.compiler.is_compiling():
+        # Eager CPU: the fused kernels with their autograd in C++ (csrc/eager_autograd.cpp).
+        return _fused_forward(weight, log_alpha, seed, offset, beta, gamma, zeta, training)
+    return _op(weight, log_alpha, seed, offset, beta, gamma, zeta, training)
