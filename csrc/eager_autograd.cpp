@@ -1,7 +1,8 @@
 // Autograd in C++ for the CPU kernels the modules call in eager mode:
 // sparsekern::mask_apply (w_eff = w ⊙ g; SparseConv2d, SparseLinear),
 // sparsekern::hard_concrete_sample_fused (the L0 gates z and expected L0) and
-// sparsekern::hard_concrete_masked_weight_fused (w z under unstructured gates, z unstored).
+// sparsekern::hard_concrete_masked_weight_fused (w z under unstructured gates, z unstored)
+// and sparsekern::sigmoid_mask_l1 (Continuous Sparsification's penalty).
 //
 // Why in C++: the same forward and backward through torch.library's Python custom-op
 // machinery (masked_conv2d_weight: argument defaults, a generated autograd.Function, a
@@ -186,6 +187,36 @@ std::tuple<at::Tensor, at::Tensor> hard_concrete_masked_weight_autograd(const at
   return {out[0], out[1]};
 }
 
+// CS's L1 penalty Σ scale·σ(β·s): saves the scores only (a parameter), recomputes σ.
+class SigmoidMaskL1 : public torch::autograd::Function<SigmoidMaskL1> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& scores, double beta, double scale) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("sparsekern::sigmoid_mask_l1", "")
+                         .typed<at::Tensor(const at::Tensor&, double, double)>();
+    ctx->save_for_backward({scores});
+    ctx->saved_data["beta"] = beta;
+    ctx->saved_data["scale"] = scale;
+    return op.call(scores, beta, scale);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("sparsekern::sigmoid_mask_l1_backward", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, double)>();
+    variable_list out(3);
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return out;
+    out[0] = op.call(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["beta"].toDouble(),
+                     ctx->saved_data["scale"].toDouble());
+    return out;
+  }
+};
+
+at::Tensor sigmoid_mask_l1_autograd(const at::Tensor& scores, double beta, double scale) {
+  return SigmoidMaskL1::apply(scores, beta, scale);
+}
+
 std::tuple<at::Tensor, at::Tensor> hard_concrete_sample_autograd(const at::Tensor& log_alpha, int64_t seed,
                                                                  int64_t offset, int64_t group_size, double beta,
                                                                  double gamma, double zeta, bool training) {
@@ -204,6 +235,7 @@ TORCH_LIBRARY_IMPL(sparsekern, Autograd, m) {
   m.impl("mask_apply", &mask_apply_autograd);
   m.impl("hard_concrete_sample_fused", &hard_concrete_sample_autograd);
   m.impl("hard_concrete_masked_weight_fused", &hard_concrete_masked_weight_autograd);
+  m.impl("sigmoid_mask_l1", &sigmoid_mask_l1_autograd);
 }
 
 }  // namespace sparsekern

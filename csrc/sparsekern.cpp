@@ -21,6 +21,10 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def("mask_apply_backward(Tensor grad, Tensor weight, Tensor mask, str kind, float beta, float scale, bool mask_grad) -> (Tensor, Tensor)");
   // weight *= keep (bool) in place: keeps binary-masked weights exactly zero.
   m.def("zero_masked_(Tensor(a!) weight, Tensor keep) -> ()");
+  // Continuous Sparsification's L1 penalty Σ scale·σ(β·s) (a 0-dim tensor of scores'
+  // dtype) and its backward grad·scale·β·σ(1 − σ); CPU kernels (CUDA uses Triton).
+  m.def("sigmoid_mask_l1(Tensor scores, float beta, float scale) -> Tensor");
+  m.def("sigmoid_mask_l1_backward(Tensor grad, Tensor scores, float beta, float scale) -> Tensor");
   // The hard-concrete gates' CPU kernels (float32/float16/bfloat16; CUDA runs the Triton
   // kernels of sparsekern::hard_concrete_sample): z in log_alpha's dtype and the expected
   // L0, group_size * sum sigmoid(log_alpha - beta log(-gamma/zeta)), as a 0-dim float32

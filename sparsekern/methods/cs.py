@@ -112,7 +112,7 @@ class ContinuousSparsification(PruningMethod):
         if self.ticket or self.lam == 0.0:
             return total
         for _, layer in self.layers:
-            total = total + layer.mask.scale * torch.sigmoid(layer.mask.beta * layer.weight_score).sum()
+            total = total + layer.mask.l1(layer)
         return self.lam * total
 
     # ---- between rounds

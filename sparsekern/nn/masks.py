@@ -174,6 +174,12 @@ class SigmoidMask(MaskKind):
     def gate(self, layer):
         return (self.scale * torch.sigmoid(self._beta * layer.weight_score.detach())).to(layer.weight.dtype)
 
+    def l1(self, layer: nn.Module) -> torch.Tensor:
+        """Σ g = Σ scale·σ(β·s), the mask's L1 norm (CS's penalty), differentiable in s:
+        one fused pass (ops.sigmoid_mask_l1), with β taken as op_mask takes it."""
+        scores, kw = self.op_mask(layer)
+        return ops.sigmoid_mask_l1(scores, kw["beta"], kw["scale"])
+
     def keep(self, layer):
         return layer.weight_score.detach() > 0
 

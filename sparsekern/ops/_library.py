@@ -21,6 +21,8 @@ CPP_SCHEMAS = {
     "mask_apply_backward": "mask_apply_backward(Tensor grad, Tensor weight, Tensor mask, str kind, "
     "float beta, float scale, bool mask_grad) -> (Tensor, Tensor)",
     "zero_masked_": "zero_masked_(Tensor(a!) weight, Tensor keep) -> ()",
+    "sigmoid_mask_l1": "sigmoid_mask_l1(Tensor scores, float beta, float scale) -> Tensor",
+    "sigmoid_mask_l1_backward": "sigmoid_mask_l1_backward(Tensor grad, Tensor scores, float beta, float scale) -> Tensor",
     "hard_concrete_sample_fused": (
         "hard_concrete_sample_fused(Tensor log_alpha, int seed, int offset, int group_size, float beta, "
         "float gamma, float zeta, bool training) -> (Tensor, Tensor)"

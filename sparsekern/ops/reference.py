@@ -193,6 +193,12 @@ def hard_concrete_masked_weight(
     return w_eff, hard_concrete_l0(log_alpha, 1, beta, gamma, zeta)
 
 
+def sigmoid_mask_l1(scores: torch.Tensor, beta: float = 1.0, scale: float = 1.0) -> torch.Tensor:
+    """Σ scale·σ(β·s), Continuous Sparsification's L1 penalty on its mask; 0-dim, float32
+    (float64 for float64 scores)."""
+    return (scale * torch.sigmoid(beta * scores.to(_compute_dtype(scores.dtype)))).sum()
+
+
 # --- DPF mask update -----------------------------------------------------------------------
 
 
