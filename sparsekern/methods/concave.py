@@ -21,9 +21,17 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops import mask_apply
 from .base import PruningMethod, check_choice, check_real
 
 REGULARIZERS = ("l1", "log")
+
+
+def _keep_alive(grad: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """grad ⊙ alive, out of place (a hook may not modify its argument). The binary mask's
+    kernel, not `grad * alive`: float * bool takes ATen's dynamic-cast loop, 8.4 vs 0.5 ms
+    on 2.36M values (2 threads), ~50 ms of a ResNet-18 step."""
+    return mask_apply.masked_weight(grad, alive, "binary", 1.0, 1.0)
 DEFAULT_LAM = {"l1": 3e-6, "log": 1e-6}  # the paper's CIFAR runs
 
 
@@ -63,7 +71,7 @@ class ConcaveRegularization(PruningMethod):
         self.alive = {name: torch.ones_like(layer.weight_mask, dtype=torch.bool) for name, layer in self.layers}
         for name, layer in self.layers:
             alive = self.alive[name]  # updated in place only, so the hook always sees it
-            layer.weight_mask.register_hook(lambda g, alive=alive: g * alive)
+            layer.weight_mask.register_hook(lambda g, alive=alive: _keep_alive(g, alive))
 
     def penalty(self) -> torch.Tensor:
         """λ·Σ r(m) over the masked layers (dead entries have m = 0 and r(0) = 0)."""
@@ -80,7 +88,7 @@ class ConcaveRegularization(PruningMethod):
     @torch.no_grad()
     def _after_step(self) -> None:
         for name, layer in self.layers:
-            layer.weight_mask.mul_(self.alive[name])
+            ops.zero_masked_(layer.weight_mask, self.alive[name])
 
     @torch.no_grad()
     def _prune_round(self) -> None:
