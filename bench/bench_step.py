@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_medians, machine, markdown_table, write_result  # noqa: E402
 
 from sparsekern import methods as M  # noqa: E402
+from sparsekern import tune_cpu_allocator  # noqa: E402
 from sparsekern.models import build_model  # noqa: E402
 
 MODELS = ("resnet20", "resnet18")
@@ -223,7 +224,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=15, help="timed steps per method (default 15)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 repeats, 1 warm-up, 1 profiled step")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--malloc-defaults", action="store_true",
+                        help="keep glibc malloc's defaults instead of sparsekern.tune_cpu_allocator() (as `sparsekern "
+                             "train --malloc-defaults`); writes step-malloc-defaults.md")
     args = parser.parse_args(argv)
+    tuned = not args.malloc_defaults and tune_cpu_allocator()
+    allocator = ("glibc malloc tuned by sparsekern.tune_cpu_allocator() (as `sparsekern train` runs), for dense "
+                 "and every method alike" if tuned else "glibc malloc with its default settings")
     repeats, warmup, mem_steps = (2, 1, 1) if args.quick else (args.repeats, 2, 2)
     sections, met = [], []
     for name in args.models:
@@ -233,10 +240,11 @@ def main(argv=None) -> int:
         met += ok
     summary = (f"**Targets met: {sum(met)} of {len(met)}**" + (" (quick run: too few repeats to judge)" if args.quick else ""))
     report = (f"# Training step: every method vs dense\n\nCPU: {machine(torch.device('cpu'))}. "
+              f"Allocator: {allocator}."
               + "\n\n" + __doc__.split("\n\n", 1)[1].strip()
               + "\n\n" + "\n\n".join(sections) + "\n\n" + summary + "\n")
     print(summary)
-    print(f"written to {write_result('step.md', report)}")
+    print(f"written to {write_result('step.md' if tuned else 'step-malloc-defaults.md', report)}")
     return 0 if all(met) else 1
 
 

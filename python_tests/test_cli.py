@@ -11,6 +11,7 @@ import pytest
 import torch
 from run_helpers import RUN_FILES, one_thread, write_cifar  # noqa: F401  (fixture)
 
+import sparsekern
 from sparsekern import cli
 from sparsekern import method_options as mo
 
@@ -223,3 +224,25 @@ def test_bench_runs_every_script_and_writes_the_readme(tmp_path, capsys):
     assert cli.main(["bench", "--bench-dir", str(bench), "--only", "ok"]) == 0
     assert "bench_fails" not in (bench / "results" / "README.md").read_text()
     fails(capsys, ["bench", "--bench-dir", str(bench), "--only", "nope"], "no bench script named ['nope']")
+
+
+@pytest.mark.parametrize("flag, tuned", [([], True), (["--malloc-defaults"], False)])
+def test_train_tunes_the_allocator_unless_asked_not_to(flag, tuned, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "tune_cpu_allocator", lambda: calls.append(1) or True)
+    assert cli.main(["train", "--method", "dense", *TINY, *flag, "--out", str(tmp_path / "run")]) == 0
+    assert calls == ([1] if tuned else [])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_tune_cpu_allocator_applies_on_glibc():
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        pytest.skip("not glibc")
+    assert sparsekern.tune_cpu_allocator() is True
+    # Still a working allocator: a large tensor allocates, frees and allocates again.
+    for _ in range(2):
+        assert torch.ones(16 << 20, dtype=torch.uint8).sum().item() == 16 << 20

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from . import method_options as mo
+from .cpu_allocator import tune_cpu_allocator
 from .data import DATASETS
 from .models import OWN_MODELS
 
@@ -20,7 +21,7 @@ PROG = "sparsekern"
 
 # Run-control flags: how this invocation behaves, not what the run computes, so --resume
 # may change them.
-RUN_CONTROL = ("out", "resume", "progress", "stop_after")
+RUN_CONTROL = ("out", "resume", "progress", "stop_after", "malloc_defaults")
 
 
 def _defaults() -> dict:
@@ -146,6 +147,9 @@ def train_parser(methods: list[str] | None = None) -> argparse.ArgumentParser:
                      help="train at most N batches per epoch (tests and smoke runs; part of the run's config)")
     run.add_argument("--stop-after", type=_positive_int, default=None, metavar="N",
                      help="stop after N epochs of this invocation, leaving a resumable run (tests, time-boxed jobs)")
+    run.add_argument("--malloc-defaults", action="store_true",
+                     help="keep glibc malloc's defaults; otherwise train calls sparsekern.tune_cpu_allocator(), "
+                          "which keeps freed tensor memory for reuse instead of page-faulting it in every step")
     mo.add_method_arguments(p, mo.collect_options(shown if methods is not None else None))
     return p
 
@@ -227,6 +231,8 @@ def cmd_train(argv: list[str]) -> int:
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     try:
+        if not control["malloc_defaults"]:
+            tune_cpu_allocator()
         report = train.execute(trainer, stop_after=control["stop_after"], command=["train", *argv])
     except train.Interrupted as e:
         print(f"{e}: {PROG} train --out {out} --resume")
