@@ -6,7 +6,8 @@ training forward (z and the expected L0), the eval forward and the backward of
 sparsekern::hard_concrete_sample_fused(_backward) (csrc/cpu/hard_concrete_cpu.cpp) against
 the torch path (sparsekern.ops.hard_concrete._sample_torch / _backward_torch: ~10
 elementwise passes, still the float64 path), after checking the two agree. Writes
-bench/results/hard_concrete.md.
+bench/results/hard_concrete.md. Also times a weight under unstructured gates: the two-op path
+(gates, then the masked weight) against hard_concrete_masked_weight_fused (z never stored).
 
 Target (set when the kernels were written): forward <= 40 ms and backward <= 60 ms on
 the 2-core development machine, 8x the previous commit's torch path there, whose Philox
@@ -60,8 +61,35 @@ def main(argv=None) -> int:
         expected, got = torch_fn(), fused_fn()
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=name)
 
+    # A weight under unstructured gates: the two ops (gates, then the masked weight; z kept
+    # for the backward) against hard_concrete_masked_weight_fused (z never stored).
+    weight, grad_w = torch.randn(numel, generator=g), torch.randn(numel, generator=g)
+    z = fused(log_alpha, *args_, True)[0]
+    masked_args = (1, 2, hc.BETA, hc.GAMMA, hc.ZETA, True)
+    ops_ = torch.ops.sparsekern
+
+    def two_op_backward():
+        gw, gz = ops_.mask_apply_backward(grad_w, weight, z, "hard_concrete", 1.0, 1.0, True)
+        return gw, fused_backward(gz, grad_l0, log_alpha, *args_, True)
+
+    masked = {
+        "masked weight forward": (
+            lambda: ops_.mask_apply(weight, fused(log_alpha, *args_, True)[0], "hard_concrete", 1.0, 1.0),
+            lambda: ops_.hard_concrete_masked_weight_fused(weight, log_alpha, *masked_args)[0]),
+        "masked weight backward": (
+            two_op_backward,
+            lambda: ops_.hard_concrete_masked_weight_fused_backward(grad_w, grad_l0, weight, log_alpha, *masked_args)),
+    }
+    for name, (two_fn, fused_fn) in masked.items():
+        torch.testing.assert_close(fused_fn(), two_fn(), rtol=1e-5, atol=1e-6, msg=name)
+
     fns = {f"{name}: {path}": fn for name, pair in cases.items() for path, fn in zip(("torch", "fused"), pair)}
+    fns.update({f"{name}: {path}": fn for name, pair in masked.items() for path, fn in zip(("two ops", "fused"), pair)})
     medians = interleaved_medians(fns, repeats, torch.device("cpu"))
+    masked_rows = []
+    for name in masked:
+        t_two, t_fused = medians[f"{name}: two ops"], medians[f"{name}: fused"]
+        masked_rows.append([name, f"{t_two * 1e3:.1f}", f"{t_fused * 1e3:.1f}", f"{t_two / t_fused:.1f}x"])
     rows, speedups = [], {}
     for name in cases:
         t_torch, t_fused = medians[f"{name}: torch"], medians[f"{name}: fused"]
@@ -78,7 +106,13 @@ def main(argv=None) -> int:
         + f"\n\n**fused forward {medians['forward: fused'] * 1e3:.1f} ms, backward "
         f"{medians['backward: fused'] * 1e3:.1f} ms** (target on the 2-core development machine: <= "
         f"{TARGET_MS['forward']:.0f} / {TARGET_MS['backward']:.0f} ms, 8x the previous commit's torch path: "
-        f"{'met' if met else 'NOT met'})\n"
+        f"{'met' if met else 'NOT met'})\n\n"
+        f"### A weight under unstructured gates ({numel:,} weights)\n\n"
+        "two ops = hard_concrete_sample_fused, then mask_apply (backward: mask_apply_backward, then "
+        "hard_concrete_sample_fused_backward): what the layers ran before hard_concrete_masked_weight; it "
+        f"keeps z ({numel * 4 / 2**20:.0f} MiB) from the forward to the backward. fused = "
+        "hard_concrete_masked_weight_fused(_backward): z regenerated, never stored. Same interleaved run.\n\n"
+        + markdown_table(["case", "two ops ms", "fused ms", "speed-up"], masked_rows) + "\n"
     )
     print(report)
     print(f"written to {write_result('hard_concrete.md', report)}")
