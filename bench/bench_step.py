@@ -221,7 +221,7 @@ def run_model(model_name: str, repeats: int, warmup: int, memory_steps: int) -> 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15, help="timed steps per method (default 15)")
+    parser.add_argument("--repeats", type=int, default=21, help="timed steps per method (default 21)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 repeats, 1 warm-up, 1 profiled step")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--malloc-defaults", action="store_true",
