@@ -87,6 +87,17 @@ class MaskApply : public torch::autograd::Function<MaskApply> {
   }
 };
 
+// The constants a hard-concrete backward needs to regenerate the noise from (seed, offset).
+void save_gate_constants(AutogradContext* ctx, int64_t seed, int64_t offset, double beta, double gamma, double zeta,
+                         bool training) {
+  ctx->saved_data["seed"] = seed;
+  ctx->saved_data["offset"] = offset;
+  ctx->saved_data["beta"] = beta;
+  ctx->saved_data["gamma"] = gamma;
+  ctx->saved_data["zeta"] = zeta;
+  ctx->saved_data["training"] = training;
+}
+
 using HcSample = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, int64_t, int64_t, double, double,
                                                      double, bool);
 using HcBackward = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
@@ -103,13 +114,8 @@ class HardConcreteSample : public torch::autograd::Function<HardConcreteSample> 
                          .findSchemaOrThrow("sparsekern::hard_concrete_sample_fused", "")
                          .typed<HcSample>();
     ctx->save_for_backward({log_alpha});
-    ctx->saved_data["seed"] = seed;
-    ctx->saved_data["offset"] = offset;
+    save_gate_constants(ctx, seed, offset, beta, gamma, zeta, training);
     ctx->saved_data["group_size"] = group_size;
-    ctx->saved_data["beta"] = beta;
-    ctx->saved_data["gamma"] = gamma;
-    ctx->saved_data["zeta"] = zeta;
-    ctx->saved_data["training"] = training;
     auto [z, l0] = op.call(log_alpha, seed, offset, group_size, beta, gamma, zeta, training);
     return {z, l0};
   }
@@ -148,12 +154,7 @@ class HardConcreteMaskedWeight : public torch::autograd::Function<HardConcreteMa
                          .findSchemaOrThrow("sparsekern::hard_concrete_masked_weight_fused", "")
                          .typed<HcMasked>();
     ctx->save_for_backward({weight, log_alpha});
-    ctx->saved_data["seed"] = seed;
-    ctx->saved_data["offset"] = offset;
-    ctx->saved_data["beta"] = beta;
-    ctx->saved_data["gamma"] = gamma;
-    ctx->saved_data["zeta"] = zeta;
-    ctx->saved_data["training"] = training;
+    save_gate_constants(ctx, seed, offset, beta, gamma, zeta, training);
     auto [w_eff, l0] = op.call(weight, log_alpha, seed, offset, beta, gamma, zeta, training);
     return {w_eff, l0};
   }
