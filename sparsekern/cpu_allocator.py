@@ -8,8 +8,15 @@ weight-sized buffers per step (w_eff, the mask's gradient), so they pay more of 
 the threshold raised to glibc's maximum (32 MiB) and the trim threshold to 1 GiB, buffers
 are reused from the heap. ResNet-18, batch 32, 2-core machine, interleaved medians (noisy:
 ±5% between runs): dense 471 -> 431 ms and CS 1.12 -> 1.05x dense in one pair of runs.
-This is what jemalloc / tcmalloc do by design; PyTorch's CPU performance guide suggests
-them. `sparsekern train` and bench/bench_step.py call this (each has a switch to keep the
+jemalloc / tcmalloc reuse memory like this by design; PyTorch's CPU performance guide
+suggests them.
+
+Why not mmap off altogether (M_MMAP_MAX = 0), which reuses blocks above 32 MiB too: it took
+a 4096x4096 nn.Linear at batch 8 (64 MiB weight, fwd + bwd) from 38.1 to 15.6 ms, but made
+the ResNet-18 step ratios worse in two paired runs (IMP 1.04 -> 1.08-1.09x dense, L0
+1.10-1.13 -> 1.15-1.19x, CS 1.03-1.05 -> 1.09-1.14x).
+
+`sparsekern train` and bench/bench_step.py call this (each has a switch to keep the
 defaults); library users may call it themselves. It changes process-wide allocator
 settings, so importing sparsekern never does.
 """
