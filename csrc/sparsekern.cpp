@@ -21,6 +21,8 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def("mask_apply_backward(Tensor grad, Tensor weight, Tensor mask, str kind, float beta, float scale, bool mask_grad) -> (Tensor, Tensor)");
   // weight *= keep (bool) in place: keeps binary-masked weights exactly zero.
   m.def("zero_masked_(Tensor(a!) weight, Tensor keep) -> ()");
+  // Whether every weight that bool `keep` prunes is exactly zero (0-dim bool tensor).
+  m.def("pruned_all_zero(Tensor weight, Tensor keep) -> Tensor");
   // Continuous Sparsification's L1 penalty Σ scale·σ(β·s) (a 0-dim tensor of scores'
   // dtype) and its backward grad·scale·β·σ(1 − σ); CPU kernels (CUDA uses Triton).
   m.def("sigmoid_mask_l1(Tensor scores, float beta, float scale) -> Tensor");

@@ -232,3 +232,85 @@ def test_compiling_uses_the_op_not_the_eager_path(monkeypatch):
     w, m, _ = case("binary", (4, 3, 3, 3))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert not mask_apply.eager_cpu(w, m, "binary")
+
+
+# --- binary masks whose pruned weights are already zero: the weight itself is used ------
+
+
+def _pruned_zero_pair(shape=(6, 5, 3, 3), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.rand(shape, generator=gen) > 0.5
+    return torch.randn(shape, generator=gen) * keep, keep
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("zeros", True), ("negative zero", True), ("one pruned nonzero", False), ("nan pruned", False),
+    ("nan kept", True), ("zero-size", True),
+])
+def test_pruned_all_zero_matches_reference(case, expected):
+    w, keep = _pruned_zero_pair()
+    pruned = (~keep).nonzero()[0].tolist()
+    kept = keep.nonzero()[0].tolist()
+    if case == "negative zero":
+        w[tuple(pruned)] = -0.0
+    elif case == "one pruned nonzero":
+        w[tuple(pruned)] = 1e-30
+    elif case == "nan pruned":
+        w[tuple(pruned)] = float("nan")
+    elif case == "nan kept":
+        w[tuple(kept)] = float("nan")
+    elif case == "zero-size":
+        w, keep = w[:0], keep[:0]
+    got = torch.ops.sparsekern.pruned_all_zero(w, keep)
+    assert got.dtype == torch.bool and got.shape == ()
+    assert bool(got) is expected is bool(mask_apply._pruned_all_zero_reference(w, keep))
+
+
+def test_opcheck_pruned_all_zero():
+    w, keep = _pruned_zero_pair()
+    torch.library.opcheck(torch.ops.sparsekern.pruned_all_zero.default, (w, keep))
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the eager C++ path is part of the extension")
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_binary_with_zero_pruned_weights_uses_the_weight_itself(layer):
+    from sparsekern import SparseConv2d, SparseLinear
+
+    torch.manual_seed(0)
+    if layer == "conv":
+        m, x = SparseConv2d(5, 6, 3, padding=1, mask="binary"), torch.randn(2, 5, 7, 7)
+    else:
+        m, x = SparseLinear(9, 6, mask="binary"), torch.randn(4, 9)
+    x.requires_grad_()  # so the layer saves its weight (for grad_x)
+    with torch.no_grad():
+        m.weight_mask.copy_(torch.rand(m.weight.shape) > 0.5)
+        m.weight.mul_(m.weight_mask)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = m(x)
+    # The layer saved the parameter's own storage, no weight-sized w_eff.
+    weight_sized = {t.data_ptr() for t in saved if t.numel() == m.weight.numel()}
+    assert weight_sized == {m.weight.data_ptr()}
+    w_eff = m.weight.detach() * m.weight_mask
+    expected = (torch.nn.functional.conv2d(x, w_eff, m.bias, padding=1) if layer == "conv"
+                else torch.nn.functional.linear(x, w_eff, m.bias))
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    g = torch.randn_like(y)
+    y.backward(g)
+    w_ref = w_eff.clone().requires_grad_()
+    x = x.detach()
+    out = (torch.nn.functional.conv2d(x, w_ref, m.bias, padding=1) if layer == "conv"
+           else torch.nn.functional.linear(x, w_ref, m.bias))
+    out.backward(g)
+    torch.testing.assert_close(m.weight.grad, w_ref.grad * m.weight_mask, rtol=0, atol=0)
+    assert bool((m.weight.grad[~m.weight_mask] == 0).all())
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the eager C++ path is part of the extension")
+def test_binary_with_a_nonzero_pruned_weight_still_masks_it():
+    w, keep = _pruned_zero_pair()
+    w[tuple((~keep).nonzero()[0].tolist())] = 5.0  # a pruned weight that is not zero
+    w.requires_grad_()
+    out = mask_apply.masked_weight_autograd(w, keep, "binary", 1.0, 1.0)
+    assert out.data_ptr() != w.data_ptr()
+    torch.testing.assert_close(out, w.detach() * keep, rtol=0, atol=0)

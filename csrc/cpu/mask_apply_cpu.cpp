@@ -18,6 +18,7 @@
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
@@ -288,6 +289,24 @@ void zero_masked_cpu(at::Tensor& weight, const at::Tensor& keep) {
   });
 }
 
+// Whether every weight the bool `keep` prunes is exactly zero (±0): then w ⊙ keep == w bit
+// for bit and the masked ops may use w itself. One read of w and keep, no write.
+at::Tensor pruned_all_zero_cpu(const at::Tensor& weight, const at::Tensor& keep) {
+  check_layout(weight, keep, Kind::kBinary);
+  TORCH_CHECK_VALUE(keep.sizes() == weight.sizes(), "pruned_all_zero: `keep` must have weight's shape");
+  const f32* w = weight.const_data_ptr<f32>();
+  const u8* m = bool_data(keep);
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, weight.numel(), kGrain, [&](int64_t b, int64_t e) {
+    if (!ok.load(std::memory_order_relaxed)) return;
+    uint8_t bad = 0;
+#pragma omp simd reduction(| : bad)
+    for (int64_t i = b; i < e; ++i) bad |= static_cast<uint8_t>((m[i] == 0) & (w[i] != 0.0f));
+    if (bad) ok.store(false, std::memory_order_relaxed);
+  });
+  return at::scalar_tensor(ok.load(), weight.options().dtype(at::kBool));
+}
+
 // ---- Continuous Sparsification's L1 penalty: Σ scale·σ(β·s) -------------------------------
 // Why here: the torch expression `scale * torch.sigmoid(beta * s).sum()` is three passes
 // forward (two fresh weight-sized tensors, σ saved for backward) and two backward; over
@@ -361,6 +380,7 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("mask_apply", &mask_apply_cpu);
   m.impl("mask_apply_backward", &mask_apply_backward_cpu);
   m.impl("zero_masked_", &zero_masked_cpu);
+  m.impl("pruned_all_zero", &pruned_all_zero_cpu);
   m.impl("sigmoid_mask_l1", &sigmoid_mask_l1_cpu);
   m.impl("sigmoid_mask_l1_backward", &sigmoid_mask_l1_backward_cpu);
 }

@@ -39,9 +39,14 @@ def _zero_reference(weight, keep):
     weight.mul_(keep)
 
 
+def _pruned_all_zero_reference(weight, keep):
+    return ((weight == 0) | keep).all()
+
+
 _apply_op = cpp_op("mask_apply", _apply_reference)
 _backward_op = cpp_op("mask_apply_backward", _backward_reference)
 _zero_op = cpp_op("zero_masked_", _zero_reference)
+_pruned_zero_op = cpp_op("pruned_all_zero", _pruned_all_zero_reference)
 
 
 @torch.library.register_fake("sparsekern::mask_apply")
@@ -59,6 +64,11 @@ def _(grad, weight, mask, kind, beta, scale, mask_grad):
 @torch.library.register_fake("sparsekern::zero_masked_")
 def _(weight, keep):
     return None
+
+
+@torch.library.register_fake("sparsekern::pruned_all_zero")
+def _(weight, keep):
+    return weight.new_empty((), dtype=torch.bool)
 
 
 def cpp_layout(weight: Tensor, mask: Tensor, kind: str) -> bool:
@@ -108,7 +118,19 @@ def eager_cpu(weight: Tensor, mask: Tensor, kind: str) -> bool:
 
 def masked_weight_autograd(weight: Tensor, mask: Tensor, kind: str, beta: float, scale: float) -> Tensor:
     """weight ⊙ g, differentiable w.r.t. weight and (learnable kinds) mask, with the
-    autograd in C++ (csrc/eager_autograd.cpp): the masked ops' eager CPU path."""
+    autograd in C++ (csrc/eager_autograd.cpp): the masked ops' eager CPU path.
+
+    binary: when every pruned weight is already exactly zero (the methods re-zero them
+    after each optimiser step), weight ⊙ m is weight bit for bit, so this returns a view
+    of weight and masks only its gradient (G ⊙ m, by a hook). The layer then saves the
+    parameter itself for its backward instead of a weight-sized w_eff: ResNet-18's binary
+    methods kept +1.0x the weight bytes in transient memory for it (bench/results/step.md).
+    The check is one read of weight and mask, no write."""
+    if kind == "binary" and bool(_pruned_zero_op(weight, mask)):
+        w = weight.view_as(weight)
+        if w.requires_grad:
+            w.register_hook(lambda grad: masked_weight(grad, mask, "binary", 1.0, 1.0))
+        return w
     return _apply_op(weight, mask, kind, beta, scale)
 
 
