@@ -5,10 +5,11 @@ One step = forward + cross-entropy (+ method.penalty()) + backward + optimizer.s
 CIFAR ResNet-20 and ResNet-18 of sparsekern.models, batch 32 of random 3x32x32 inputs.
 
 Time: all methods of a model are built in one process and timed in one interleaved run
-(bench/common.py interleaved_medians), so machine drift hits them alike. Dense runs twice,
-first and last in each round ("dense (again)" is a second, identical model): ratios are
-against the mean of the two, and their difference is the run's noise floor — read the 3%
-targets against it. The median step hides the methods' periodic mask
+(bench/common.py interleaved_times: each round runs every method once, in a shuffled
+order), so machine drift hits them alike. Dense runs twice in each round ("dense (again)"
+is a second, identical model): a method's ratio is the median over the rounds of its step
+time over the mean of that round's two dense steps, and the dense row's distance from 1 is
+the run's noise floor — read the 3% targets against it. The median step hides the methods' periodic mask
 updates (DPF every `period`=16 steps, GMP every `frequency`=100), so these are timed too:
 the mean of `period` consecutive method.step() calls (one update each) is reported as
 "step() amortised".
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,7 +42,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians, machine, markdown_table, write_result  # noqa: E402
+from common import interleaved_times, machine, markdown_table, write_result  # noqa: E402
 
 from sparsekern import methods as M  # noqa: E402
 from sparsekern import tune_cpu_allocator  # noqa: E402
@@ -176,9 +178,15 @@ def run_model(model_name: str, repeats: int, warmup: int, memory_steps: int) -> 
     built = {name: build(model_name, name) for name in METHODS}
     built[AGAIN] = build(model_name, "dense")
     fns = {name: step_fn(model, m, opt, x, y) for name, (model, m, opt) in built.items()}
-    medians = interleaved_medians(fns, repeats, torch.device("cpu"), warmup=warmup)
-    dense_t = (medians["dense"] + medians.pop(AGAIN)) / 2
-    noise = abs(medians["dense"] / dense_t - 1)
+    times = interleaved_times(fns, repeats, torch.device("cpu"), warmup=warmup)
+    # Each round's ratio against that round's two dense steps, then the median over the
+    # rounds: drift between rounds cancels.
+    again = times.pop(AGAIN)
+    dense_r = [(a + b) / 2 for a, b in zip(times["dense"], again)]
+    ratios = {name: statistics.median(t / d for t, d in zip(ts, dense_r)) for name, ts in times.items()}
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    # Half the median relative difference between the two identical dense models.
+    noise = abs(statistics.median(a / b for a, b in zip(times["dense"], again)) - 1) / 2
     amortised = {}
     for name, (_, m, _) in built.items():
         if m is not None:
@@ -192,9 +200,9 @@ def run_model(model_name: str, repeats: int, warmup: int, memory_steps: int) -> 
     for key, t in medians.items():
         cls, name = METHODS[key][0], key
         if cls is None:
-            name = f"dense (first and last: ±{noise:.1%} from their mean)"
+            name = f"dense (two per round: ±{noise:.1%} from their mean)"
         kind = "-" if cls is None else cls.mask_kind
-        ratio = t / dense_t
+        ratio = ratios[key]
         ok_t = cls is None or ratio <= TARGET[kind]
         extra = mem[key]["peak"] - dense_m["peak"]
         persistent = mem[key]["state"] - dense_m["state"]

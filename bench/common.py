@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -26,24 +27,34 @@ def machine(device: torch.device) -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device,
-                        warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each fn, the fns run round-robin so that drift in the
-    machine's speed hits them all alike."""
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device,
+                      warmup: int = 2, seed: int = 0) -> dict[str, list[float]]:
+    """Seconds of each call of each fn, round by round: every round runs every fn once, in
+    an order shuffled per round (seeded), so that drift in the machine's speed, and what
+    one fn leaves behind for the next (caches, allocator state), hit them all alike."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     sync()
+    order = list(fns)
+    rng = random.Random(seed)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        for name, fn in fns.items():
+        rng.shuffle(order)
+        for name in order:
             sync()
             start = time.perf_counter()
-            fn()
+            fns[name]()
             sync()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device,
+                        warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each fn over one interleaved run (interleaved_times)."""
+    return {name: statistics.median(t) for name, t in interleaved_times(fns, repeats, device, warmup).items()}
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
