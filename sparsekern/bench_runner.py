@@ -7,6 +7,7 @@ checkout (an editable install finds it beside the package).
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -50,7 +51,8 @@ def run_benches(folder: Path | None = None, *, quick: bool = False, only: list[s
         print(stdout + stderr, flush=True)
         # The script's own last words (its summary, or the error): stdout, else stderr.
         last = [line.strip() for line in (stderr if rc and not stdout.strip() else stdout + stderr).splitlines() if line.strip()]
-        last = [line for line in last if not line.startswith("USDT:")]  # the profiler's start/stop chatter
+        # Not the profiler's start/stop chatter (USDT:) nor c10's warnings ([W1203 ...]).
+        last = [line for line in last if not line.startswith("USDT:") and not re.match(r"\[W\d{4} ", line)]
         tail = " / ".join(last[-3:]) if rc else ""
         statuses.append((script.name, rc, seconds, tail))
     readme = write_readme(folder / "results", statuses, quick)
