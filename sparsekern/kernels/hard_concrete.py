@@ -154,23 +154,48 @@ def _mul_fp64(weight: torch.Tensor, log_alpha: torch.Tensor) -> bool:
     return torch.float64 in (weight.dtype, log_alpha.dtype)
 
 
+def _launch_sample(log_alpha, weight, seed, offset, beta, gamma, zeta, training):
+    """(out, per-program L0 partials): out = z, or weight * z when weight is given; the
+    inputs contiguous and of one shape."""
+    masked = weight is not None
+    n = log_alpha.numel()
+    n_blocks = (n + BLOCK - 1) // BLOCK
+    out = torch.empty_like(weight if masked else log_alpha)
+    partials = torch.empty(n_blocks, dtype=_acc_dtype(log_alpha.dtype), device=log_alpha.device)
+    if n > 0:
+        wrap_triton(_sample_kernel)[(n_blocks,)](
+            log_alpha, weight if masked else log_alpha, out, partials, n, seed, offset, beta, gamma, zeta,
+            MASKED=masked, TRAINING=training, FP64=log_alpha.dtype == torch.float64,
+            MUL_FP64=masked and _mul_fp64(weight, log_alpha), BLOCK=BLOCK,
+        )
+    return out, partials
+
+
+def _launch_backward(grad_out, grad_l0, log_alpha, weight, seed, offset, beta, gamma, zeta, training):
+    """(grad log_alpha, grad_w or None): grad_out is z's gradient, or w_eff's when weight
+    is given; grad_l0 already times group_size; the inputs contiguous and of one shape."""
+    masked = weight is not None
+    n = log_alpha.numel()
+    grad = torch.empty_like(log_alpha)
+    grad_w = torch.empty_like(weight) if masked else None
+    grad_l0 = grad_l0.to(_acc_dtype(log_alpha.dtype))
+    if n > 0:
+        wrap_triton(_backward_kernel)[((n + BLOCK - 1) // BLOCK,)](
+            grad_out, grad_l0, log_alpha, weight if masked else log_alpha, grad, grad_w if masked else grad, n,
+            seed, offset, beta, gamma, zeta,
+            MASKED=masked, TRAINING=training, FP64=log_alpha.dtype == torch.float64,
+            MUL_FP64=masked and _mul_fp64(weight, log_alpha), BLOCK=BLOCK,
+        )
+    return grad, grad_w
+
+
 def sample(
     log_alpha: torch.Tensor, seed: int, offset: int, group_size: int,
     beta: float, gamma: float, zeta: float, training: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, expected_l0) from one pass over log_alpha (any device Triton runs on; made
     contiguous, indices are row-major)."""
-    log_alpha = log_alpha.contiguous()
-    n = log_alpha.numel()
-    n_blocks = (n + BLOCK - 1) // BLOCK
-    z = torch.empty_like(log_alpha)
-    partials = torch.empty(n_blocks, dtype=_acc_dtype(log_alpha.dtype), device=log_alpha.device)
-    if n > 0:
-        wrap_triton(_sample_kernel)[(n_blocks,)](
-            log_alpha, log_alpha, z, partials, n, seed, offset, beta, gamma, zeta,
-            MASKED=False, TRAINING=training, FP64=log_alpha.dtype == torch.float64,
-            MUL_FP64=False, BLOCK=BLOCK,
-        )
+    z, partials = _launch_sample(log_alpha.contiguous(), None, seed, offset, beta, gamma, zeta, training)
     return z, partials.sum() * group_size
 
 
@@ -179,20 +204,9 @@ def backward(
     offset: int, group_size: int, beta: float, gamma: float, zeta: float, training: bool,
 ) -> torch.Tensor:
     """d(loss)/d(log_alpha) given the gradients of sample's two outputs."""
-    log_alpha = log_alpha.contiguous()
-    grad_z = grad_z.contiguous()
-    n = log_alpha.numel()
-    grad = torch.empty_like(log_alpha)
     # dL0/dlog_alpha_j = group_size * p_j (1 - p_j): fold group_size into the scalar here.
-    grad_l0 = (grad_l0 * group_size).to(_acc_dtype(log_alpha.dtype))
-    if n > 0:
-        n_blocks = (n + BLOCK - 1) // BLOCK
-        wrap_triton(_backward_kernel)[(n_blocks,)](
-            grad_z, grad_l0, log_alpha, log_alpha, grad, grad, n, seed, offset, beta, gamma, zeta,
-            MASKED=False, TRAINING=training, FP64=log_alpha.dtype == torch.float64,
-            MUL_FP64=False, BLOCK=BLOCK,
-        )
-    return grad
+    return _launch_backward(grad_z.contiguous(), grad_l0 * group_size, log_alpha.contiguous(), None,
+                            seed, offset, beta, gamma, zeta, training)[0]
 
 
 def masked_sample(
@@ -203,17 +217,8 @@ def masked_sample(
     sample(log_alpha, seed, offset, 1, ...) draws; expected_l0 as sample returns it for
     group_size 1. One pass; z is never written."""
     _check_same_shape("weight", weight, log_alpha)
-    weight, log_alpha = weight.contiguous(), log_alpha.contiguous()
-    n = log_alpha.numel()
-    n_blocks = (n + BLOCK - 1) // BLOCK
-    w_eff = torch.empty_like(weight)
-    partials = torch.empty(n_blocks, dtype=_acc_dtype(log_alpha.dtype), device=log_alpha.device)
-    if n > 0:
-        wrap_triton(_sample_kernel)[(n_blocks,)](
-            log_alpha, weight, w_eff, partials, n, seed, offset, beta, gamma, zeta,
-            MASKED=True, TRAINING=training, FP64=log_alpha.dtype == torch.float64,
-            MUL_FP64=_mul_fp64(weight, log_alpha), BLOCK=BLOCK,
-        )
+    w_eff, partials = _launch_sample(log_alpha.contiguous(), weight.contiguous(), seed, offset, beta, gamma, zeta,
+                                     training)
     return w_eff, partials.sum()
 
 
@@ -228,16 +233,6 @@ def masked_backward(
     (seed, offset)."""
     _check_same_shape("weight", weight, log_alpha)
     _check_same_shape("grad_w_eff", grad_w_eff, log_alpha)
-    weight, log_alpha, grad_w_eff = weight.contiguous(), log_alpha.contiguous(), grad_w_eff.contiguous()
-    n = log_alpha.numel()
-    grad_w = torch.empty_like(weight)
-    grad = torch.empty_like(log_alpha)
-    grad_l0 = grad_l0.to(_acc_dtype(log_alpha.dtype))
-    if n > 0:
-        n_blocks = (n + BLOCK - 1) // BLOCK
-        wrap_triton(_backward_kernel)[(n_blocks,)](
-            grad_w_eff, grad_l0, log_alpha, weight, grad, grad_w, n, seed, offset, beta, gamma, zeta,
-            MASKED=True, TRAINING=training, FP64=log_alpha.dtype == torch.float64,
-            MUL_FP64=_mul_fp64(weight, log_alpha), BLOCK=BLOCK,
-        )
+    grad, grad_w = _launch_backward(grad_w_eff.contiguous(), grad_l0, log_alpha.contiguous(), weight.contiguous(),
+                                    seed, offset, beta, gamma, zeta, training)
     return grad_w, grad
