@@ -314,3 +314,13 @@ def test_binary_with_a_nonzero_pruned_weight_still_masks_it():
     out = mask_apply.masked_weight_autograd(w, keep, "binary", 1.0, 1.0)
     assert out.data_ptr() != w.data_ptr()
     torch.testing.assert_close(out, w.detach() * keep, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the eager C++ path is part of the extension")
+def test_binary_weight_view_refuses_a_mask_changed_before_backward():
+    w, keep = _pruned_zero_pair()
+    w.requires_grad_()
+    out = mask_apply.masked_weight_autograd(w, keep, "binary", 1.0, 1.0)
+    keep[0].fill_(False)  # e.g. a mask update between forward and backward
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()

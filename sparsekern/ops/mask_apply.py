@@ -13,6 +13,7 @@ every optimiser step to keep binary-masked weights exactly zero (C++ on CPU floa
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -129,9 +130,17 @@ def masked_weight_autograd(weight: Tensor, mask: Tensor, kind: str, beta: float,
     if kind == "binary" and bool(_pruned_zero_op(weight, mask)):
         w = weight.view_as(weight)
         if w.requires_grad:
-            w.register_hook(lambda grad: masked_weight(grad, mask, "binary", 1.0, 1.0))
+            w.register_hook(functools.partial(_binary_grad, mask=mask, version=mask._version))
         return w
     return _apply_op(weight, mask, kind, beta, scale)
+
+
+def _binary_grad(grad: Tensor, *, mask: Tensor, version: int) -> Tensor:
+    # As autograd checks its saved tensors: the forward's mask must still be the one here.
+    if mask._version != version:
+        raise RuntimeError("the binary mask was modified in place between the masked layer's forward and its "
+                           "backward; call method.step() after backward and optimizer.step()")
+    return masked_weight(grad, mask, "binary", 1.0, 1.0)
 
 
 @torch.no_grad()
