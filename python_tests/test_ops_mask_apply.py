@@ -309,18 +309,23 @@ def test_binary_with_zero_pruned_weights_uses_the_weight_itself(layer):
 @pytest.mark.skipif(not HAS_EXTENSION, reason="the eager C++ path is part of the extension")
 def test_binary_with_a_nonzero_pruned_weight_still_masks_it():
     w, keep = _pruned_zero_pair()
-    w[tuple((~keep).nonzero()[0].tolist())] = 5.0  # a pruned weight that is not zero
     w.requires_grad_()
-    out = mask_apply.masked_weight_autograd(w, keep, "binary", 1.0, 1.0)
-    assert out.data_ptr() != w.data_ptr()
-    torch.testing.assert_close(out, w.detach() * keep, rtol=0, atol=0)
+    assert mask_apply.binary_weight_view(w, keep) is not None
+    with torch.no_grad():
+        w[tuple((~keep).nonzero()[0].tolist())] = 5.0  # a pruned weight that is not zero
+    assert mask_apply.binary_weight_view(w, keep) is None
+    # The public masked ops never alias the weight, zero pruned weights or not.
+    for weight in (w, w * keep):
+        out = ops.masked_conv2d_weight(weight, keep, kind="binary")
+        assert out.data_ptr() != weight.data_ptr()
+        torch.testing.assert_close(out, weight.detach() * keep, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not HAS_EXTENSION, reason="the eager C++ path is part of the extension")
 def test_binary_weight_view_refuses_a_mask_changed_before_backward():
     w, keep = _pruned_zero_pair()
     w.requires_grad_()
-    out = mask_apply.masked_weight_autograd(w, keep, "binary", 1.0, 1.0)
+    out = mask_apply.binary_weight_view(w, keep)
     keep[0].fill_(False)  # e.g. a mask update between forward and backward
     with pytest.raises(RuntimeError, match="modified in place"):
         out.sum().backward()

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .. import _checks, ops
+from ..ops import mask_apply
 
 # Hard-concrete stretch constants (Louizos et al. 2018), shared with the op defaults.
 HC_BETA, HC_GAMMA, HC_ZETA = 2.0 / 3.0, -0.1, 1.1
@@ -110,6 +111,11 @@ class BinaryMask(MaskKind):
     def op_mask(self, layer):
         return layer.weight_mask, {"kind": self.name}
 
+    def masked_weight(self, layer):
+        """Eager CPU with every pruned weight exactly zero: the weight itself (a view whose
+        gradient is masked), so the layer saves no w_eff (ops.mask_apply.binary_weight_view)."""
+        return mask_apply.binary_weight_view(layer.weight, layer.weight_mask)
+
     def gate(self, layer):
         return layer.weight_mask.to(layer.weight.dtype)
 
@@ -122,6 +128,9 @@ class StraightThroughMask(BinaryMask):
     weights keep learning and can come back (DPF)."""
 
     name = "straight_through"
+
+    def masked_weight(self, layer):
+        return None  # the pruned weights keep training: they are not zero
 
 
 class SigmoidMask(MaskKind):

@@ -119,20 +119,26 @@ def eager_cpu(weight: Tensor, mask: Tensor, kind: str) -> bool:
 
 def masked_weight_autograd(weight: Tensor, mask: Tensor, kind: str, beta: float, scale: float) -> Tensor:
     """weight ⊙ g, differentiable w.r.t. weight and (learnable kinds) mask, with the
-    autograd in C++ (csrc/eager_autograd.cpp): the masked ops' eager CPU path.
-
-    binary: when every pruned weight is already exactly zero (the methods re-zero them
-    after each optimiser step), weight ⊙ m is weight bit for bit, so this returns a view
-    of weight and masks only its gradient (G ⊙ m, by a hook). The layer then saves the
-    parameter itself for its backward instead of a weight-sized w_eff: ResNet-18's binary
-    methods kept +1.0x the weight bytes in transient memory for it (bench/results/step.md).
-    The check is one read of weight and mask, no write."""
-    if kind == "binary" and bool(_pruned_zero_op(weight, mask)):
-        w = weight.view_as(weight)
-        if w.requires_grad:
-            w.register_hook(functools.partial(_binary_grad, mask=mask, version=mask._version))
-        return w
+    autograd in C++ (csrc/eager_autograd.cpp): the masked ops' eager CPU path."""
     return _apply_op(weight, mask, kind, beta, scale)
+
+
+def binary_weight_view(weight: Tensor, keep: Tensor) -> Optional[Tensor]:
+    """For a layer about to use weight ⊙ keep (binary mask) and discard it: when every
+    pruned weight is already exactly zero (the methods re-zero them after each optimiser
+    step), weight ⊙ keep is weight bit for bit, so this returns a view of weight whose
+    gradient is masked by a hook (G ⊙ keep); else None (use the masked op). The layer then
+    saves the parameter itself for its backward instead of a weight-sized w_eff: ResNet-18's
+    binary methods kept +1.0x the weight bytes in transient memory for it
+    (bench/results/step.md). The check is one read of weight and keep, no write. Eager CPU
+    only (eager_cpu's conditions); not for the public masked ops, whose result must not
+    alias the weight."""
+    if not (eager_cpu(weight, keep, "binary") and bool(_pruned_zero_op(weight, keep))):
+        return None
+    w = weight.view_as(weight)
+    if w.requires_grad:
+        w.register_hook(functools.partial(_binary_grad, mask=keep, version=keep._version))
+    return w
 
 
 def _binary_grad(grad: Tensor, *, mask: Tensor, version: int) -> Tensor:
