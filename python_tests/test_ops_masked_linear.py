@@ -279,3 +279,32 @@ def test_cuda_kernels_compile(kind, dtype, mask_t, bias, reduce_n, reduce_k):
     compile_for_sm90(k._masked_linear_grad_weight_kernel, ptrs, dict(
         KIND=code, MASK_GRAD=kind in LEARNABLE, BIAS_GRAD=bias, REDUCE_N=reduce_n, REDUCE_K=reduce_k,
         UPCAST=False, INPUT_PRECISION="ieee", BLOCK_N=bm, BLOCK_K=bn, BLOCK_M=bk, GROUP=8), warps, stages)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eager_cpu_per_input_gate_uses_native_autograd(dtype, monkeypatch):
+    # A hard_concrete gate per input neuron ([1, in]) takes torch's broadcasting mul in
+    # eager CPU mode, not the custom op; values and gradients are the kind's.
+    import importlib
+
+    ml = importlib.import_module("sparsekern.ops.masked_linear")  # the module, not the function
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the custom op was called")
+
+    monkeypatch.setattr(ml, "_masked_linear_op", refuse)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 2, 7, generator=gen, dtype=dtype, requires_grad=True)
+    w = torch.randn(4, 7, generator=gen, dtype=dtype, requires_grad=True)
+    b = torch.randn(4, generator=gen, dtype=dtype, requires_grad=True)
+    z = torch.rand(1, 7, generator=gen, dtype=dtype).requires_grad_()
+    y = ops.masked_linear(x, w, b, z, kind="hard_concrete")
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w, b, z), g)
+    xs, ws, bs, zs = (t.detach().double().requires_grad_() for t in (x, w, b, z))
+    y_ref = reference.masked_linear(xs, ws, bs, zs, "hard_concrete")
+    grads_ref = torch.autograd.grad(y_ref, (xs, ws, bs, zs), g.double())
+    tol = tolerances(dtype, k=32.0)
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    for a, r in zip(grads, grads_ref):
+        torch.testing.assert_close(a.double(), r, **tol)

@@ -182,6 +182,12 @@ def masked_linear(
         # Eager CPU: the GEMMs are oneDNN's either way; only the gate is ours, with its
         # autograd in C++ (see csrc/eager_autograd.cpp for why).
         return F.linear(x, mask_apply.masked_weight_autograd(weight, mask, kind, beta, scale), bias)
+    if kind == "hard_concrete" and weight.device.type == "cpu" and not torch.compiler.is_compiling():
+        # A gate per input neuron ([1, in], structured L0), which the C++ kernels do not
+        # take: w ⊙ z by torch's own broadcasting mul, whose autograd is this kind's
+        # (grad_w = G ⊙ z, grad_z = Σ_rows G ⊙ w). The custom op's Python dispatch cost more
+        # than the layer: 300 -> 100 at batch 64, fwd + bwd, 473 vs 140 µs (dense 93 µs).
+        return F.linear(x, mask_math.masked_weight(weight, mask, kind, beta, scale), bias)
     lead = x.shape[:-1]
     y = _masked_linear_op(x.reshape(-1, x.shape[-1]), weight, bias, mask, kind, beta, scale)
     return y.reshape(*lead, weight.shape[0])
