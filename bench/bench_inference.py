@@ -116,6 +116,7 @@ def run_model(name: str, repeats: int) -> tuple[str, list[bool]]:
     dense = fresh(name)
     example = torch.randn(1, 3, 32, 32)
     variants = {"dense": (dense, None)}
+    prepared = {"dense": prepare(dense)}
     checks = []
     makers = [(f"{label} {d:.0%}", make, d) for d in DENSITIES
               for label, make in (("L0 structured", l0_at), ("DPF structured", dpf_at))]
@@ -130,9 +131,9 @@ def run_model(name: str, repeats: int) -> tuple[str, list[bool]]:
             diff = float((exported(x) - masked(x)).abs().max())
             scale = float(masked(x).abs().max())
         assert diff <= 1e-4 * max(1.0, scale), (key, diff)
-        prepared = prepare(exported)
+        prepared[key] = prepare(exported)
         with torch.no_grad():
-            diff_prepared = float((prepared(x.to(memory_format=torch.channels_last)) - masked(x)).abs().max())
+            diff_prepared = float((prepared[key](x.to(memory_format=torch.channels_last)) - masked(x)).abs().max())
         assert diff_prepared <= 1e-4 * max(1.0, scale), (key, diff_prepared)
         variants[key] = (exported, stats)
         checks.append((key, diff, diff_prepared, method.density()["global"]))
@@ -140,7 +141,6 @@ def run_model(name: str, repeats: int) -> tuple[str, list[bool]]:
     rows, met = [], []
     dense_macs, dense_params = count_macs(dense, example), count_params(dense)
     per_batch = {}
-    prepared = {k: prepare(m) for k, (m, _) in variants.items()}
     for batch in BATCHES:
         x = torch.randn(batch, 3, 32, 32)
         x_cl = x.to(memory_format=torch.channels_last)

@@ -62,7 +62,8 @@ def _fused_forward_fake(weight, log_alpha, seed, offset, beta, gamma, zeta, trai
 
 
 @torch.library.register_fake("sparsekern::hard_concrete_masked_weight_fused_backward")
-def _fused_backward_fake(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training):
+def _backward_fake(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training):
+    # Also the fake of the triton_op's backward below: same arguments, same results.
     fmt = torch.contiguous_format
     return torch.empty_like(weight, memory_format=fmt), torch.empty_like(log_alpha, memory_format=fmt)
 
@@ -120,10 +121,7 @@ def _(weight, log_alpha, seed, offset, beta, gamma, zeta, training):
     return w_eff, log_alpha.new_empty((), dtype=hc._acc_dtype(log_alpha.dtype))
 
 
-@_backward_op.register_fake
-def _(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training):
-    fmt = torch.contiguous_format
-    return torch.empty_like(weight, memory_format=fmt), torch.empty_like(log_alpha, memory_format=fmt)
+_backward_op.register_fake(_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):

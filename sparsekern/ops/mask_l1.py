@@ -17,7 +17,7 @@ import torch
 
 from .. import _checks
 from .._extension import HAS_EXTENSION
-from . import reference
+from . import mask_math, reference
 from ._library import cpp_op
 
 try:
@@ -39,8 +39,8 @@ def _forward_torch(scores, beta, scale):
 
 
 def _backward_torch(grad, scores, beta, scale):
-    sig = torch.sigmoid(beta * scores.to(_acc(scores.dtype)))
-    return (grad.to(sig.dtype) * (scale * beta) * sig * (1.0 - sig)).to(scores.dtype)
+    slope = mask_math.gate_slope(scores, "sigmoid", beta, scale, scores.dtype)  # scale·β·σ(βs)(1 − σ(βs))
+    return (grad.to(slope.dtype) * slope).to(scores.dtype)
 
 
 _cpp_forward = cpp_op("sigmoid_mask_l1", _forward_torch)
@@ -59,7 +59,7 @@ def _(grad, scores, beta, scale):
 
 def _cpp(scores: Tensor) -> bool:
     # The C++ kernels read memory in order: any dense layout (contiguous, channels_last).
-    dense = scores.is_contiguous() or (scores.dim() == 4 and scores.is_contiguous(memory_format=torch.channels_last))
+    dense = scores.is_contiguous() or scores.is_contiguous(memory_format=torch.channels_last)
     return scores.device.type == "cpu" and scores.dtype == torch.float32 and dense
 
 
