@@ -306,26 +306,73 @@ def test_binary_with_zero_pruned_weights_uses_the_weight_itself(layer):
     assert bool((m.weight.grad[~m.weight_mask] == 0).all())
 
 
+def _pruned_conv(seed=0):
+    from sparsekern import SparseConv2d
+
+    torch.manual_seed(seed)
+    m = SparseConv2d(5, 6, 3, padding=1, mask="binary")
+    with torch.no_grad():
+        m.weight_mask.copy_(torch.rand(m.weight.shape) > 0.5)
+        m.weight.mul_(m.weight_mask)
+    return m, torch.randn(2, 5, 7, 7)
+
+
 @pytest.mark.skipif(not HAS_EXTENSION, reason="the eager C++ path is part of the extension")
 def test_binary_with_a_nonzero_pruned_weight_still_masks_it():
     w, keep = _pruned_zero_pair()
-    w.requires_grad_()
-    assert mask_apply.binary_weight_view(w, keep) is not None
+    assert mask_apply.pruned_zero(w, keep)
+    w[tuple((~keep).nonzero()[0].tolist())] = 5.0  # a pruned weight that is not zero
+    assert not mask_apply.pruned_zero(w, keep)
+    # The layer then takes the masked op: the output and the gradient ignore that weight.
+    m, x = _pruned_conv()
     with torch.no_grad():
-        w[tuple((~keep).nonzero()[0].tolist())] = 5.0  # a pruned weight that is not zero
-    assert mask_apply.binary_weight_view(w, keep) is None
+        m.weight[~m.weight_mask] = 5.0
+    y = m(x)
+    w_eff = m.weight.detach() * m.weight_mask
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w_eff, m.bias, padding=1), rtol=0, atol=0)
+    y.sum().backward()
+    assert bool((m.weight.grad[~m.weight_mask] == 0).all())
     # The public masked ops never alias the weight, zero pruned weights or not.
     for weight in (w, w * keep):
         out = ops.masked_conv2d_weight(weight, keep, kind="binary")
         assert out.data_ptr() != weight.data_ptr()
-        torch.testing.assert_close(out, weight.detach() * keep, rtol=0, atol=0)
+        torch.testing.assert_close(out, weight * keep, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not HAS_EXTENSION, reason="the eager C++ path is part of the extension")
-def test_binary_weight_view_refuses_a_mask_changed_before_backward():
-    w, keep = _pruned_zero_pair()
-    w.requires_grad_()
-    out = mask_apply.binary_weight_view(w, keep)
-    keep[0].fill_(False)  # e.g. a mask update between forward and backward
+def test_binary_weight_refuses_a_mask_changed_before_backward():
+    m, x = _pruned_conv()
+    y = m(x)
+    m.weight_mask[0].fill_(False)  # e.g. a mask update between forward and backward
     with pytest.raises(RuntimeError, match="modified in place"):
-        out.sum().backward()
+        y.sum().backward()
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the eager C++ path is part of the extension")
+def test_binary_gradient_hook_follows_the_layer():
+    import copy
+    import pickle
+
+    from sparsekern import SparseConv2d
+
+    m, x = _pruned_conv()
+    # torch.autograd.grad sees the masked gradient too (the hook is on the Parameter).
+    (g,) = torch.autograd.grad(m(x).sum(), m.weight)
+    assert bool((g[~m.weight_mask] == 0).all()) and bool((g[m.weight_mask] != 0).any())
+    # A deep copy or an unpickled layer has new Parameters without hooks; they get their own.
+    for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        twin(x).sum().backward()
+        torch.testing.assert_close(twin.weight.grad, g, rtol=0, atol=0)
+    # The hook masks only while the layer holds the Parameter under a binary mask: the
+    # nn.Conv2d that from_dense took it from gets its plain gradient back afterwards.
+    conv = torch.nn.Conv2d(5, 6, 3, padding=1)
+    layer = SparseConv2d.from_dense(conv)
+    with torch.no_grad():
+        layer.weight_mask.copy_(m.weight_mask)
+        layer.weight.mul_(m.weight_mask)
+    layer(x)  # registers the hook on conv.weight, the shared Parameter
+    (g_conv,) = torch.autograd.grad(conv(x).sum(), conv.weight)
+    assert bool((g_conv[~m.weight_mask] == 0).all())  # shared while the layer holds it
+    layer.weight = torch.nn.Parameter(conv.weight.detach().clone())
+    (g_conv,) = torch.autograd.grad(conv(x).sum(), conv.weight)
+    assert bool((g_conv[~m.weight_mask] != 0).any())

@@ -289,20 +289,26 @@ void zero_masked_cpu(at::Tensor& weight, const at::Tensor& keep) {
   });
 }
 
+// Nonzero iff some weight that `m` prunes has a nonzero bit besides the sign (so ±0 pass).
+// Integer ops only, one OR-reduction: the earlier float-compare loop with a per-chunk early
+// exit stayed scalar and took 1.1 ms on 2.36M weights (2 threads), 6x mask_apply's time.
+SK_SIMD_CLONES uint32_t pruned_bits(const uint32_t* __restrict w, const u8* __restrict m, int64_t b, int64_t e) {
+  uint32_t acc = 0;
+#pragma omp simd reduction(| : acc)
+  for (int64_t i = b; i < e; ++i) acc |= (w[i] & 0x7fffffffu) & (static_cast<uint32_t>(m[i]) - 1u);
+  return acc;
+}
+
 // Whether every weight the bool `keep` prunes is exactly zero (±0): then w ⊙ keep == w bit
 // for bit and the masked ops may use w itself. One read of w and keep, no write.
 at::Tensor pruned_all_zero_cpu(const at::Tensor& weight, const at::Tensor& keep) {
   check_layout(weight, keep, Kind::kBinary);
   TORCH_CHECK_VALUE(keep.sizes() == weight.sizes(), "pruned_all_zero: `keep` must have weight's shape");
-  const f32* w = weight.const_data_ptr<f32>();
+  const auto* w = static_cast<const uint32_t*>(weight.const_data_ptr());
   const u8* m = bool_data(keep);
   std::atomic<bool> ok{true};
   at::parallel_for(0, weight.numel(), kGrain, [&](int64_t b, int64_t e) {
-    if (!ok.load(std::memory_order_relaxed)) return;
-    uint8_t bad = 0;
-#pragma omp simd reduction(| : bad)
-    for (int64_t i = b; i < e; ++i) bad |= static_cast<uint8_t>((m[i] == 0) & (w[i] != 0.0f));
-    if (bad) ok.store(false, std::memory_order_relaxed);
+    if (ok.load(std::memory_order_relaxed) && pruned_bits(w, m, b, e) != 0) ok.store(false, std::memory_order_relaxed);
   });
   return at::scalar_tensor(ok.load(), weight.options().dtype(at::kBool));
 }
