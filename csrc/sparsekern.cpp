@@ -23,6 +23,9 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def("zero_masked_(Tensor(a!) weight, Tensor keep) -> ()");
   // Whether every weight that bool `keep` prunes is exactly zero (0-dim bool tensor).
   m.def("pruned_all_zero(Tensor weight, Tensor keep) -> Tensor");
+  // The weight itself (an alias) whose gradient is G ⊙ keep: a binary-masked layer's
+  // weight when every pruned weight is already zero (then w ⊙ keep == w bit for bit).
+  m.def("binary_grad_mask(Tensor(a) weight, Tensor keep) -> Tensor(a)");
   // Continuous Sparsification's L1 penalty Σ scale·σ(β·s) (a 0-dim tensor of scores'
   // dtype) and its backward grad·scale·β·σ(1 − σ); CPU kernels (CUDA uses Triton).
   m.def("sigmoid_mask_l1(Tensor scores, float beta, float scale) -> Tensor");

@@ -288,9 +288,10 @@ def test_binary_with_zero_pruned_weights_uses_the_weight_itself(layer):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = m(x)
-    # The layer saved the parameter's own storage, no weight-sized w_eff.
+    # The layer saved the parameter's own storage, no weight-sized w_eff (and the mask
+    # buffer itself, for the gradient).
     weight_sized = {t.data_ptr() for t in saved if t.numel() == m.weight.numel()}
-    assert weight_sized == {m.weight.data_ptr()}
+    assert weight_sized == {m.weight.data_ptr(), m.weight_mask.data_ptr()}
     w_eff = m.weight.detach() * m.weight_mask
     expected = (torch.nn.functional.conv2d(x, w_eff, m.bias, padding=1) if layer == "conv"
                 else torch.nn.functional.linear(x, w_eff, m.bias))
@@ -320,9 +321,9 @@ def _pruned_conv(seed=0):
 @pytest.mark.skipif(not HAS_EXTENSION, reason="the eager C++ path is part of the extension")
 def test_binary_with_a_nonzero_pruned_weight_still_masks_it():
     w, keep = _pruned_zero_pair()
-    assert mask_apply.pruned_zero(w, keep)
+    assert mask_apply.binary_weight(w, keep).data_ptr() == w.data_ptr()
     w[tuple((~keep).nonzero()[0].tolist())] = 5.0  # a pruned weight that is not zero
-    assert not mask_apply.pruned_zero(w, keep)
+    assert mask_apply.binary_weight(w, keep) is None
     # The layer then takes the masked op: the output and the gradient ignore that weight.
     m, x = _pruned_conv()
     with torch.no_grad():
@@ -344,35 +345,50 @@ def test_binary_weight_refuses_a_mask_changed_before_backward():
     m, x = _pruned_conv()
     y = m(x)
     m.weight_mask[0].fill_(False)  # e.g. a mask update between forward and backward
-    with pytest.raises(RuntimeError, match="modified in place"):
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
 
 
 @pytest.mark.skipif(not HAS_EXTENSION, reason="the eager C++ path is part of the extension")
-def test_binary_gradient_hook_follows_the_layer():
+def test_binary_weight_gradient_is_masked_in_the_graph():
     import copy
     import pickle
 
     from sparsekern import SparseConv2d
 
     m, x = _pruned_conv()
-    # torch.autograd.grad sees the masked gradient too (the hook is on the Parameter).
+    # torch.autograd.grad sees the masked gradient too: the mask is a node of the graph.
     (g,) = torch.autograd.grad(m(x).sum(), m.weight)
     assert bool((g[~m.weight_mask] == 0).all()) and bool((g[m.weight_mask] != 0).any())
-    # A deep copy or an unpickled layer has new Parameters without hooks; they get their own.
     for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
         twin(x).sum().backward()
         torch.testing.assert_close(twin.weight.grad, g, rtol=0, atol=0)
-    # The hook masks only while the layer holds the Parameter under a binary mask: the
-    # nn.Conv2d that from_dense took it from gets its plain gradient back afterwards.
+    # A module sharing the Parameter (from_dense's source) keeps its plain gradient.
     conv = torch.nn.Conv2d(5, 6, 3, padding=1)
     layer = SparseConv2d.from_dense(conv)
     with torch.no_grad():
         layer.weight_mask.copy_(m.weight_mask)
         layer.weight.mul_(m.weight_mask)
-    layer(x)  # registers the hook on conv.weight, the shared Parameter
+    (g_layer,) = torch.autograd.grad(layer(x).sum(), conv.weight)
     (g_conv,) = torch.autograd.grad(conv(x).sum(), conv.weight)
-    assert bool((g_conv[~m.weight_mask] == 0).all())  # shared while the layer holds it
-    layer.weight = torch.nn.Parameter(conv.weight.detach().clone())
-    (g_conv,) = torch.autograd.grad(conv(x).sum(), conv.weight)
-    assert bool((g_conv[~m.weight_mask] != 0).any())
+    assert bool((g_layer[~m.weight_mask] == 0).all()) and bool((g_conv[~m.weight_mask] != 0).any())
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the eager C++ path is part of the extension")
+def test_binary_grad_mask_op():
+    w, keep = _pruned_zero_pair((7, 3, 2, 5))
+    w.requires_grad_()
+    out = torch.ops.sparsekern.binary_grad_mask(w, keep)
+    assert out.data_ptr() == w.data_ptr() and out._base is w
+    g = torch.randn_like(w, dtype=torch.float64).float()
+    (grad,) = torch.autograd.grad(out, w, g)
+    torch.testing.assert_close(grad, g * keep, rtol=0, atol=0)
+    # A grad of another layout (channels_last) is masked by position, not by memory order.
+    g_cl = g.contiguous(memory_format=torch.channels_last)
+    (grad,) = torch.autograd.grad(torch.ops.sparsekern.binary_grad_mask(w, keep), w, g_cl)
+    torch.testing.assert_close(grad, g * keep, rtol=0, atol=0)
+    with torch.inference_mode():
+        assert torch.ops.sparsekern.binary_grad_mask(w.detach(), keep).data_ptr() == w.data_ptr()
+    with pytest.raises(ValueError, match="keep"):
+        torch.ops.sparsekern.binary_grad_mask(w, keep[:1])
+    torch.library.opcheck(torch.ops.sparsekern.binary_grad_mask.default, (w, keep))

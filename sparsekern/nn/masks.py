@@ -25,7 +25,6 @@ import weakref
 
 import torch
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _checks, ops
 from ..ops import mask_apply
@@ -113,55 +112,16 @@ class BinaryMask(MaskKind):
         return layer.weight_mask, {"kind": self.name}
 
     def masked_weight(self, layer):
-        """Eager CPU with every pruned weight exactly zero (the methods keep them so):
-        w ⊙ m is w bit for bit, so the layer computes with the weight Parameter itself and
-        saves no w_eff, and a hook on the Parameter masks its gradient (_mask_grad_hook)."""
-        w, keep = layer.weight, layer.weight_mask
-        # What the gradient hook checks: the mask must not change between forward and backward.
-        layer.__dict__["_forward_keep_version"] = keep._version
-        if not mask_apply.pruned_zero(w, keep):
-            return None
-        if w.requires_grad and w not in _GRAD_HOOKED:
-            _mask_grad_hook(layer)
-        return w
+        """Eager CPU with every pruned weight exactly zero (the methods keep them so): the
+        weight itself, its gradient masked, so the layer saves no w_eff
+        (ops.mask_apply.binary_weight)."""
+        return mask_apply.binary_weight(layer.weight, layer.weight_mask)
 
     def gate(self, layer):
         return layer.weight_mask.to(layer.weight.dtype)
 
     def keep(self, layer):
         return layer.weight_mask.clone()
-
-
-# Weight Parameters that carry _mask_grad_hook's hook: one hook per Parameter object,
-# registered at the first forward that needs it (a deep copy or an unpickled model has new
-# Parameters, without hooks, and gets its own).
-# (Keyed by identity: weakref.WeakKeyDictionary compares tensors with ==.)
-_GRAD_HOOKED = WeakIdKeyDictionary()
-
-
-def _mask_grad_hook(layer: nn.Module) -> None:
-    """Registers, once, a hook on layer.weight that turns its gradient G into G ⊙ m while
-    layer holds this Parameter under a binary mask (it does nothing otherwise, e.g. for a
-    module sharing the Parameter). Why not a hook on a per-forward view of the weight, as
-    before: the view, its hook registration and its ViewBackward node cost ~50 us per layer
-    and step, 1 ms of ResNet-20's ~45 ms CPU step; this costs one mask pass (binary_grad).
-    When a forward took the masked op instead (a pruned weight was nonzero), the op's
-    backward has already masked G and this second mask changes nothing."""
-    layer_ref, weight_ref = weakref.ref(layer), weakref.ref(layer.weight)
-
-    def hook(grad):
-        layer, weight = layer_ref(), weight_ref()
-        if layer is None or weight is None or layer.weight is not weight or layer.mask.name != "binary":
-            return None
-        keep = layer.weight_mask
-        if keep._version != layer.__dict__.get("_forward_keep_version"):
-            # As autograd checks its saved tensors: the forward's mask must be the one here.
-            raise RuntimeError("the binary mask was modified in place between the masked layer's forward and its "
-                               "backward; call method.step() after backward and optimizer.step()")
-        return mask_apply.binary_grad(grad, keep)
-
-    layer.weight.register_hook(hook)
-    _GRAD_HOOKED[layer.weight] = True
 
 
 class StraightThroughMask(BinaryMask):

@@ -22,6 +22,7 @@ CPP_SCHEMAS = {
     "float beta, float scale, bool mask_grad) -> (Tensor, Tensor)",
     "zero_masked_": "zero_masked_(Tensor(a!) weight, Tensor keep) -> ()",
     "pruned_all_zero": "pruned_all_zero(Tensor weight, Tensor keep) -> Tensor",
+    "binary_grad_mask": "binary_grad_mask(Tensor(a) weight, Tensor keep) -> Tensor(a)",
     "sigmoid_mask_l1": "sigmoid_mask_l1(Tensor scores, float beta, float scale) -> Tensor",
     "sigmoid_mask_l1_backward": "sigmoid_mask_l1_backward(Tensor grad, Tensor scores, float beta, float scale) -> Tensor",
     "hard_concrete_sample_fused": (

@@ -47,6 +47,7 @@ _apply_op = cpp_op("mask_apply", _apply_reference)
 _backward_op = cpp_op("mask_apply_backward", _backward_reference)
 _zero_op = cpp_op("zero_masked_", _zero_reference)
 _pruned_zero_op = cpp_op("pruned_all_zero", _pruned_all_zero_reference)
+_grad_mask_op = cpp_op("binary_grad_mask", lambda weight, keep: weight.alias())
 
 
 @torch.library.register_fake("sparsekern::mask_apply")
@@ -69,6 +70,11 @@ def _(weight, keep):
 @torch.library.register_fake("sparsekern::pruned_all_zero")
 def _(weight, keep):
     return weight.new_empty((), dtype=torch.bool)
+
+
+@torch.library.register_fake("sparsekern::binary_grad_mask")
+def _(weight, keep):
+    return weight.alias()
 
 
 def cpp_layout(weight: Tensor, mask: Tensor, kind: str) -> bool:
@@ -122,18 +128,19 @@ def masked_weight_autograd(weight: Tensor, mask: Tensor, kind: str, beta: float,
     return _apply_op(weight, mask, kind, beta, scale)
 
 
-def pruned_zero(weight: Tensor, keep: Tensor) -> bool:
-    """Eager CPU (eager_cpu's conditions) and every weight the bool `keep` prunes exactly
-    zero (±0): then weight ⊙ keep is weight bit for bit and a layer about to use and
-    discard weight ⊙ keep may use weight itself (nn.masks.BinaryMask.masked_weight). One
-    read of weight and keep, no write: 6.2 us on a 64x64x3x3 weight, 168 us on 512x512x3x3
-    (2 threads). Not for the public masked ops, whose result must not alias the weight."""
-    return eager_cpu(weight, keep, "binary") and bool(_pruned_zero_op(weight, keep))
-
-
-def binary_grad(grad: Tensor, keep: Tensor) -> Tensor:
-    """grad ⊙ keep (bool keep), a new tensor: grad_w = G ⊙ m of a binary mask."""
-    return masked_weight(grad, keep, "binary", 1.0, 1.0)
+def binary_weight(weight: Tensor, keep: Tensor) -> Optional[Tensor]:
+    """weight ⊙ keep for a layer that uses and discards it, without computing it: in eager
+    CPU mode (eager_cpu's conditions), when every weight the bool `keep` prunes is exactly
+    zero (±0; the methods keep them so), weight ⊙ keep is weight bit for bit, so this
+    returns weight itself (an alias) whose gradient is G ⊙ keep (C++ autograd,
+    csrc/eager_autograd.cpp BinaryGradMask); else None (use the masked op). The layer then
+    saves the parameter for its backward instead of a weight-sized w_eff. The check is one
+    read of weight and keep (pruned_all_zero: 6.2 us on a 64x64x3x3 weight, 168 us on
+    512x512x3x3, 2 threads). Not for the public masked ops, whose result must not alias
+    the weight."""
+    if not (eager_cpu(weight, keep, "binary") and bool(_pruned_zero_op(weight, keep))):
+        return None
+    return _grad_mask_op(weight, keep)
 
 
 @torch.no_grad()
