@@ -206,12 +206,18 @@ class RelaxedMask(MaskKind):
 
     def __init__(self, *, m0: float = 0.5):
         self.m0 = _real("m0", m0, low=0.0, high=1.0)
+        # Set by ConcaveRegularization: a bool tensor of m's shape, False where m is pruned
+        # for good; those entries get no gradient (mask_apply.grad_masked). None: all learn.
+        self.grad_keep = None
 
     def attach(self, layer):
         layer.weight_mask = nn.Parameter(torch.full_like(layer.weight, self.m0, requires_grad=True))
 
     def op_mask(self, layer):
-        return layer.weight_mask, {"kind": self.name}
+        m = layer.weight_mask
+        if self.grad_keep is not None:
+            m = mask_apply.grad_masked(m, self.grad_keep)
+        return m, {"kind": self.name}
 
     def gate(self, layer):
         return layer.weight_mask.detach().to(layer.weight.dtype)

@@ -143,6 +143,15 @@ def binary_weight(weight: Tensor, keep: Tensor) -> Optional[Tensor]:
     return _grad_mask_op(weight, keep)
 
 
+def grad_masked(t: Tensor, keep: Tensor) -> Tensor:
+    """t in value, with gradient G ⊙ keep (bool keep of t's shape): entries where keep is
+    False get no gradient. Eager CPU: the C++ node binary_grad_mask (an alias of t, no
+    Python in the backward); elsewhere where(keep, t, t.detach()), which compiles."""
+    if eager_cpu(t, keep, "binary"):
+        return _grad_mask_op(t, keep)
+    return torch.where(keep, t, t.detach())
+
+
 @torch.no_grad()
 def zero_masked_(weight: Tensor, keep: Tensor) -> None:
     """weight *= keep (bool, weight's shape) in place."""
