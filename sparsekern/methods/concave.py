@@ -57,15 +57,26 @@ class ConcaveRegularization(PruningMethod):
         m0 = check_real("m0", m0, low=0.0, high=1.0)
         super().__init__(model, include=include, exclude=exclude, rewind_iteration=rewind_iteration,
                          mask_options={"m0": m0})
-        # alive[name]: the entries not pruned at a round's end. Dead entries get no gradient
-        # (the mask's grad_keep) and are re-zeroed after every step, so momentum, weight
-        # decay or an optimiser's running state cannot revive them.
+        # alive[name]: the entries not pruned at a round's end, updated in place only (by
+        # end_round and load_state_dict, which then call _sync_alive). Dead entries get no
+        # gradient and are re-zeroed after every step, so momentum, weight decay or an
+        # optimiser's running state cannot revive them.
         self.alive = {name: torch.ones_like(layer.weight_mask, dtype=torch.bool) for name, layer in self.layers}
+        self._sync_alive()
+
+    def _sync_alive(self) -> None:
+        """A layer with a dead entry gets its gradient masked by alive (RelaxedMask.grad_keep:
+        a C++ node of the forward's graph, not a Python hook on m, which at batch 32 cost
+        ~40 us of interpreter time per layer and step; see csrc/eager_autograd.cpp) and its
+        dead entries re-zeroed after each step. A layer with none (all of them in the first
+        round) skips both: there is nothing to mask."""
+        self._dead_layers = []
         for name, layer in self.layers:
-            # Updated in place only, so the layer always sees the current one. A node of the
-            # forward's graph, not a Python hook on m: at batch 32 a hook call cost ~40 us of
-            # interpreter time per layer and step (see csrc/eager_autograd.cpp).
-            layer.mask.grad_keep = self.alive[name]
+            alive = self.alive[name]
+            has_dead = not bool(alive.all())
+            layer.mask.grad_keep = alive if has_dead else None
+            if has_dead:
+                self._dead_layers.append((layer, alive))
 
     def penalty(self) -> torch.Tensor:
         """λ·Σ r(m) over the masked layers (dead entries have m = 0 and r(0) = 0)."""
@@ -81,8 +92,8 @@ class ConcaveRegularization(PruningMethod):
 
     @torch.no_grad()
     def _after_step(self) -> None:
-        for name, layer in self.layers:
-            ops.zero_masked_(layer.weight_mask, self.alive[name])
+        for layer, alive in self._dead_layers:
+            ops.zero_masked_(layer.weight_mask, alive)
 
     @torch.no_grad()
     def _prune_round(self) -> None:
@@ -91,6 +102,7 @@ class ConcaveRegularization(PruningMethod):
                 self.alive[name] &= layer.weight_mask >= self.alpha
         else:
             self._prune_fraction()
+        self._sync_alive()
         self._after_step()
 
     @torch.no_grad()
@@ -126,4 +138,5 @@ class ConcaveRegularization(PruningMethod):
         if set(extra["alive"]) != set(self.alive):
             raise ValueError(f"alive masks name layers {sorted(extra['alive'])}, expected {sorted(self.alive)}")
         for name, a in self.alive.items():
-            a.copy_(extra["alive"][name])  # in place: the gradient hooks hold these tensors
+            a.copy_(extra["alive"][name])  # in place: the layers' masks hold these tensors
+        self._sync_alive()

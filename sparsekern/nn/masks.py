@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .. import _checks, ops
-from ..ops import mask_apply
+from ..ops import hard_concrete, hard_concrete_masked, mask_apply
 
 # Hard-concrete stretch constants (Louizos et al. 2018), shared with the op defaults.
 HC_BETA, HC_GAMMA, HC_ZETA = 2.0 / 3.0, -0.1, 1.1
@@ -264,20 +264,31 @@ class HardConcreteMask(MaskKind):
     ):
         self.structured = _bool("structured", structured)
         self.droprate_init = _real("droprate_init", droprate_init, low=0.0, high=1.0, low_open=True, high_open=True)
-        self.beta = _real("beta", beta, low=0.0, low_open=True)
-        self.gamma = _real("gamma", gamma, high=0.0, high_open=True)
-        self.zeta = _real("zeta", zeta, low=1.0, low_open=True)
+        self.beta, self.gamma, self.zeta = beta, gamma, zeta  # validated by __setattr__
         if seed is None:
             # From torch's default generator, so torch.manual_seed makes runs repeatable.
             seed = int(torch.randint(0, 2**31 - 1, ()))
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"mask option `seed` must be an int, got {type(seed).__name__}")
-        if not 0 <= seed < 2**63:
-            raise ValueError(f"mask option `seed` must be in [0, 2**63), got {seed}")
-        self.seed = int(seed)
+        self.seed = seed
         self.offset = 0
         # The last forward's expected L0 and what it was computed from (see expected_nonzero).
         self._forward_l0: tuple | None = None
+
+    def __setattr__(self, name, value):
+        # The gate constants and the seed are checked whenever they are set, so the
+        # forward passes them to the op unchecked (hard_concrete.sample_checked).
+        if name == "beta":
+            value = _real("beta", value, low=0.0, low_open=True)
+        elif name == "gamma":
+            value = _real("gamma", value, high=0.0, high_open=True)
+        elif name == "zeta":
+            value = _real("zeta", value, low=1.0, low_open=True)
+        elif name == "seed":
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"mask option `seed` must be an int, got {type(value).__name__}")
+            if not 0 <= value < 2**63:
+                raise ValueError(f"mask option `seed` must be in [0, 2**63), got {value}")
+            value = int(value)
+        object.__setattr__(self, name, value)
 
     def __getstate__(self):
         # The kept expected L0 is a graph tensor (copy.deepcopy refuses those, and
@@ -306,9 +317,9 @@ class HardConcreteMask(MaskKind):
         """z for this forward: a fresh sample in training (advancing the offset), the
         deterministic median gate in eval. The op computes the expected L0 in the same
         pass over log α; it is kept for expected_nonzero()."""
-        z, l0 = ops.hard_concrete_sample(
-            layer.weight_log_alpha, self.seed, self.offset, self.group_size(layer), training=layer.training,
-            **self._hc(),
+        z, l0 = hard_concrete.sample_checked(
+            layer.weight_log_alpha, self.seed, self.offset, self.group_size(layer), layer.training,
+            self.beta, self.gamma, self.zeta,
         )
         self._keep_forward_l0(layer, l0)
         return z
@@ -321,8 +332,8 @@ class HardConcreteMask(MaskKind):
         w = layer.weight
         if self.structured or (w.dim() == 2 and w.device.type == "cuda"):
             return None
-        w_eff, l0 = ops.hard_concrete_masked_weight(
-            w, layer.weight_log_alpha, self.seed, self.offset, training=layer.training, **self._hc()
+        w_eff, l0 = hard_concrete_masked.masked_weight_checked(
+            w, layer.weight_log_alpha, self.seed, self.offset, layer.training, self.beta, self.gamma, self.zeta
         )
         self._keep_forward_l0(layer, l0)
         return w_eff

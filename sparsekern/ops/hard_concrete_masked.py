@@ -178,6 +178,12 @@ def hard_concrete_masked_weight(
     offset = hc._check_int("offset", offset, 0)
     if not isinstance(training, bool):
         raise TypeError(f"`training` must be a bool, got {type(training).__name__}")
+    return masked_weight_checked(weight, log_alpha, seed, offset, training, beta, gamma, zeta)
+
+
+def masked_weight_checked(weight, log_alpha, seed, offset, training, beta, gamma, zeta):
+    """hard_concrete_masked_weight for arguments already validated (HardConcreteMask's;
+    see hard_concrete.sample_checked)."""
     if HAS_EXTENSION and _cpu_fused(weight, log_alpha) and not torch.compiler.is_compiling():
         # Eager CPU: the fused kernels with their autograd in C++ (csrc/eager_autograd.cpp).
         return _fused_forward(weight, log_alpha, seed, offset, beta, gamma, zeta, training)
