@@ -19,8 +19,9 @@ TORCH_LIBRARY(sparsekern, m) {
   // CPU kernels of the masked ops (csrc/cpu/mask_apply_cpu.cpp; CUDA uses Triton).
   m.def("mask_apply(Tensor weight, Tensor mask, str kind, float beta, float scale) -> Tensor");
   m.def("mask_apply_backward(Tensor grad, Tensor weight, Tensor mask, str kind, float beta, float scale, bool mask_grad) -> (Tensor, Tensor)");
-  // weight *= keep (bool) in place: keeps binary-masked weights exactly zero.
-  m.def("zero_masked_(Tensor(a!) weight, Tensor keep) -> ()");
+  // weights[i] *= keeps[i] (bool) in place, for every i: keeps binary-masked weights
+  // exactly zero (a list: the methods zero every layer after each step in one call).
+  m.def("zero_masked_(Tensor(a!)[] weights, Tensor[] keeps) -> ()");
   // Whether every weight that bool `keep` prunes is exactly zero (0-dim bool tensor).
   m.def("pruned_all_zero(Tensor weight, Tensor keep) -> Tensor");
   // The weight itself (an alias) whose gradient is G ⊙ keep: a binary-masked layer's

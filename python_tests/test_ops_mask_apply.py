@@ -160,7 +160,33 @@ def test_opcheck(kind):
 
 def test_opcheck_zero_masked():
     w, keep = torch.randn(5, 7), torch.rand(5, 7) > 0.5
-    torch.library.opcheck(torch.ops.sparsekern.zero_masked_.default, (w, keep))
+    torch.library.opcheck(torch.ops.sparsekern.zero_masked_.default, ([w, torch.randn(3)], [keep, keep[0, :3]]))
+
+
+def test_zero_masked_many_writes_only_what_differs_and_matches_mul():
+    gen = torch.Generator().manual_seed(3)
+    # Large enough for several threads' ranges and many 4096-value blocks; pruned weights
+    # already zero (±0) except in a few blocks, one with NaN and Inf.
+    w = torch.randn(300_001, generator=gen)
+    keep = torch.rand(300_001, generator=gen) > 0.3
+    w = w * keep
+    w[~keep & (torch.arange(w.numel()) % 7 == 0)] = -0.0
+    pruned = (~keep).nonzero().flatten()
+    w[pruned[[10, 5000, 5001, -1]]] = torch.tensor([2.0, float("nan"), float("inf"), -3.0])
+    small, small_keep = torch.randn(6, 5), torch.rand(6, 5) > 0.5
+    noncontig, nc_keep = torch.randn(5, 6).t(), torch.rand(6, 5) > 0.5  # the torch path
+    expect = [w * keep, small * small_keep, noncontig * nc_keep]
+    ops.zero_masked_([w, small, noncontig], [keep, small_keep, nc_keep])
+    for got, ref in zip([w, small, noncontig], expect):
+        assert torch.equal(got.isnan(), ref.isnan())
+        assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(ref))
+        assert torch.equal(torch.signbit(got), torch.signbit(ref))
+    with pytest.raises(TypeError, match="sequence"):
+        ops.zero_masked_([w], keep)
+    before = small.clone()
+    with pytest.raises(ValueError, match="keep"):  # the second pair is bad: nothing changes
+        ops.zero_masked_([small, w], [torch.zeros_like(small_keep), keep[:5]])
+    assert torch.equal(small, before)
 
 
 # --- the eager CPU path: mask_apply with its autograd in C++ -----------------------------

@@ -276,19 +276,6 @@ std::tuple<at::Tensor, at::Tensor> mask_apply_backward_cpu(const at::Tensor& gra
   return {grad_w, grad_m};
 }
 
-// weight *= keep in place (bool keep-mask, weight's sizes and strides): what keeps
-// binary-masked weights exactly zero after an optimiser step.
-void zero_masked_cpu(at::Tensor& weight, const at::Tensor& keep) {
-  check_layout(weight, keep, Kind::kBinary);
-  TORCH_CHECK_VALUE(keep.sizes() == weight.sizes(), "zero_masked_: `keep` must have weight's shape");
-  f32* w = weight.mutable_data_ptr<f32>();
-  const u8* m = bool_data(keep);
-  at::parallel_for(0, weight.numel(), kGrain, [=](int64_t b, int64_t e) {
-#pragma omp simd
-    for (int64_t i = b; i < e; ++i) w[i] *= static_cast<f32>(m[i]);
-  });
-}
-
 // Nonzero iff some weight that `m` prunes has a nonzero bit besides the sign (so ±0 pass).
 // Integer ops only, one OR-reduction: the earlier float-compare loop with a per-chunk early
 // exit stayed scalar and took 1.1 ms on 2.36M weights (2 threads), 6x mask_apply's time.
@@ -311,6 +298,36 @@ at::Tensor pruned_all_zero_cpu(const at::Tensor& weight, const at::Tensor& keep)
     if (ok.load(std::memory_order_relaxed) && pruned_bits(w, m, b, e) != 0) ok.store(false, std::memory_order_relaxed);
   });
   return at::scalar_tensor(ok.load(), weight.options().dtype(at::kBool));
+}
+
+// weights[i] *= keeps[i] in place (bool keep-masks, each of its weight's sizes and
+// strides): what keeps binary-masked weights exactly zero after an optimiser step. Read
+// first, write only a block that holds a nonzero pruned weight: after a step whose
+// gradient was masked, usually none does, and the pass is then a read (ResNet-18's 11.2M
+// weights: 45 MB not written back per step). One call for all the layers: the methods
+// zeroed them one op call each, ~10 us of Python per layer and step.
+void zero_masked_cpu(at::TensorList weights, at::TensorList keeps) {
+  TORCH_CHECK_VALUE(weights.size() == keeps.size(), "zero_masked_: got ", weights.size(), " weights and ",
+                    keeps.size(), " keep-masks");
+  for (size_t t = 0; t < weights.size(); ++t) {
+    check_layout(weights[t], keeps[t], Kind::kBinary);
+    TORCH_CHECK_VALUE(keeps[t].sizes() == weights[t].sizes(), "zero_masked_: `keep` must have weight's shape");
+  }
+  constexpr int64_t kZeroBlock = 4096;
+  for (size_t t = 0; t < weights.size(); ++t) {
+    f32* w = weights[t].mutable_data_ptr<f32>();
+    const auto* bits = reinterpret_cast<const uint32_t*>(w);
+    const u8* m = bool_data(keeps[t]);
+    at::parallel_for(0, weights[t].numel(), kGrain, [=](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; i += kZeroBlock) {
+        const int64_t j = std::min(e, i + kZeroBlock);
+        // All pruned ±0: multiplying by keep would change no bit (±0 · 0 keeps the sign).
+        if (pruned_bits(bits, m, i, j) == 0) continue;
+#pragma omp simd
+        for (int64_t k = i; k < j; ++k) w[k] *= static_cast<f32>(m[k]);  // as mul_: NaN/Inf pruned -> NaN
+      }
+    });
+  }
 }
 
 // ---- Continuous Sparsification's L1 penalty: Σ scale·σ(β·s) -------------------------------

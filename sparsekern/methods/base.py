@@ -122,9 +122,9 @@ class PruningMethod:
     def _zero_binary_masked(self) -> None:
         """Pruned weights of binary-masked layers back to exactly 0 (momentum, weight
         decay or a rewind copy can move them)."""
-        for _, layer in self.layers:
-            if layer.mask.name == "binary":
-                ops.zero_masked_(layer.weight, layer.weight_mask)
+        binary = [layer for _, layer in self.layers if layer.mask.name == "binary"]
+        if binary:
+            ops.zero_masked_([layer.weight for layer in binary], [layer.weight_mask for layer in binary])
 
     def end_epoch(self) -> None:
         self.epoch += 1

@@ -92,8 +92,9 @@ class ConcaveRegularization(PruningMethod):
 
     @torch.no_grad()
     def _after_step(self) -> None:
-        for layer, alive in self._dead_layers:
-            ops.zero_masked_(layer.weight_mask, alive)
+        if self._dead_layers:
+            ops.zero_masked_([layer.weight_mask for layer, _ in self._dead_layers],
+                             [alive for _, alive in self._dead_layers])
 
     @torch.no_grad()
     def _prune_round(self) -> None:

@@ -20,7 +20,7 @@ CPP_SCHEMAS = {
     "mask_apply": "mask_apply(Tensor weight, Tensor mask, str kind, float beta, float scale) -> Tensor",
     "mask_apply_backward": "mask_apply_backward(Tensor grad, Tensor weight, Tensor mask, str kind, "
     "float beta, float scale, bool mask_grad) -> (Tensor, Tensor)",
-    "zero_masked_": "zero_masked_(Tensor(a!) weight, Tensor keep) -> ()",
+    "zero_masked_": "zero_masked_(Tensor(a!)[] weights, Tensor[] keeps) -> ()",
     "pruned_all_zero": "pruned_all_zero(Tensor weight, Tensor keep) -> Tensor",
     "binary_grad_mask": "binary_grad_mask(Tensor(a) weight, Tensor keep) -> Tensor(a)",
     "sigmoid_mask_l1": "sigmoid_mask_l1(Tensor scores, float beta, float scale) -> Tensor",

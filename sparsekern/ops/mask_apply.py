@@ -35,8 +35,9 @@ def _backward_reference(grad, weight, mask, kind, beta, scale, mask_grad):
     return grad_w, (mask.new_empty(0) if grad_m is None else grad_m)
 
 
-def _zero_reference(weight, keep):
-    weight.mul_(keep)
+def _zero_reference(weights, keeps):
+    for weight, keep in zip(weights, keeps):
+        weight.mul_(keep)
 
 
 def _pruned_all_zero_reference(weight, keep):
@@ -63,7 +64,7 @@ def _(grad, weight, mask, kind, beta, scale, mask_grad):
 
 
 @torch.library.register_fake("sparsekern::zero_masked_")
-def _(weight, keep):
+def _(weights, keeps):
     return None
 
 
@@ -152,18 +153,25 @@ def grad_masked(t: Tensor, keep: Tensor) -> Tensor:
     return torch.where(keep, t, t.detach())
 
 
-@torch.no_grad()
-def zero_masked_(weight: Tensor, keep: Tensor) -> None:
-    """weight *= keep (bool, weight's shape) in place."""
-    for name, t in (("weight", weight), ("keep", keep)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
-    if keep.dtype != torch.bool or keep.shape != weight.shape:
-        raise ValueError(f"`keep` must be a bool tensor of weight's shape {tuple(weight.shape)}")
-    if cpp_layout(weight, keep, "binary"):
-        _zero_op(weight, keep)
-        # The C++ op has no ADInplaceOrView kernel, so nothing bumped the version counter
-        # that autograd checks saved tensors against; do it here, as mul_ would.
-        torch.autograd.graph.increment_version(weight)
-    else:
-        weight.mul_(keep)
+def zero_masked_(weight, keep) -> None:
+    """weight *= keep (bool, weight's shape) in place. Also takes equal-length sequences
+    of weights and keep-masks and zeroes them all, the C++-kernel pairs in one op call."""
+    weights, keeps = (weight, keep) if isinstance(weight, (list, tuple)) else ([weight], [keep])
+    if not isinstance(keeps, (list, tuple)) or len(keeps) != len(weights):
+        raise TypeError("`keep` must be a sequence of as many tensors as `weight` when `weight` is a sequence")
+    for w, k in zip(weights, keeps):  # all checked before anything changes
+        for name, t in (("weight", w), ("keep", k)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if k.dtype != torch.bool or k.shape != w.shape:
+            raise ValueError(f"`keep` must be a bool tensor of weight's shape {tuple(w.shape)}")
+    cpp = [i for i, (w, k) in enumerate(zip(weights, keeps)) if cpp_layout(w, k, "binary")]
+    with torch.no_grad():
+        if cpp:
+            cpp_weights = [weights[i] for i in cpp]
+            _zero_op(cpp_weights, [keeps[i] for i in cpp])
+            # The C++ op has no ADInplaceOrView kernel, so nothing bumped the version counter
+            # that autograd checks saved tensors against; do it here, as mul_ would.
+            torch.autograd.graph.increment_version(cpp_weights)
+        for i in sorted(set(range(len(weights))) - set(cpp)):
+            weights[i].mul_(keeps[i])
