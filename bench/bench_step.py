@@ -65,6 +65,11 @@ METHODS = {
     "l0-penalized": (M.PenalizedL0, {"lam": 1e-6}),
 }
 AGAIN = "dense (again)"
+# Interleaved rounds per model. On the shared 2-core machine single steps scatter by ±10%
+# and more: resampling 21 of 200 measured ResNet-20 rounds, a method's median ratio had a
+# standard deviation of 0.9-2.6% (dense against dense, IMP, concave), too coarse for 3%
+# targets; 101 rounds shrink it ~2.2x. ResNet-18's steps are ~8x longer, hence fewer.
+REPEATS = {"resnet20": 101, "resnet18": 41}
 TARGET = {"binary": 1.03, "straight_through": 1.03, "sigmoid": 1.03, "relaxed": 1.03, "hard_concrete": 1.05}
 
 
@@ -229,7 +234,8 @@ def run_model(model_name: str, repeats: int, warmup: int, memory_steps: int) -> 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=21, help="timed steps per method (default 21)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed steps per method (default: {REPEATS} per model)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 repeats, 1 warm-up, 1 profiled step")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--malloc-defaults", action="store_true",
@@ -239,9 +245,10 @@ def main(argv=None) -> int:
     tuned = not args.malloc_defaults and tune_cpu_allocator()
     allocator = ("glibc malloc tuned by sparsekern.tune_cpu_allocator() (as `sparsekern train` runs), for dense "
                  "and every method alike" if tuned else "glibc malloc with its default settings")
-    repeats, warmup, mem_steps = (2, 1, 1) if args.quick else (args.repeats, 2, 2)
+    warmup, mem_steps = (1, 1) if args.quick else (2, 2)
     sections, met = [], []
     for name in args.models:
+        repeats = 2 if args.quick else args.repeats or REPEATS[name]
         text, ok = run_model(name, repeats, warmup, mem_steps)
         print(text, flush=True)
         sections.append(text)
