@@ -15,6 +15,7 @@
 // (sparsekern::hard_concrete_sample, csrc/cpu/hard_concrete_cpu.cpp).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -126,6 +127,43 @@ at::Tensor binary_grad_mask_autograd(const at::Tensor& weight, const at::Tensor&
 at::Tensor binary_grad_mask_alias(const at::Tensor& weight, const at::Tensor& keep) {
   check_binary_grad_mask(weight, keep);
   return weight.alias();
+}
+
+// Whether the C++ binary kernels take (weight, keep): check_layout's conditions, as a test.
+bool binary_cpp_layout(const at::Tensor& weight, const at::Tensor& keep) {
+  return weight.scalar_type() == at::kFloat && weight.device().is_cpu() && keep.device().is_cpu() &&
+         weight.strides() == keep.strides() && weight.is_non_overlapping_and_dense();
+}
+
+int64_t binary_prune_state(const at::Tensor& weight, const at::Tensor& keep) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sparsekern::binary_prune_state", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(weight, keep).item<int64_t>();
+}
+
+// A binary-masked layer's w ⊙ keep, decided here rather than in Python (the Python
+// checks and the two op calls they chose between cost ~10 us per layer and step, with
+// the caches full of activations more): the weight itself when keep prunes nothing, the
+// weight with its gradient masked when every pruned weight is zero, else a new w ⊙ keep.
+at::Tensor binary_masked_weight_autograd(const at::Tensor& weight, const at::Tensor& keep) {
+  check_binary_grad_mask(weight, keep);
+  if (!binary_cpp_layout(weight, keep)) return at::mul(weight, keep);  // with autograd: grad G ⊙ keep
+  switch (binary_prune_state(weight, keep)) {
+    case 2:
+      return weight;
+    case 1:
+      return BinaryGradMask::apply(weight, keep);
+    default:
+      return MaskApply::apply(weight, keep, "binary", 1.0, 1.0);
+  }
+}
+
+// Below autograd (inference mode): the same values, no graph.
+at::Tensor binary_masked_weight_values(const at::Tensor& weight, const at::Tensor& keep) {
+  check_binary_grad_mask(weight, keep);
+  if (!binary_cpp_layout(weight, keep)) return at::mul(weight, keep);
+  return binary_prune_state(weight, keep) > 0 ? weight.alias() : call_mask_apply(weight, keep, "binary", 1.0, 1.0);
 }
 
 // The constants a hard-concrete backward needs to regenerate the noise from (seed, offset).
@@ -279,10 +317,12 @@ TORCH_LIBRARY_IMPL(sparsekern, Autograd, m) {
   m.impl("hard_concrete_masked_weight_fused", &hard_concrete_masked_weight_autograd);
   m.impl("sigmoid_mask_l1", &sigmoid_mask_l1_autograd);
   m.impl("binary_grad_mask", &binary_grad_mask_autograd);
+  m.impl("binary_masked_weight", &binary_masked_weight_autograd);
 }
 
 TORCH_LIBRARY_IMPL(sparsekern, CompositeExplicitAutograd, m) {
   m.impl("binary_grad_mask", &binary_grad_mask_alias);
+  m.impl("binary_masked_weight", &binary_masked_weight_values);
 }
 
 }  // namespace sparsekern

@@ -22,11 +22,15 @@ TORCH_LIBRARY(sparsekern, m) {
   // weights[i] *= keeps[i] (bool) in place, for every i: keeps binary-masked weights
   // exactly zero (a list: the methods zero every layer after each step in one call).
   m.def("zero_masked_(Tensor(a!)[] weights, Tensor[] keeps) -> ()");
-  // Whether every weight that bool `keep` prunes is exactly zero (0-dim bool tensor).
-  m.def("pruned_all_zero(Tensor weight, Tensor keep) -> Tensor");
-  // The weight itself (an alias) whose gradient is G ⊙ keep: a binary-masked layer's
-  // weight when every pruned weight is already zero (then w ⊙ keep == w bit for bit).
+  // What w ⊙ keep is for a bool keep (0-dim int64): 2 if keep prunes nothing, 1 if every
+  // pruned weight is exactly zero (w ⊙ keep == w bit for bit), else 0.
+  m.def("binary_prune_state(Tensor weight, Tensor keep) -> Tensor");
+  // t itself (an alias) whose gradient is G ⊙ keep.
   m.def("binary_grad_mask(Tensor(a) weight, Tensor keep) -> Tensor(a)");
+  // w ⊙ keep for a layer that uses it and lets it go (eager CPU): by binary_prune_state,
+  // the weight itself (2), the weight aliased with gradient G ⊙ keep (1), or a new
+  // w ⊙ keep (0). Like aten::contiguous, the result may or may not alias the weight.
+  m.def("binary_masked_weight(Tensor(a) weight, Tensor keep) -> Tensor(a)");
   // Continuous Sparsification's L1 penalty Σ scale·σ(β·s) (a 0-dim tensor of scores'
   // dtype) and its backward grad·scale·β·σ(1 − σ); CPU kernels (CUDA uses Triton).
   m.def("sigmoid_mask_l1(Tensor scores, float beta, float scale) -> Tensor");

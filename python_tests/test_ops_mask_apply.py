@@ -270,12 +270,19 @@ def _pruned_zero_pair(shape=(6, 5, 3, 3), seed=0):
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("zeros", True), ("negative zero", True), ("one pruned nonzero", False), ("nan pruned", False),
-    ("nan kept", True), ("zero-size", True),
+    ("zeros", 1), ("negative zero", 1), ("one pruned nonzero", 0), ("nan pruned", 0),
+    ("nan kept", 1), ("nothing pruned", 2), ("nothing pruned, nan kept", 2), ("zero-size", 2),
+    ("large, one pruned nonzero in the last block", 0), ("large, one pruned", 1),
 ])
-def test_pruned_all_zero_matches_reference(case, expected):
+def test_binary_prune_state_matches_reference(case, expected):
     w, keep = _pruned_zero_pair()
-    pruned = (~keep).nonzero()[0].tolist()
+    if case.startswith("large"):  # several threads' ranges and 4096-value blocks
+        keep = torch.ones(300_001, dtype=torch.bool)
+        keep[-5] = False
+        w = torch.randn(300_001) * keep
+        if "nonzero" in case:
+            w[-5] = 3.0
+    pruned = (~keep).nonzero()[0].tolist() if not keep.all() else None
     kept = keep.nonzero()[0].tolist()
     if case == "negative zero":
         w[tuple(pruned)] = -0.0
@@ -283,18 +290,60 @@ def test_pruned_all_zero_matches_reference(case, expected):
         w[tuple(pruned)] = 1e-30
     elif case == "nan pruned":
         w[tuple(pruned)] = float("nan")
+    elif case.startswith("nothing pruned"):
+        keep = torch.ones_like(keep)
+        w = torch.randn(w.shape)
+        if "nan" in case:
+            w[tuple(kept)] = float("nan")
     elif case == "nan kept":
         w[tuple(kept)] = float("nan")
     elif case == "zero-size":
         w, keep = w[:0], keep[:0]
-    got = torch.ops.sparsekern.pruned_all_zero(w, keep)
-    assert got.dtype == torch.bool and got.shape == ()
-    assert bool(got) is expected is bool(mask_apply._pruned_all_zero_reference(w, keep))
+    got = torch.ops.sparsekern.binary_prune_state(w, keep)
+    assert got.dtype == torch.long and got.shape == ()
+    assert int(got) == expected == int(mask_apply._prune_state_reference(w, keep))
 
 
-def test_opcheck_pruned_all_zero():
+def test_opcheck_binary_prune_state():
     w, keep = _pruned_zero_pair()
-    torch.library.opcheck(torch.ops.sparsekern.pruned_all_zero.default, (w, keep))
+    torch.library.opcheck(torch.ops.sparsekern.binary_prune_state.default, (w, keep))
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the eager C++ path is part of the extension")
+@pytest.mark.parametrize("state", [0, 1, 2, "float64", "non-dense"])
+def test_binary_masked_weight_op(state):
+    w, keep = _pruned_zero_pair((7, 3, 2, 5))
+    if state == 2:
+        keep = torch.ones_like(keep)
+    elif state == 0:
+        w[tuple((~keep).nonzero()[0].tolist())] = 2.0
+    elif state == "float64":
+        w = w.double()
+    elif state == "non-dense":
+        w, keep = w[:, :, :, ::2], keep[:, :, :, ::2]
+    w.requires_grad_()
+    out = torch.ops.sparsekern.binary_masked_weight(w, keep)
+    torch.testing.assert_close(out, w.detach() * keep, rtol=0, atol=0)
+    if state == 2:
+        assert out is w  # nothing to mask: the weight, no graph node
+    elif state == 1:
+        assert out.data_ptr() == w.data_ptr() and out._base is w
+    else:
+        assert out.data_ptr() != w.data_ptr()
+    g = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, w, g)
+    torch.testing.assert_close(grad, g * keep, rtol=0, atol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.ops.sparsekern.binary_masked_weight(w.detach(), keep), w.detach() * keep,
+                                   rtol=0, atol=0)
+    with pytest.raises(ValueError, match="keep"):
+        torch.ops.sparsekern.binary_masked_weight(w, keep[:1])
+    with pytest.raises(TypeError, match="bool"):
+        torch.ops.sparsekern.binary_masked_weight(w, keep.float())
+    # Its choice of graph depends on the values (an eager-only op: torch.compile traces the
+    # masked ops instead), so opcheck's AOT-dispatch tests do not apply.
+    torch.library.opcheck(torch.ops.sparsekern.binary_masked_weight.default, (w, keep),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 @pytest.mark.skipif(not HAS_EXTENSION, reason="the eager C++ path is part of the extension")
@@ -349,7 +398,8 @@ def test_binary_with_a_nonzero_pruned_weight_still_masks_it():
     w, keep = _pruned_zero_pair()
     assert mask_apply.binary_weight(w, keep).data_ptr() == w.data_ptr()
     w[tuple((~keep).nonzero()[0].tolist())] = 5.0  # a pruned weight that is not zero
-    assert mask_apply.binary_weight(w, keep) is None
+    out = mask_apply.binary_weight(w, keep)
+    assert out.data_ptr() != w.data_ptr() and torch.equal(out, w * keep)
     # The layer then takes the masked op: the output and the gradient ignore that weight.
     m, x = _pruned_conv()
     with torch.no_grad():

@@ -286,18 +286,35 @@ SK_SIMD_CLONES uint32_t pruned_bits(const uint32_t* __restrict w, const u8* __re
   return acc;
 }
 
-// Whether every weight the bool `keep` prunes is exactly zero (±0): then w ⊙ keep == w bit
-// for bit and the masked ops may use w itself. One read of w and keep, no write.
-at::Tensor pruned_all_zero_cpu(const at::Tensor& weight, const at::Tensor& keep) {
+// 1 iff m[b, e) is all ones (nothing pruned there): an AND-reduction over the bytes.
+SK_SIMD_CLONES uint8_t all_kept(const u8* __restrict m, int64_t b, int64_t e) {
+  uint8_t acc = 1;
+#pragma omp simd reduction(& : acc)
+  for (int64_t i = b; i < e; ++i) acc &= m[i];
+  return acc;
+}
+
+constexpr int64_t kPruneBlock = 4096;  // values per block: a block with nothing pruned skips w
+
+// What w ⊙ keep is for a bool keep: 2 if keep prunes nothing (it is w, and its gradient is
+// G), 1 if every pruned weight is ±0 (it is w bit for bit, gradient G ⊙ keep), else 0. One
+// read of keep, and of w only in blocks that prune something; no write.
+at::Tensor binary_prune_state_cpu(const at::Tensor& weight, const at::Tensor& keep) {
   check_layout(weight, keep, Kind::kBinary);
-  TORCH_CHECK_VALUE(keep.sizes() == weight.sizes(), "pruned_all_zero: `keep` must have weight's shape");
+  TORCH_CHECK_VALUE(keep.sizes() == weight.sizes(), "binary_prune_state: `keep` must have weight's shape");
   const auto* w = static_cast<const uint32_t*>(weight.const_data_ptr());
   const u8* m = bool_data(keep);
-  std::atomic<bool> ok{true};
+  std::atomic<bool> pruned{false}, nonzero{false};
   at::parallel_for(0, weight.numel(), kGrain, [&](int64_t b, int64_t e) {
-    if (ok.load(std::memory_order_relaxed) && pruned_bits(w, m, b, e) != 0) ok.store(false, std::memory_order_relaxed);
+    for (int64_t i = b; i < e && !nonzero.load(std::memory_order_relaxed); i += kPruneBlock) {
+      const int64_t j = std::min(e, i + kPruneBlock);
+      if (all_kept(m, i, j)) continue;
+      pruned.store(true, std::memory_order_relaxed);
+      if (pruned_bits(w, m, i, j) != 0) nonzero.store(true, std::memory_order_relaxed);
+    }
   });
-  return at::scalar_tensor(ok.load(), weight.options().dtype(at::kBool));
+  const int64_t state = nonzero.load() ? 0 : (pruned.load() ? 1 : 2);
+  return at::scalar_tensor(state, weight.options().dtype(at::kLong));
 }
 
 // weights[i] *= keeps[i] in place (bool keep-masks, each of its weight's sizes and
@@ -313,16 +330,16 @@ void zero_masked_cpu(at::TensorList weights, at::TensorList keeps) {
     check_layout(weights[t], keeps[t], Kind::kBinary);
     TORCH_CHECK_VALUE(keeps[t].sizes() == weights[t].sizes(), "zero_masked_: `keep` must have weight's shape");
   }
-  constexpr int64_t kZeroBlock = 4096;
   for (size_t t = 0; t < weights.size(); ++t) {
     f32* w = weights[t].mutable_data_ptr<f32>();
     const auto* bits = reinterpret_cast<const uint32_t*>(w);
     const u8* m = bool_data(keeps[t]);
     at::parallel_for(0, weights[t].numel(), kGrain, [=](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; i += kZeroBlock) {
-        const int64_t j = std::min(e, i + kZeroBlock);
-        // All pruned ±0: multiplying by keep would change no bit (±0 · 0 keeps the sign).
-        if (pruned_bits(bits, m, i, j) == 0) continue;
+      for (int64_t i = b; i < e; i += kPruneBlock) {
+        const int64_t j = std::min(e, i + kPruneBlock);
+        // Nothing pruned, or all pruned ±0: multiplying by keep would change no bit (±0 · 0
+        // keeps the sign); a block with nothing pruned is not even read from w.
+        if (all_kept(m, i, j) || pruned_bits(bits, m, i, j) == 0) continue;
 #pragma omp simd
         for (int64_t k = i; k < j; ++k) w[k] *= static_cast<f32>(m[k]);  // as mul_: NaN/Inf pruned -> NaN
       }
@@ -403,7 +420,7 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("mask_apply", &mask_apply_cpu);
   m.impl("mask_apply_backward", &mask_apply_backward_cpu);
   m.impl("zero_masked_", &zero_masked_cpu);
-  m.impl("pruned_all_zero", &pruned_all_zero_cpu);
+  m.impl("binary_prune_state", &binary_prune_state_cpu);
   m.impl("sigmoid_mask_l1", &sigmoid_mask_l1_cpu);
   m.impl("sigmoid_mask_l1_backward", &sigmoid_mask_l1_backward_cpu);
 }

@@ -21,8 +21,9 @@ CPP_SCHEMAS = {
     "mask_apply_backward": "mask_apply_backward(Tensor grad, Tensor weight, Tensor mask, str kind, "
     "float beta, float scale, bool mask_grad) -> (Tensor, Tensor)",
     "zero_masked_": "zero_masked_(Tensor(a!)[] weights, Tensor[] keeps) -> ()",
-    "pruned_all_zero": "pruned_all_zero(Tensor weight, Tensor keep) -> Tensor",
+    "binary_prune_state": "binary_prune_state(Tensor weight, Tensor keep) -> Tensor",
     "binary_grad_mask": "binary_grad_mask(Tensor(a) weight, Tensor keep) -> Tensor(a)",
+    "binary_masked_weight": "binary_masked_weight(Tensor(a) weight, Tensor keep) -> Tensor(a)",
     "sigmoid_mask_l1": "sigmoid_mask_l1(Tensor scores, float beta, float scale) -> Tensor",
     "sigmoid_mask_l1_backward": "sigmoid_mask_l1_backward(Tensor grad, Tensor scores, float beta, float scale) -> Tensor",
     "hard_concrete_sample_fused": (

@@ -40,15 +40,18 @@ def _zero_reference(weights, keeps):
         weight.mul_(keep)
 
 
-def _pruned_all_zero_reference(weight, keep):
-    return ((weight == 0) | keep).all()
+def _prune_state_reference(weight, keep):
+    if bool(keep.all()):
+        return torch.tensor(2)
+    return torch.tensor(1 if bool(((weight == 0) | keep).all()) else 0)
 
 
 _apply_op = cpp_op("mask_apply", _apply_reference)
 _backward_op = cpp_op("mask_apply_backward", _backward_reference)
 _zero_op = cpp_op("zero_masked_", _zero_reference)
-_pruned_zero_op = cpp_op("pruned_all_zero", _pruned_all_zero_reference)
+_prune_state_op = cpp_op("binary_prune_state", _prune_state_reference)
 _grad_mask_op = cpp_op("binary_grad_mask", lambda weight, keep: weight.alias())
+_binary_weight_op = cpp_op("binary_masked_weight", lambda weight, keep: weight * keep)
 
 
 @torch.library.register_fake("sparsekern::mask_apply")
@@ -68,14 +71,19 @@ def _(weights, keeps):
     return None
 
 
-@torch.library.register_fake("sparsekern::pruned_all_zero")
+@torch.library.register_fake("sparsekern::binary_prune_state")
 def _(weight, keep):
-    return weight.new_empty((), dtype=torch.bool)
+    return weight.new_empty((), dtype=torch.long)
 
 
 @torch.library.register_fake("sparsekern::binary_grad_mask")
 def _(weight, keep):
     return weight.alias()
+
+
+@torch.library.register_fake("sparsekern::binary_masked_weight")
+def _(weight, keep):
+    return torch.empty_like(weight)
 
 
 def cpp_layout(weight: Tensor, mask: Tensor, kind: str) -> bool:
@@ -130,18 +138,17 @@ def masked_weight_autograd(weight: Tensor, mask: Tensor, kind: str, beta: float,
 
 
 def binary_weight(weight: Tensor, keep: Tensor) -> Optional[Tensor]:
-    """weight ⊙ keep for a layer that uses and discards it, without computing it: in eager
-    CPU mode (eager_cpu's conditions), when every weight the bool `keep` prunes is exactly
-    zero (±0; the methods keep them so), weight ⊙ keep is weight bit for bit, so this
-    returns weight itself (an alias) whose gradient is G ⊙ keep (C++ autograd,
-    csrc/eager_autograd.cpp BinaryGradMask); else None (use the masked op). The layer then
-    saves the parameter for its backward instead of a weight-sized w_eff. The check is one
-    read of weight and keep (pruned_all_zero: 6.2 us on a 64x64x3x3 weight, 168 us on
-    512x512x3x3, 2 threads). Not for the public masked ops, whose result must not alias
-    the weight."""
-    if not (eager_cpu(weight, keep, "binary") and bool(_pruned_zero_op(weight, keep))):
-        return None
-    return _grad_mask_op(weight, keep)
+    """weight ⊙ keep (bool keep) for a layer that uses it and lets it go, in eager CPU mode;
+    None elsewhere (use the masked op). The C++ op binary_masked_weight decides from one
+    read of keep (and of the weight where keep prunes something; binary_prune_state):
+    nothing pruned -> the weight itself; every pruned weight exactly zero (±0; the methods
+    keep them so) -> the weight aliased, its gradient G ⊙ keep (a C++ autograd node);
+    else a new weight ⊙ keep. In the first two cases the layer saves the parameter for its
+    backward instead of a weight-sized w_eff. Not for the public masked ops, whose result
+    must not alias the weight."""
+    if HAS_EXTENSION and weight.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _binary_weight_op(weight, keep)
+    return None
 
 
 def grad_masked(t: Tensor, keep: Tensor) -> Tensor:
