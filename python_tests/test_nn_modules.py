@@ -406,3 +406,28 @@ def test_sigmoid_beta_is_set_through_set_beta():
     with pytest.raises(ValueError, match="beta"):
         layer.mask.set_beta(layer, -1.0)
     assert "weight_beta" not in layer.state_dict()  # not a checkpoint entry: the method owns β
+
+
+def test_project_layers_clamps_like_each_layers_project():
+    from sparsekern.nn.masks import project_layers
+
+    torch.manual_seed(0)
+    layers = [SparseConv2d(3, 4, 3, mask="hard_concrete"), SparseLinear(5, 2, mask="relaxed"),
+              SparseLinear(5, 2, mask="hard_concrete", structured=True), SparseConv2d(3, 4, 1, mask="sigmoid"),
+              SparseLinear(4, 3, mask="binary")]
+    twins = [copy.deepcopy(layer) for layer in layers]
+    with torch.no_grad():
+        for layer, twin in zip(layers, twins):
+            for name in layer.mask.state_names:
+                t = getattr(layer, name)
+                if t.dtype.is_floating_point:
+                    t.copy_(torch.randn(t.shape) * 10)
+                    t.view(-1)[0] = float("nan")
+                    getattr(twin, name).copy_(t)
+    project_layers(layers)
+    for twin in twins:
+        twin.mask.project(twin)
+    for layer, twin in zip(layers, twins):
+        for name in layer.mask.state_names:
+            assert torch.equal(getattr(layer, name).isnan(), getattr(twin, name).isnan())
+            torch.testing.assert_close(getattr(layer, name), getattr(twin, name), rtol=0, atol=0, equal_nan=True)

@@ -26,10 +26,18 @@ from torch import nn
 from .. import _checks, ops
 from ..nn import export as export_model
 from ..nn import sparse_modules, sparsify
-from ..nn.masks import HardConcreteMask
+from ..nn.masks import HardConcreteMask, project_layers
 
 
 # ---- argument checks shared by every method: TypeError / ValueError naming the argument
+def sum_terms(terms: list[torch.Tensor]) -> torch.Tensor:
+    """Σ of per-layer 0-dim terms as one stack and one sum: a Python sum adds one op and,
+    in the backward, one autograd node per layer (~10 us each, ResNet-20: 22 layers)."""
+    if len(terms) > 1 and all(t.dtype == terms[0].dtype and t.device == terms[0].device for t in terms):
+        return torch.stack(terms).sum()
+    return sum(terms[1:], terms[0])
+
+
 def check_real(name: str, value, **bounds) -> float:
     return _checks.real(f"`{name}`", value, **bounds)
 
@@ -111,8 +119,7 @@ class PruningMethod:
         keeps binary-masked weights exactly zero (momentum or weight decay could move
         them), runs the method's per-step hook and saves the rewind point when due."""
         self.iteration += 1
-        for _, layer in self.layers:
-            layer.mask.project(layer)
+        project_layers([layer for _, layer in self.layers])
         self._after_step()  # may change masks: zero binary-masked weights after it
         self._zero_binary_masked()
         if self.round_based and self._rewind_state is None and self.iteration == self.rewind_iteration:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .base import PruningMethod, check_choice, check_real
+from .base import PruningMethod, check_choice, check_real, sum_terms
 
 REGULARIZERS = ("l1", "log")
 DEFAULT_LAM = {"l1": 3e-6, "log": 1e-6}  # the paper's CIFAR runs
@@ -80,15 +80,13 @@ class ConcaveRegularization(PruningMethod):
 
     def penalty(self) -> torch.Tensor:
         """λ·Σ r(m) over the masked layers (dead entries have m = 0 and r(0) = 0)."""
-        total = self.model_zero()
+        terms = []
         for _, layer in self.layers:
             m = layer.mask.op_mask(layer)[0]  # dead entries get no gradient from here either
-            if self.regularizer == "l1":
-                total = total + m.sum()
-            else:
-                r = torch.log1p(m / self.eps) / math.log1p(1.0 / self.eps)  # log((m+ε)/ε)/log((1+ε)/ε)
-                total = total + r.sum()
-        return self.lam * total
+            if self.regularizer == "log":
+                m = torch.log1p(m / self.eps) / math.log1p(1.0 / self.eps)  # log((m+ε)/ε)/log((1+ε)/ε)
+            terms.append(m.sum())
+        return self.lam * sum_terms(terms)
 
     @torch.no_grad()
     def _after_step(self) -> None:

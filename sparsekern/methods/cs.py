@@ -36,7 +36,7 @@ from ..nn import sparse_modules
 from ..nn.export import Exported
 from ..nn.masks import BinaryMask
 from . import schedules
-from .base import PruningMethod, check_bool, check_choice, check_int, check_real
+from .base import PruningMethod, check_bool, check_choice, check_int, check_real, sum_terms
 
 SOFT_RESETS = ("paper", "code")
 
@@ -108,12 +108,9 @@ class ContinuousSparsification(PruningMethod):
     def penalty(self) -> torch.Tensor:
         """λ·Σ_layers Σ scale·σ(β·s): the authors' code sums the gates as the layers use
         them, scale included. 0 in the ticket phase (the code's term is a constant there)."""
-        total = self.model_zero()
         if self.ticket or self.lam == 0.0:
-            return total
-        for _, layer in self.layers:
-            total = total + layer.mask.l1(layer)
-        return self.lam * total
+            return self.model_zero()
+        return self.lam * sum_terms([layer.mask.l1(layer) for _, layer in self.layers])
 
     # ---- between rounds
     @torch.no_grad()

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..nn.modules import SPARSE_TYPES
 from ..nn.sparsify import SWAPS, _patterns, _selected
-from .base import PruningMethod, check_bool, check_real
+from .base import PruningMethod, check_bool, check_real, sum_terms
 
 DEFAULT_DROPRATE = {True: 0.3, False: 0.1}  # structured / unstructured (METHODS.md)
 GLOBAL = "global"  # the group name of the model-wise constraint
@@ -199,7 +199,7 @@ class ConstrainedL0(_HardConcreteMethod):
     # ---- the Lagrangian
     def _group_densities(self) -> torch.Tensor:
         nonzero = self._expected_nonzero()
-        return torch.stack([sum(nonzero[i] for i in idx) / n
+        return torch.stack([sum_terms([nonzero[i] for i in idx]) / n
                             for idx, n in zip(self._group_layers, self._group_numel)])
 
     def _on(self, device: torch.device) -> None:
@@ -276,4 +276,4 @@ class PenalizedL0(_HardConcreteMethod):
 
     def penalty(self) -> torch.Tensor:
         """λ·Σ E[L0] (+ the expected-L2 term)."""
-        return self.lam * sum(self._expected_nonzero()) + self._expected_l2()
+        return self.lam * sum_terms(self._expected_nonzero()) + self._expected_l2()

@@ -88,6 +88,29 @@ class MaskKind(abc.ABC):
     def project(self, layer: nn.Module) -> None:
         """Projects the learnable mask back to its domain; call after optimizer.step()."""
 
+    # The domain project() clamps the mask parameter to, when it is a box: (state name,
+    # low, high). project_layers then clamps all layers of the kind in two foreach calls.
+    # A subclass whose project() does anything else must set it to None.
+    clamp_box: tuple[str, float, float] | None = None
+
+
+@torch.no_grad()
+def project_layers(layers) -> None:
+    """layer.mask.project(layer) for every layer; the layers whose mask kind has a
+    clamp_box are clamped with two foreach calls per kind instead of one op per layer
+    (ResNet-20's 22 layers: 22 clamp_ calls, ~4 us each)."""
+    boxes: dict[tuple, list[torch.Tensor]] = {}
+    for layer in layers:
+        mask = layer.mask
+        box = type(mask).clamp_box
+        if box is None:
+            mask.project(layer)
+        else:
+            boxes.setdefault(box, []).append(getattr(layer, box[0]))
+    for (_, low, high), tensors in boxes.items():
+        torch._foreach_clamp_min_(tensors, low)
+        torch._foreach_clamp_max_(tensors, high)
+
     def options(self) -> dict:
         """The constructor options (shown in the layer's repr)."""
         return {}
@@ -221,6 +244,8 @@ class RelaxedMask(MaskKind):
 
     def gate(self, layer):
         return layer.weight_mask.detach().to(layer.weight.dtype)
+
+    clamp_box = ("weight_mask", 0.0, 1.0)
 
     @torch.no_grad()
     def project(self, layer):
@@ -401,6 +426,8 @@ class HardConcreteMask(MaskKind):
 
     def expected_density(self, layer: nn.Module) -> torch.Tensor:
         return self.expected_nonzero(layer) / layer.weight.numel()
+
+    clamp_box = ("weight_log_alpha", *HC_LOG_ALPHA_RANGE)
 
     @torch.no_grad()
     def project(self, layer):
