@@ -468,3 +468,17 @@ def test_binary_grad_mask_op():
     with pytest.raises(ValueError, match="keep"):
         torch.ops.sparsekern.binary_grad_mask(w, keep[:1])
     torch.library.opcheck(torch.ops.sparsekern.binary_grad_mask.default, (w, keep))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the C++ node / torch.where
+def test_grad_masked(dtype):
+    t = torch.randn(5, 4, 3, dtype=dtype, requires_grad=True)
+    keep = torch.rand(5, 4, 3) > 0.4
+    out = mask_apply.grad_masked(t, keep)
+    assert torch.equal(out, t.detach())
+    g = torch.randn_like(t)
+    (grad,) = torch.autograd.grad(out, t, g)
+    torch.testing.assert_close(grad, g * keep, rtol=0, atol=0)
+    compiled = torch.compile(lambda t, k: mask_apply.grad_masked(t, k).sum(), fullgraph=True)
+    (grad,) = torch.autograd.grad(compiled(t, keep), t)
+    torch.testing.assert_close(grad, keep.to(dtype), rtol=0, atol=0)
