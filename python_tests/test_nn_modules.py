@@ -431,3 +431,10 @@ def test_project_layers_clamps_like_each_layers_project():
         for name in layer.mask.state_names:
             assert torch.equal(getattr(layer, name).isnan(), getattr(twin, name).isnan())
             torch.testing.assert_close(getattr(layer, name), getattr(twin, name), rtol=0, atol=0, equal_nan=True)
+
+
+def test_every_mask_kind_has_options_and_a_repr():
+    for kind in ("binary", "straight_through", "sigmoid", "relaxed", "hard_concrete"):
+        layer = SparseLinear(3, 2, mask=kind)
+        assert isinstance(layer.mask.options(), dict)
+        assert f"mask={kind}(" in repr(layer)

@@ -93,6 +93,14 @@ class MaskKind(abc.ABC):
     # A subclass whose project() does anything else must set it to None.
     clamp_box: tuple[str, float, float] | None = None
 
+    def options(self) -> dict:
+        """The constructor options (shown in the layer's repr)."""
+        return {}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{self.name}({opts})"
+
 
 @torch.no_grad()
 def project_layers(layers) -> None:
@@ -110,14 +118,6 @@ def project_layers(layers) -> None:
     for (_, low, high), tensors in boxes.items():
         torch._foreach_clamp_min_(tensors, low)
         torch._foreach_clamp_max_(tensors, high)
-
-    def options(self) -> dict:
-        """The constructor options (shown in the layer's repr)."""
-        return {}
-
-    def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
-        return f"{self.name}({opts})"
 
 
 class BinaryMask(MaskKind):
