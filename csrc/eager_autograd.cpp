@@ -2,7 +2,8 @@
 // sparsekern::mask_apply (w_eff = w ⊙ g; SparseConv2d, SparseLinear),
 // sparsekern::hard_concrete_sample_fused (the L0 gates z and expected L0) and
 // sparsekern::hard_concrete_masked_weight_fused (w z under unstructured gates, z unstored)
-// and sparsekern::sigmoid_mask_l1 (Continuous Sparsification's penalty).
+// and sparsekern::sigmoid_mask_l1 (Continuous Sparsification's penalty); and the eager-only
+// binary helpers binary_grad_mask / binary_masked_weight (csrc/README.md says why).
 //
 // Why in C++: the same forward and backward through torch.library's Python custom-op
 // machinery (masked_conv2d_weight: argument defaults, a generated autograd.Function, a

@@ -172,13 +172,15 @@ def zero_masked_(weight, keep) -> None:
                 raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
         if k.dtype != torch.bool or k.shape != w.shape:
             raise ValueError(f"`keep` must be a bool tensor of weight's shape {tuple(w.shape)}")
-    cpp = [i for i, (w, k) in enumerate(zip(weights, keeps)) if cpp_layout(w, k, "binary")]
+    cpp, other = [], []
+    for w, k in zip(weights, keeps):
+        (cpp if cpp_layout(w, k, "binary") else other).append((w, k))
     with torch.no_grad():
         if cpp:
-            cpp_weights = [weights[i] for i in cpp]
-            _zero_op(cpp_weights, [keeps[i] for i in cpp])
+            cpp_weights = [w for w, _ in cpp]
+            _zero_op(cpp_weights, [k for _, k in cpp])
             # The C++ op has no ADInplaceOrView kernel, so nothing bumped the version counter
             # that autograd checks saved tensors against; do it here, as mul_ would.
             torch.autograd.graph.increment_version(cpp_weights)
-        for i in sorted(set(range(len(weights))) - set(cpp)):
-            weights[i].mul_(keeps[i])
+        for w, k in other:
+            w.mul_(k)
