@@ -438,3 +438,16 @@ def test_every_mask_kind_has_options_and_a_repr():
         layer = SparseLinear(3, 2, mask=kind)
         assert isinstance(layer.mask.options(), dict)
         assert f"mask={kind}(" in repr(layer)
+
+
+def test_hard_concrete_constants_are_checked_when_set():
+    # The forward passes them to the op unchecked (hard_concrete.sample_checked).
+    mask = make_mask("hard_concrete", seed=3)
+    for name, bad, error in [("beta", 0.0, ValueError), ("gamma", 0.1, ValueError), ("zeta", 1.0, ValueError),
+                             ("beta", "x", TypeError), ("seed", -1, ValueError), ("seed", 1.5, TypeError)]:
+        before = getattr(mask, name)
+        with pytest.raises(error, match=name):
+            setattr(mask, name, bad)
+        assert getattr(mask, name) == before
+    mask.beta = 0.5
+    assert mask.beta == 0.5
