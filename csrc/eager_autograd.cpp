@@ -3,6 +3,7 @@
 // sparsekern::hard_concrete_sample_fused (the L0 gates z and expected L0) and
 // sparsekern::hard_concrete_masked_weight_fused (w z under unstructured gates, z unstored)
 // and sparsekern::sigmoid_mask_l1 (Continuous Sparsification's penalty); and the eager-only
+// sparsekern::mask_apply_l1 (w ⊙ g with the gate's L1 norm, for CS and concave) and
 // binary helpers binary_grad_mask / binary_masked_weight (csrc/README.md says why).
 //
 // Why in C++: the same forward and backward through torch.library's Python custom-op
@@ -298,6 +299,53 @@ at::Tensor sigmoid_mask_l1_autograd(const at::Tensor& scores, double beta, doubl
   return SigmoidMaskL1::apply(scores, beta, scale);
 }
 
+// (w ⊙ g, Σ g) for the sigmoid and relaxed kinds: saves weight and mask (inputs), as MaskApply.
+class MaskApplyL1 : public torch::autograd::Function<MaskApplyL1> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& mask,
+                               const std::string& kind, double beta, double scale) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("sparsekern::mask_apply_l1", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                   c10::string_view, double, double)>();
+    ctx->save_for_backward({weight, mask});
+    ctx->saved_data["kind"] = kind;
+    ctx->saved_data["beta"] = beta;
+    ctx->saved_data["scale"] = scale;
+    auto [w_eff, l1] = op.call(weight, mask, kind, beta, scale);
+    return {w_eff, l1};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("sparsekern::mask_apply_l1_backward", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                   const at::Tensor&, const at::Tensor&,
+                                                                   c10::string_view, double, double)>();
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& weight = saved[0];
+    const at::Tensor& mask = saved[1];
+    variable_list out(5);
+    if (!(ctx->needs_input_grad(0) || ctx->needs_input_grad(1))) return out;
+    // An output that did not reach the loss has no gradient: it contributes zero.
+    at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(weight);
+    if (grad.strides() != weight.strides()) grad = at::empty_like(weight).copy_(grad);
+    at::Tensor grad_l1 = grads[1].defined() ? grads[1] : at::zeros({}, weight.options());
+    auto [grad_w, grad_m] = op.call(grad, grad_l1, weight, mask, ctx->saved_data["kind"].toStringRef(),
+                                    ctx->saved_data["beta"].toDouble(), ctx->saved_data["scale"].toDouble());
+    if (ctx->needs_input_grad(0)) out[0] = grad_w;
+    if (ctx->needs_input_grad(1)) out[1] = grad_m;
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> mask_apply_l1_autograd(const at::Tensor& weight, const at::Tensor& mask,
+                                                          c10::string_view kind, double beta, double scale) {
+  auto out = MaskApplyL1::apply(weight, mask, std::string(kind), beta, scale);
+  return {out[0], out[1]};
+}
+
 std::tuple<at::Tensor, at::Tensor> hard_concrete_sample_autograd(const at::Tensor& log_alpha, int64_t seed,
                                                                  int64_t offset, int64_t group_size, double beta,
                                                                  double gamma, double zeta, bool training) {
@@ -317,6 +365,7 @@ TORCH_LIBRARY_IMPL(sparsekern, Autograd, m) {
   m.impl("hard_concrete_sample_fused", &hard_concrete_sample_autograd);
   m.impl("hard_concrete_masked_weight_fused", &hard_concrete_masked_weight_autograd);
   m.impl("sigmoid_mask_l1", &sigmoid_mask_l1_autograd);
+  m.impl("mask_apply_l1", &mask_apply_l1_autograd);
   m.impl("binary_grad_mask", &binary_grad_mask_autograd);
   m.impl("binary_masked_weight", &binary_masked_weight_autograd);
 }

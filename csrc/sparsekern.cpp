@@ -35,6 +35,11 @@ TORCH_LIBRARY(sparsekern, m) {
   // dtype) and its backward grad·scale·β·σ(1 − σ); CPU kernels (CUDA uses Triton).
   m.def("sigmoid_mask_l1(Tensor scores, float beta, float scale) -> Tensor");
   m.def("sigmoid_mask_l1_backward(Tensor grad, Tensor scores, float beta, float scale) -> Tensor");
+  // (w ⊙ g, Σ g) for the sigmoid and relaxed kinds from one pass (Σ g: 0-dim float32, the
+  // gate's L1 norm, CS's and the concave L1 penalty) and its backward (grad_w, grad_mask)
+  // from the gradients of both outputs; CPU kernels, eager only (csrc/README.md).
+  m.def("mask_apply_l1(Tensor weight, Tensor mask, str kind, float beta, float scale) -> (Tensor, Tensor)");
+  m.def("mask_apply_l1_backward(Tensor grad, Tensor grad_l1, Tensor weight, Tensor mask, str kind, float beta, float scale) -> (Tensor, Tensor)");
   // The hard-concrete gates' CPU kernels (float32/float16/bfloat16; CUDA runs the Triton
   // kernels of sparsekern::hard_concrete_sample): z in log_alpha's dtype and the expected
   // L0, group_size * sum sigmoid(log_alpha - beta log(-gamma/zeta)), as a 0-dim float32

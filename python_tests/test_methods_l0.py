@@ -410,7 +410,7 @@ def _batch(seed=0):
 def _recompute_always(monkeypatch):
     from sparsekern.nn.masks import HardConcreteMask
 
-    monkeypatch.setattr(HardConcreteMask, "_current_forward_l0", lambda self, log_alpha: None)
+    monkeypatch.setattr(HardConcreteMask, "_current_term", lambda self, param, key=None: None)
 
 
 def _log_alpha_grads(method):
@@ -433,7 +433,7 @@ def test_penalty_reuses_the_forward_expected_l0(monkeypatch, cls, args, kwargs):
 
     loss = F.cross_entropy(model(x), y)
     nonzero = method._expected_nonzero()
-    assert all(n is layer.mask._forward_l0[-1] for n, (_, layer) in zip(nonzero, method.layers))
+    assert all(n is layer.mask._forward_term.value for n, (_, layer) in zip(nonzero, method.layers))
     (loss + method.penalty()).backward()
 
     _recompute_always(monkeypatch)  # the twin: same weights, seeds and offsets
@@ -452,7 +452,7 @@ def test_penalty_after_the_gates_backward_recomputes():
     F.cross_entropy(model(x), y).backward()
     task_grads = _log_alpha_grads(method)
     penalty = method.penalty()
-    assert all(n is not layer.mask._forward_l0[-1] for n, (_, layer) in zip(method._expected_nonzero(), method.layers))
+    assert all(n is not layer.mask._forward_term.value for n, (_, layer) in zip(method._expected_nonzero(), method.layers))
     penalty.backward()
     for task, got, (_, layer) in zip(task_grads, _log_alpha_grads(method), method.layers):
         p = torch.sigmoid(layer.weight_log_alpha.detach() - SHIFT)
@@ -491,8 +491,8 @@ def test_model_copies_after_a_training_forward():
     model = method.model.train()
     loss = F.cross_entropy(model(x), y) + method.penalty()
     twin = copy.deepcopy(model)
-    assert all(m.mask._forward_l0 is None for m in twin.modules() if hasattr(m, "mask"))
-    assert all(m.mask._forward_l0 is not None for m in model.modules() if hasattr(m, "mask"))
+    assert all(m.mask._forward_term is None for m in twin.modules() if hasattr(m, "mask"))
+    assert all(m.mask._forward_term is not None for m in model.modules() if hasattr(m, "mask"))
     pickle.loads(pickle.dumps(model))
     exported = method.export().model
     assert not any(hasattr(m, "mask") for m in exported.modules())

@@ -347,14 +347,14 @@ def test_compile_fullgraph_keeps_the_expected_l0(cls, args, x_shape):
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     y = compiled(x)
     l0 = layer.mask.expected_nonzero(layer)
-    assert l0 is layer.mask._forward_l0[-1] and l0.requires_grad
+    assert l0 is layer.mask._forward_term.value and l0.requires_grad
     (y.square().sum() + 0.3 * l0).backward()
     y_ref = ref(x)
     l0_ref = ops.hard_concrete_l0(ref.weight_log_alpha, ref.mask.group_size(ref))
     (y_ref.square().sum() + 0.3 * l0_ref).backward()
     torch.testing.assert_close(l0.detach(), l0_ref.detach(), **TOL)
     torch.testing.assert_close(layer.weight_log_alpha.grad, ref.weight_log_alpha.grad, **TOL)
-    assert copy.deepcopy(layer).mask._forward_l0 is None
+    assert copy.deepcopy(layer).mask._forward_term is None
 
 
 def test_compile_hard_concrete_offset_does_not_recompile_every_step():

@@ -80,12 +80,12 @@ class ConcaveRegularization(PruningMethod):
 
     def penalty(self) -> torch.Tensor:
         """λ·Σ r(m) over the masked layers (dead entries have m = 0 and r(0) = 0)."""
+        if self.regularizer == "l1":  # Σ m: the layers' forwards computed it (RelaxedMask.l1)
+            return self.lam * sum_terms([layer.mask.l1(layer) for _, layer in self.layers])
         terms = []
         for _, layer in self.layers:
             m = layer.mask.op_mask(layer)[0]  # dead entries get no gradient from here either
-            if self.regularizer == "log":
-                m = torch.log1p(m / self.eps) / math.log1p(1.0 / self.eps)  # log((m+ε)/ε)/log((1+ε)/ε)
-            terms.append(m.sum())
+            terms.append(torch.log1p(m / self.eps).sum() / math.log1p(1.0 / self.eps))  # Σ log((m+ε)/ε)/log((1+ε)/ε)
         return self.lam * sum_terms(terms)
 
     @torch.no_grad()

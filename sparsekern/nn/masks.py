@@ -101,6 +101,61 @@ class MaskKind(abc.ABC):
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{self.name}({opts})"
 
+    # The penalty term of the layer's last forward (ForwardTerm), for kinds whose forward
+    # op computes it in the same pass as the masked weight.
+    _forward_term: "ForwardTerm | None" = None
+
+    def __getstate__(self):
+        # The kept term is a graph tensor (copy.deepcopy refuses those, and
+        # sparsekern.export deep-copies the model): copies and pickles start without it.
+        state = self.__dict__.copy()
+        state.pop("_forward_term", None)
+        return state
+
+    def _current_term(self, param: torch.Tensor, key=None) -> torch.Tensor | None:
+        term = self._forward_term
+        return None if term is None else term.current(param, key)
+
+
+class ForwardTerm:
+    """A penalty term (the expected L0, the gate's L1 norm) that a layer's forward computed
+    in the same pass as its masked weight, kept so the penalty reuses it: its gradient then
+    joins the mask's in the forward op's one backward pass, and the mask is not read again.
+
+    current() returns it while it still stands for the mask parameter `param`: the same
+    tensor, not modified since (an optimiser step or a clamp bumps its version), the same
+    `key` (the constants it was computed with), and, when a gradient is wanted, its graph
+    there and not yet used by a backward (one through the masked weight writes param's
+    .grad, so .grad must be the same tensor at the same version). Otherwise None: compute
+    it afresh. A backward that writes no .grad (torch.autograd.grad w.r.t. param) goes
+    unnoticed: a penalty used after it reaches into the used graph, and its backward raises."""
+
+    __slots__ = ("param", "version", "grad_ref", "grad_version", "key", "value")
+
+    def __init__(self, param: torch.Tensor, value: torch.Tensor, key=None):
+        grad = param.grad
+        self.param, self.version, self.key, self.value = param, param._version, key, value
+        # .grad held weakly: a strong reference would keep the previous step's gradient
+        # alive through the next backward after optimizer.zero_grad(set_to_none=True).
+        self.grad_ref = None if grad is None else weakref.ref(grad)
+        self.grad_version = None if grad is None else grad._version
+
+    def current(self, param: torch.Tensor, key=None) -> torch.Tensor | None:
+        if self.param is not param or param._version != self.version:
+            return None
+        if not (self.key is key or (isinstance(key, tuple) and self.key == key)):
+            return None
+        if not (torch.is_grad_enabled() and param.requires_grad):
+            return self.value.detach()
+        if not self.value.requires_grad:  # the forward ran without a graph
+            return None
+        now = param.grad
+        if self.grad_ref is None:
+            unchanged = now is None
+        else:
+            unchanged = now is not None and self.grad_ref() is now and now._version == self.grad_version
+        return self.value if unchanged else None
+
 
 @torch.no_grad()
 def project_layers(layers) -> None:
@@ -207,9 +262,23 @@ class SigmoidMask(MaskKind):
     def gate(self, layer):
         return (self.scale * torch.sigmoid(self._beta * layer.weight_score.detach())).to(layer.weight.dtype)
 
+    def masked_weight(self, layer):
+        """Eager CPU: w ⊙ g and Σ g from one op (mask_apply.masked_weight_l1); Σ g is kept
+        for l1(). None elsewhere: the layer calls the masked op."""
+        scores, beta, scale = layer.weight_score, self._beta, self.scale
+        out = mask_apply.masked_weight_l1(layer.weight, scores, self.name, beta, scale)
+        if out is None:
+            return None
+        self._forward_term = ForwardTerm(scores, out[1], (beta, scale))
+        return out[0]
+
     def l1(self, layer: nn.Module) -> torch.Tensor:
         """Σ g = Σ scale·σ(β·s), the mask's L1 norm (CS's penalty), differentiable in s:
-        one fused pass (ops.sigmoid_mask_l1), with β taken as op_mask takes it."""
+        the layer's last forward's when it still stands (ForwardTerm), else one fused pass
+        (ops.sigmoid_mask_l1), with β taken as op_mask takes it."""
+        cached = self._current_term(layer.weight_score, (self._beta, self.scale))
+        if cached is not None:
+            return cached
         scores, kw = self.op_mask(layer)
         return ops.sigmoid_mask_l1(scores, kw["beta"], kw["scale"])
 
@@ -241,6 +310,24 @@ class RelaxedMask(MaskKind):
         if self.grad_keep is not None:
             m = mask_apply.grad_masked(m, self.grad_keep)
         return m, {"kind": self.name}
+
+    def masked_weight(self, layer):
+        """Eager CPU: w ⊙ m and Σ m from one op (mask_apply.masked_weight_l1); Σ m is kept
+        for l1(). None elsewhere: the layer calls the masked op."""
+        m = self.op_mask(layer)[0]
+        out = mask_apply.masked_weight_l1(layer.weight, m, self.name, 1.0, 1.0)
+        if out is None:
+            return None
+        self._forward_term = ForwardTerm(layer.weight_mask, out[1], self.grad_keep)
+        return out[0]
+
+    def l1(self, layer: nn.Module) -> torch.Tensor:
+        """Σ m, differentiable in m (dead entries: no gradient): the layer's last forward's
+        when it still stands (ForwardTerm), else m.sum()."""
+        cached = self._current_term(layer.weight_mask, self.grad_keep)
+        if cached is not None:
+            return cached
+        return self.op_mask(layer)[0].sum()
 
     def gate(self, layer):
         return layer.weight_mask.detach().to(layer.weight.dtype)
@@ -295,8 +382,6 @@ class HardConcreteMask(MaskKind):
             seed = int(torch.randint(0, 2**31 - 1, ()))
         self.seed = seed
         self.offset = 0
-        # The last forward's expected L0 and what it was computed from (see expected_nonzero).
-        self._forward_l0: tuple | None = None
 
     def __setattr__(self, name, value):
         # The gate constants and the seed are checked whenever they are set, so the
@@ -314,13 +399,6 @@ class HardConcreteMask(MaskKind):
                 raise ValueError(f"mask option `seed` must be in [0, 2**63), got {value}")
             value = int(value)
         object.__setattr__(self, name, value)
-
-    def __getstate__(self):
-        # The kept expected L0 is a graph tensor (copy.deepcopy refuses those, and
-        # sparsekern.export deep-copies the model): copies and pickles start without it.
-        state = self.__dict__.copy()
-        state["_forward_l0"] = None
-        return state
 
     def gate_shape(self, weight: torch.Tensor) -> tuple[int, ...]:
         if not self.structured:
@@ -364,14 +442,9 @@ class HardConcreteMask(MaskKind):
         return w_eff
 
     def _keep_forward_l0(self, layer: nn.Module, l0: torch.Tensor) -> None:
-        """Keeps this forward's expected L0 with log α's and its .grad's versions, and
-        advances the offset in training (the next forward draws fresh noise)."""
-        log_alpha = layer.weight_log_alpha
-        # .grad held weakly: a strong reference would keep the previous step's gradient
-        # alive through the next backward after optimizer.zero_grad(set_to_none=True).
-        grad = log_alpha.grad
-        grad_ref = None if grad is None else weakref.ref(grad)
-        self._forward_l0 = (log_alpha, log_alpha._version, grad_ref, None if grad is None else grad._version, l0)
+        """Keeps this forward's expected L0 (ForwardTerm) and advances the offset in
+        training (the next forward draws fresh noise)."""
+        self._forward_term = ForwardTerm(layer.weight_log_alpha, l0)
         if layer.training:
             self.offset += 1
 
@@ -392,37 +465,14 @@ class HardConcreteMask(MaskKind):
     def expected_nonzero(self, layer: nn.Module) -> torch.Tensor:
         """E[number of nonzero weights], differentiable in log α (the L0 constraint/penalty).
 
-        The layer's last forward computed it already, in the same pass as the gates; that
-        tensor is returned while it still stands for the current log α: log α is the same
-        tensor, not modified since (an optimiser step or the clamp bumps its version), and,
-        when a gradient is wanted, its graph is there and not yet used by a backward (one
-        through the gates writes log α's .grad, so .grad must be the same tensor at the same
-        version). The L0 term's gradient then joins the gates' in their one backward pass.
-        Otherwise it is computed afresh (a second pass over log α, and a second backward).
-        A backward that writes no .grad (torch.autograd.grad w.r.t. log α) goes unnoticed:
-        a penalty used after it reaches into the used graph, and its backward raises."""
-        cached = self._current_forward_l0(layer.weight_log_alpha)
+        The layer's last forward computed it already, in the same pass as the gates: that
+        tensor is returned while it still stands for log α (ForwardTerm.current), and the
+        L0 term's gradient then joins the gates' in their one backward pass. Otherwise it is
+        computed afresh (a second pass over log α, and a second backward)."""
+        cached = self._current_term(layer.weight_log_alpha)
         if cached is not None:
             return cached
         return ops.hard_concrete_l0(layer.weight_log_alpha, self.group_size(layer), **self._hc())
-
-    def _current_forward_l0(self, log_alpha: torch.Tensor) -> torch.Tensor | None:
-        entry = getattr(self, "_forward_l0", None)
-        if entry is None:
-            return None
-        la, version, grad_ref, grad_version, l0 = entry
-        if la is not log_alpha or la._version != version:
-            return None
-        if not (torch.is_grad_enabled() and log_alpha.requires_grad):
-            return l0.detach()
-        if not l0.requires_grad:  # the forward ran without a graph
-            return None
-        now = log_alpha.grad
-        if grad_ref is None:
-            unchanged = now is None
-        else:
-            unchanged = now is not None and grad_ref() is now and now._version == grad_version
-        return l0 if unchanged else None
 
     def expected_density(self, layer: nn.Module) -> torch.Tensor:
         return self.expected_nonzero(layer) / layer.weight.numel()

@@ -26,6 +26,9 @@ CPP_SCHEMAS = {
     "binary_masked_weight": "binary_masked_weight(Tensor(a) weight, Tensor keep) -> Tensor(a)",
     "sigmoid_mask_l1": "sigmoid_mask_l1(Tensor scores, float beta, float scale) -> Tensor",
     "sigmoid_mask_l1_backward": "sigmoid_mask_l1_backward(Tensor grad, Tensor scores, float beta, float scale) -> Tensor",
+    "mask_apply_l1": "mask_apply_l1(Tensor weight, Tensor mask, str kind, float beta, float scale) -> (Tensor, Tensor)",
+    "mask_apply_l1_backward": "mask_apply_l1_backward(Tensor grad, Tensor grad_l1, Tensor weight, Tensor mask, "
+    "str kind, float beta, float scale) -> (Tensor, Tensor)",
     "hard_concrete_sample_fused": (
         "hard_concrete_sample_fused(Tensor log_alpha, int seed, int offset, int group_size, float beta, "
         "float gamma, float zeta, bool training) -> (Tensor, Tensor)"

@@ -46,7 +46,21 @@ def _prune_state_reference(weight, keep):
     return torch.tensor(1 if bool(((weight == 0) | keep).all()) else 0)
 
 
+def _apply_l1_reference(weight, mask, kind, beta, scale):
+    g = mask_math.gate(mask, kind, beta, scale, weight.dtype)
+    return (weight * g).to(weight.dtype), g.sum().float()
+
+
+def _l1_backward_reference(grad, grad_l1, weight, mask, kind, beta, scale):
+    grad_w, grad_m = mask_math.weight_and_mask_grads(grad, weight, mask, kind, beta, scale, True)
+    slope = mask_math.gate_slope(mask, kind, beta, scale, weight.dtype)
+    grad_m = (grad_m.to(slope.dtype) + grad_l1.to(slope.dtype) * slope).to(mask.dtype)
+    return (grad_w.clone() if grad_w is grad else grad_w), grad_m
+
+
 _apply_op = cpp_op("mask_apply", _apply_reference)
+_apply_l1_op = cpp_op("mask_apply_l1", _apply_l1_reference)
+_l1_backward_op = cpp_op("mask_apply_l1_backward", _l1_backward_reference)
 _backward_op = cpp_op("mask_apply_backward", _backward_reference)
 _zero_op = cpp_op("zero_masked_", _zero_reference)
 _prune_state_op = cpp_op("binary_prune_state", _prune_state_reference)
@@ -64,6 +78,16 @@ def _(grad, weight, mask, kind, beta, scale, mask_grad):
     if mask_grad and kind in mask_math.LEARNABLE_KINDS:
         return torch.empty_like(weight), torch.empty_like(mask)
     return torch.empty_like(weight), mask.new_empty(0)
+
+
+@torch.library.register_fake("sparsekern::mask_apply_l1")
+def _(weight, mask, kind, beta, scale):
+    return torch.empty_like(weight), weight.new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("sparsekern::mask_apply_l1_backward")
+def _(grad, grad_l1, weight, mask, kind, beta, scale):
+    return torch.empty_like(weight), torch.empty_like(mask)
 
 
 @torch.library.register_fake("sparsekern::zero_masked_")
@@ -135,6 +159,21 @@ def masked_weight_autograd(weight: Tensor, mask: Tensor, kind: str, beta: float,
     """weight ⊙ g, differentiable w.r.t. weight and (learnable kinds) mask, with the
     autograd in C++ (csrc/eager_autograd.cpp): the masked ops' eager CPU path."""
     return _apply_op(weight, mask, kind, beta, scale)
+
+
+L1_KINDS = ("sigmoid", "relaxed")
+
+
+def masked_weight_l1(weight: Tensor, mask: Tensor, kind: str, beta: float, scale: float
+                     ) -> Optional[tuple[Tensor, Tensor]]:
+    """(weight ⊙ g, Σ g) for the sigmoid and relaxed kinds, both differentiable in weight
+    and mask, from one C++ pass each way (sparsekern::mask_apply_l1): the masked weight and
+    the gate's L1 norm (the CS and concave L1 penalties) of one layer's forward, with one
+    autograd node. Eager CPU float32 in the C++ kernels' layout only; None elsewhere (use
+    the masked op, and sum the gate separately)."""
+    if kind in L1_KINDS and eager_cpu(weight, mask, kind) and mask.shape == weight.shape:
+        return _apply_l1_op(weight, mask, kind, beta, scale)
+    return None
 
 
 def binary_weight(weight: Tensor, keep: Tensor) -> Optional[Tensor]:
