@@ -51,6 +51,18 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, device
     return times
 
 
+def median_interval(values: list[float], level: float = 0.95, resamples: int = 2000,
+                    seed: int = 0) -> tuple[float, float]:
+    """A bootstrap interval for the median of `values` (e.g. one run's per-round ratios):
+    the central `level` of the medians of `resamples` resamples with replacement (seeded).
+    It says how far this run's median could move with other rounds of the same noise."""
+    rng = random.Random(seed)
+    n = len(values)
+    medians = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(resamples))
+    tail = (1.0 - level) / 2
+    return medians[int(tail * resamples)], medians[min(resamples - 1, int((1.0 - tail) * resamples))]
+
+
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device,
                         warmup: int = 2) -> dict[str, float]:
     """Median seconds per call of each fn over one interleaved run (interleaved_times)."""
