@@ -68,9 +68,10 @@ class MaskKind(abc.ABC):
         return False
 
     def masked_weight(self, layer: nn.Module) -> torch.Tensor | None:
-        """w ⊙ g computed by the kind itself in one fused op, for kinds whose gate is not an
-        input of the masked ops (unstructured hard-concrete); None: the layer calls the
-        masked op with op_mask(). Never for a bias-gated layer."""
+        """w ⊙ g computed by the kind itself in one fused op that also yields its penalty
+        term (unstructured hard-concrete: sampling z with the expected L0; sigmoid and
+        relaxed, eager CPU: the gate's L1 norm); None: the layer calls the masked op with
+        op_mask(). Never for a bias-gated layer."""
         return None
 
     def keep(self, layer: nn.Module) -> torch.Tensor:
