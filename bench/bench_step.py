@@ -10,7 +10,7 @@ order), so machine drift hits them alike. Dense runs twice in each round ("dense
 is a second, identical model): a method's ratio is the median over the rounds of its step
 time over the mean of that round's two dense steps, and the dense row's distance from 1 is
 the run's noise floor — read the 3% targets against it. In brackets, a 95% bootstrap interval
-of that median (2000 resamples of the rounds' ratios, bench/common.py median_interval): how
+of that median (2000 resamples of the rounds' ratios, bench/common.py bootstrap_interval): how
 far the median could move in another run with the same noise. The verdict is the median's;
 a missed target whose interval reaches it is named under the table as within the noise.
 The median step hides the methods' periodic mask updates (DPF every `period`=16 steps, GMP
@@ -46,7 +46,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_times, machine, markdown_table, median_interval, write_result  # noqa: E402
+from common import bootstrap_interval, interleaved_times, machine, markdown_table, write_result  # noqa: E402
 
 from sparsekern import methods as M  # noqa: E402
 from sparsekern import tune_cpu_allocator  # noqa: E402
@@ -194,7 +194,7 @@ def run_model(model_name: str, repeats: int, warmup: int, memory_steps: int) -> 
     dense_r = [(a + b) / 2 for a, b in zip(times["dense"], again)]
     per_round = {name: [t / d for t, d in zip(ts, dense_r)] for name, ts in times.items()}
     ratios = {name: statistics.median(r) for name, r in per_round.items()}
-    intervals = {name: median_interval(r) for name, r in per_round.items()}
+    intervals = {name: bootstrap_interval(r) for name, r in per_round.items()}
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     # Half the median relative difference between the two identical dense models.
     noise = abs(statistics.median(a / b for a, b in zip(times["dense"], again)) - 1) / 2

@@ -51,16 +51,18 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, device
     return times
 
 
-def median_interval(values: list[float], level: float = 0.95, resamples: int = 2000,
-                    seed: int = 0) -> tuple[float, float]:
-    """A bootstrap interval for the median of `values` (e.g. one run's per-round ratios):
-    the central `level` of the medians of `resamples` resamples with replacement (seeded).
-    It says how far this run's median could move with other rounds of the same noise."""
+def bootstrap_interval(rounds: list, statistic: Callable[[list], float] = statistics.median,
+                       level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """A bootstrap interval for `statistic` of one run's `rounds` (by default the median of
+    per-round values; a round may be a tuple, e.g. (dense time, model time)): the central
+    `level` of the statistic over `resamples` resamples of the rounds with replacement
+    (seeded). It says how far this run's figure could move with other rounds of the same
+    noise."""
     rng = random.Random(seed)
-    n = len(values)
-    medians = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(resamples))
+    n = len(rounds)
+    values = sorted(statistic(rng.choices(rounds, k=n)) for _ in range(resamples))
     tail = (1.0 - level) / 2
-    return medians[int(tail * resamples)], medians[min(resamples - 1, int((1.0 - tail) * resamples))]
+    return values[int(tail * resamples)], values[min(resamples - 1, int((1.0 - tail) * resamples))]
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device,
