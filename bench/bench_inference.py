@@ -155,14 +155,14 @@ def run_model(name: str, repeats: int) -> tuple[str, list[bool]]:
         fns = {k: (lambda m=m: m(x)) for k, (m, _) in variants.items()}
         fns.update({f"{k} prepared": (lambda m=m: m(x_cl)) for k, m in prepared.items()})
         with torch.no_grad():
-            per_batch[batch] = interleaved_times(fns, repeats, torch.device("cpu"))
+            runs = interleaved_times(fns, repeats, torch.device("cpu"))
+        per_batch[batch] = runs, {k: statistics.median(v) for k, v in runs.items()}
     within_noise = []
     for key, (model, _) in variants.items():
         macs = count_macs(model, example)
         row = [key, f"{count_params(model) / dense_params:.3f}", f"{macs / dense_macs:.3f}"]
         for batch in BATCHES:
-            runs = per_batch[batch]
-            med = {k: statistics.median(v) for k, v in runs.items()}
+            runs, med = per_batch[batch]
             t, t0 = med[f"{key} prepared"], med["dense prepared"]
             # The speed-up's 95% bootstrap interval: the rounds resampled in (dense, model) pairs.
             low, high = bootstrap_interval(list(zip(runs["dense prepared"], runs[f"{key} prepared"])), speed_up)

@@ -113,6 +113,16 @@ class MaskKind(abc.ABC):
         state.pop("_forward_term", None)
         return state
 
+    def _masked_weight_l1(self, layer: nn.Module, mask: torch.Tensor, param: torch.Tensor, key,
+                          beta: float = 1.0, scale: float = 1.0) -> torch.Tensor | None:
+        """Eager CPU: w ⊙ g and Σ g from one op (mask_apply.masked_weight_l1), Σ g kept as
+        the ForwardTerm of `param` under `key`; None elsewhere (the layer calls the masked op)."""
+        out = mask_apply.masked_weight_l1(layer.weight, mask, self.name, beta, scale)
+        if out is None:
+            return None
+        self._forward_term = ForwardTerm(param, out[1], key)
+        return out[0]
+
     def _current_term(self, param: torch.Tensor, key=None) -> torch.Tensor | None:
         term = self._forward_term
         return None if term is None else term.current(param, key)
@@ -267,11 +277,7 @@ class SigmoidMask(MaskKind):
         """Eager CPU: w ⊙ g and Σ g from one op (mask_apply.masked_weight_l1); Σ g is kept
         for l1(). None elsewhere: the layer calls the masked op."""
         scores, beta, scale = layer.weight_score, self._beta, self.scale
-        out = mask_apply.masked_weight_l1(layer.weight, scores, self.name, beta, scale)
-        if out is None:
-            return None
-        self._forward_term = ForwardTerm(scores, out[1], (beta, scale))
-        return out[0]
+        return self._masked_weight_l1(layer, scores, scores, (beta, scale), beta, scale)
 
     def l1(self, layer: nn.Module) -> torch.Tensor:
         """Σ g = Σ scale·σ(β·s), the mask's L1 norm (CS's penalty), differentiable in s:
@@ -315,12 +321,7 @@ class RelaxedMask(MaskKind):
     def masked_weight(self, layer):
         """Eager CPU: w ⊙ m and Σ m from one op (mask_apply.masked_weight_l1); Σ m is kept
         for l1(). None elsewhere: the layer calls the masked op."""
-        m = self.op_mask(layer)[0]
-        out = mask_apply.masked_weight_l1(layer.weight, m, self.name, 1.0, 1.0)
-        if out is None:
-            return None
-        self._forward_term = ForwardTerm(layer.weight_mask, out[1], self.grad_keep)
-        return out[0]
+        return self._masked_weight_l1(layer, self.op_mask(layer)[0], layer.weight_mask, self.grad_keep)
 
     def l1(self, layer: nn.Module) -> torch.Tensor:
         """Σ m, differentiable in m (dead entries: no gradient): the layer's last forward's
