@@ -1,5 +1,5 @@
 """bench/common.py's bootstrap_interval: the interval the step and inference benchmarks
-print beside each ratio."""
+print beside each ratio; bench_inference's fastest-vs-fastest verdict."""
 import random
 import statistics
 import sys
@@ -35,3 +35,21 @@ def test_interval_of_a_ratio_of_medians_over_paired_rounds():
     ratio = statistics.median(a for a, _ in rounds) / statistics.median(b for _, b in rounds)
     low, high = bootstrap_interval(rounds, lambda rs: statistics.median(a for a, _ in rs) / statistics.median(b for _, b in rs))
     assert low < ratio < high and 1.6 < low and high < 1.8
+
+
+def test_inference_verdict_compares_fastest_deployment_with_fastest():
+    # bench_inference.fastest: rounds of (dense prepared, dense compiled, model prepared,
+    # model compiled); each model's lower median against the other's.
+    from bench_inference import fastest
+
+    rng = random.Random(4)
+
+    def rounds(dense, model):
+        return [tuple(t * (1 + rng.gauss(0, 0.01)) for t in dense + model) for _ in range(41)]
+
+    # Compiled is the faster deployment for both: 6 / 4.
+    assert abs(fastest(rounds((10.0, 6.0), (5.0, 4.0))) - 1.5) < 0.03
+    # Each model's fastest is a different deployment: 6 (dense prepared) / 3 (model compiled).
+    assert abs(fastest(rounds((6.0, 10.0), (5.0, 3.0))) - 2.0) < 0.04
+    # One deployment only (no compiler): the plain ratio of medians.
+    assert abs(fastest(rounds((8.0,), (5.0,))) - 1.6) < 0.03
