@@ -65,11 +65,6 @@ TARGET = 1.7
 BLOCK_INNER = "layer*.*.conv1"  # the channels purge can remove (see the docstring)
 
 
-def speed_up(rounds: list[tuple[float, float]]) -> float:
-    """Median dense time over median model time, for (dense, model) rounds."""
-    return statistics.median(d for d, _ in rounds) / statistics.median(m for _, m in rounds)
-
-
 @torch.no_grad()
 def randomise_bn(model: nn.Module) -> nn.Module:
     """Non-trivial BatchNorm statistics, so equal outputs are not an accident of zeros."""
