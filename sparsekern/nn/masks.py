@@ -86,11 +86,16 @@ class MaskKind(abc.ABC):
         """The learnable mask tensors (for their own optimiser group); [] when fixed."""
         return [t for n in self.state_names if isinstance(t := getattr(layer, n), nn.Parameter)]
 
+    @torch.no_grad()
     def project(self, layer: nn.Module) -> None:
-        """Projects the learnable mask back to its domain; call after optimizer.step()."""
+        """Projects the learnable mask back to its domain, its clamp_box when it has one;
+        call after optimizer.step()."""
+        if self.clamp_box is not None:
+            name, low, high = self.clamp_box
+            getattr(layer, name).clamp_(low, high)
 
-    # The domain project() clamps the mask parameter to, when it is a box: (state name,
-    # low, high). project_layers then clamps all layers of the kind in two foreach calls.
+    # The mask parameter's domain when it is a box: (state name, low, high). project()
+    # clamps to it, and project_layers clamps all layers of the kind in two foreach calls.
     # A subclass whose project() does anything else must set it to None.
     clamp_box: tuple[str, float, float] | None = None
 
@@ -336,10 +341,6 @@ class RelaxedMask(MaskKind):
 
     clamp_box = ("weight_mask", 0.0, 1.0)
 
-    @torch.no_grad()
-    def project(self, layer):
-        layer.weight_mask.clamp_(0.0, 1.0)
-
     def options(self):
         return {"m0": self.m0}
 
@@ -480,10 +481,6 @@ class HardConcreteMask(MaskKind):
         return self.expected_nonzero(layer) / layer.weight.numel()
 
     clamp_box = ("weight_log_alpha", *HC_LOG_ALPHA_RANGE)
-
-    @torch.no_grad()
-    def project(self, layer):
-        layer.weight_log_alpha.clamp_(*HC_LOG_ALPHA_RANGE)
 
     def options(self):
         return {
