@@ -222,10 +222,12 @@ using HcMasked = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at:
                                                      double, double, bool);
 using HcMaskedBackward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                              const at::Tensor&, int64_t, int64_t, double, double,
-                                                             double, bool);
+                                                             double, bool, const std::optional<at::Tensor>&);
 
-// (w z, expected L0) under unstructured gates; saves the inputs weight and log α only
-// (parameters, kept anyway): the backward regenerates z, so no weight-sized tensor is saved.
+// (w z, expected L0) under unstructured gates; saves weight and log α (parameters, kept
+// anyway) and its output w z, which the conv or linear it feeds saves for its own backward
+// anyway: the float32 backward reads z back from it (csrc/cpu/hard_concrete_cpu.cpp,
+// backward_recovered_body), so no weight-sized tensor is added.
 class HardConcreteMaskedWeight : public torch::autograd::Function<HardConcreteMaskedWeight> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& log_alpha,
@@ -234,9 +236,9 @@ class HardConcreteMaskedWeight : public torch::autograd::Function<HardConcreteMa
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("sparsekern::hard_concrete_masked_weight_fused", "")
                          .typed<HcMasked>();
-    ctx->save_for_backward({weight, log_alpha});
     save_gate_constants(ctx, seed, offset, beta, gamma, zeta, training);
     auto [w_eff, l0] = op.call(weight, log_alpha, seed, offset, beta, gamma, zeta, training);
+    ctx->save_for_backward({weight, log_alpha, w_eff});
     return {w_eff, l0};
   }
 
@@ -254,7 +256,7 @@ class HardConcreteMaskedWeight : public torch::autograd::Function<HardConcreteMa
     auto& d = ctx->saved_data;
     auto [grad_w, grad_la] = op.call(grad, grad_l0, weight, log_alpha, d["seed"].toInt(), d["offset"].toInt(),
                                      d["beta"].toDouble(), d["gamma"].toDouble(), d["zeta"].toDouble(),
-                                     d["training"].toBool());
+                                     d["training"].toBool(), saved[2]);
     if (ctx->needs_input_grad(0)) out[0] = grad_w;
     if (ctx->needs_input_grad(1)) out[1] = grad_la;
     return out;

@@ -51,11 +51,12 @@ TORCH_LIBRARY(sparsekern, m) {
       "hard_concrete_sample_fused_backward(Tensor grad_z, Tensor grad_l0, Tensor log_alpha, int seed, "
       "int offset, int group_size, float beta, float gamma, float zeta, bool training) -> Tensor");
   // The same for a weight under unstructured gates (log_alpha of weight's shape): (w z,
-  // expected L0) and, backward, (grad_w, grad_log_alpha); z is regenerated, never stored.
+  // expected L0) and, backward, (grad_w, grad_log_alpha); z is never stored: regenerated,
+  // or read back from w_eff (the forward's output) where given, float32 and recoverable.
   m.def(
       "hard_concrete_masked_weight_fused(Tensor weight, Tensor log_alpha, int seed, int offset, float beta, "
       "float gamma, float zeta, bool training) -> (Tensor, Tensor)");
   m.def(
       "hard_concrete_masked_weight_fused_backward(Tensor grad, Tensor grad_l0, Tensor weight, Tensor log_alpha, "
-      "int seed, int offset, float beta, float gamma, float zeta, bool training) -> (Tensor, Tensor)");
+      "int seed, int offset, float beta, float gamma, float zeta, bool training, Tensor? w_eff=None) -> (Tensor, Tensor)");
 }

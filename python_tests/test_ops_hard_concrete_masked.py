@@ -122,15 +122,79 @@ def test_backward_of_one_output(use):
 
 
 def test_backward_saves_no_weight_sized_temporary():
-    # Only the inputs (weight, log α: parameters, kept anyway) are saved: no z, no u.
+    # Saved: the inputs (weight, log α: parameters, kept anyway) and the output w_eff, which
+    # the conv or linear it feeds saves anyway; no z, no u.
     w, la = pair((6, 7), torch.float32)
     w, la = w.requires_grad_(), la.requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         w_eff, l0 = run(w, la)
-    assert {t.data_ptr() for t in saved} <= {w.data_ptr(), la.data_ptr()}
+    assert {t.data_ptr() for t in saved} <= {w.data_ptr(), la.data_ptr(), w_eff.data_ptr()}
     (w_eff.sum() + l0).backward()
     assert w.grad is not None and la.grad is not None
+
+
+def test_masked_conv_saves_one_weight_sized_tensor_beyond_its_parameters():
+    # In training, the layer's autograd keeps weight, log α and one w_eff, shared by the
+    # gates' backward and the conv's (which keeps its weight operand in any case).
+    layer = SparseConv2d(3, 8, 3, mask="hard_concrete", seed=2)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(torch.randn(2, 3, 9, 9)).sum().backward()
+    weight_sized = {t.data_ptr() for t in saved if t.shape == layer.weight.shape}
+    params = {layer.weight.data_ptr(), layer.weight_log_alpha.data_ptr()}
+    assert params <= weight_sized and len(weight_sized - params) == 1
+
+
+def _backward(g, gl0, w, la, w_eff=None, **kw):
+    args = (kw.get("seed", 5), kw.get("offset", 9), kw.get("beta", BETA), kw.get("gamma", GAMMA),
+            kw.get("zeta", ZETA), kw.get("training", True))
+    return torch.ops.sparsekern.hard_concrete_masked_weight_fused_backward(g, gl0, w, la, *args, w_eff)
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the CPU kernels are part of the extension")
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_from_w_eff_matches_regenerated(training):
+    # float32: z read back from w_eff = w z (within 2 ulp) gives the gradients of the
+    # backward that regenerates z from the noise, to float32 rounding.
+    w, la = pair((41, 97), torch.float32, seed=4)
+    g = torch.randn(41, 97, generator=torch.Generator().manual_seed(5))
+    w_eff, _ = torch.ops.sparsekern.hard_concrete_masked_weight_fused(w, la, 5, 9, BETA, GAMMA, ZETA, training)
+    z = w_eff / w
+    assert ((z > 0) & (z < 1)).sum() > 500 and (z == 0).sum() > 100 and (z == 1).sum() > 100
+    for gl0 in (0.0, 0.3):
+        gl0 = torch.tensor(gl0)
+        for a, b in zip(_backward(g, gl0, w, la, w_eff, training=training), _backward(g, gl0, w, la, training=training)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the CPU kernels are part of the extension")
+def test_backward_regenerates_blocks_whose_weights_do_not_give_z_back():
+    # A 512-value block with one weight of |w| < 2^-76 (w z could be subnormal), inf or
+    # NaN regenerates z from the noise: bit for bit the backward without w_eff there.
+    n = 512
+    w, la = pair((5 * n,), torch.float32, seed=6)
+    w[n + 17], w[2 * n + 3], w[3 * n + 400], w[4 * n] = 1e-30, float("inf"), float("nan"), 0.0
+    g = torch.randn(5 * n, generator=torch.Generator().manual_seed(7))
+    gl0 = torch.tensor(0.2)
+    w_eff, _ = torch.ops.sparsekern.hard_concrete_masked_weight_fused(w, la, 5, 9, BETA, GAMMA, ZETA, True)
+    got, regen = _backward(g, gl0, w, la, w_eff), _backward(g, gl0, w, la)
+    for a, b in zip(got, regen):
+        torch.testing.assert_close(a[n:], b[n:], rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(a[:n], b[:n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="the CPU kernels are part of the extension")
+@pytest.mark.parametrize("dtype, gamma", [(torch.float16, GAMMA), (torch.bfloat16, GAMMA), (torch.float32, -1e-30)])
+def test_backward_ignores_w_eff_where_it_cannot_give_z_back(dtype, gamma):
+    # 16-bit w_eff has lost z's precision; with gamma near 0 a gate z > 0 can be as small
+    # as the subnormals. Both regenerate, bit for bit the backward without w_eff.
+    w, la = pair((37, 53), dtype, seed=8)
+    g = torch.randn(37, 53, generator=torch.Generator().manual_seed(9)).to(dtype)
+    gl0 = torch.tensor(0.3)
+    w_eff, _ = torch.ops.sparsekern.hard_concrete_masked_weight_fused(w, la, 5, 9, BETA, gamma, ZETA, True)
+    for a, b in zip(_backward(g, gl0, w, la, w_eff, gamma=gamma), _backward(g, gl0, w, la, gamma=gamma)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype, training", [(torch.float32, True), (torch.float64, False), (torch.bfloat16, True)])
@@ -148,10 +212,12 @@ def test_opcheck(dtype, training):
     )
     if dtype != torch.float64:  # the C++ kernels (float64 runs the torch math)
         torch.library.opcheck(torch.ops.sparsekern.hard_concrete_masked_weight_fused.default, (w, la, *args))
-        torch.library.opcheck(
-            torch.ops.sparsekern.hard_concrete_masked_weight_fused_backward.default,
-            (grad, grad_l0, w.detach(), la.detach(), *args),
-        )
+        w_eff, _ = torch.ops.sparsekern.hard_concrete_masked_weight_fused(w.detach(), la.detach(), *args)
+        for extra in ((), (w_eff,)):
+            torch.library.opcheck(
+                torch.ops.sparsekern.hard_concrete_masked_weight_fused_backward.default,
+                (grad, grad_l0, w.detach(), la.detach(), *args, *extra),
+            )
 
 
 @pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ autograd is part of the extension")

@@ -3,8 +3,10 @@
 // regenerates the noise from (seed, offset) and writes the gradient
 // (hard_concrete_sample_fused_backward). The masked pair (hard_concrete_masked_weight_fused
 // and its backward) does the same for a weight under unstructured gates: it writes w z
-// and, backward, grad_w and grad log alpha, so z is never stored nor saved for backward. Also the Philox stream itself (philox_uniform_):
-// this file is the only CPU Philox.
+// and, backward, grad_w and grad log alpha, so z is never stored nor saved for backward;
+// in float32 that backward reads z back from w z (backward_recovered_body) instead of
+// regenerating it. Also the Philox stream itself (philox_uniform_): this file is the only
+// CPU Philox.
 //
 // Why: the torch path (sparsekern/ops/hard_concrete.py, _sample_torch / _backward_torch)
 // runs ~10 elementwise passes plus a Philox fill, each reading and writing (and, for a
@@ -72,6 +74,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -366,14 +370,33 @@ SK_INLINE SigmoidPair sigmoid_pair(float t1, float t2) {
 
 // ---- the gate ----------------------------------------------------------------------------
 
+// 2^e for the float32 exponent of x > 0 (its leading bit); the spacing of floats in x's
+// binade is 2^(e - 23).
+inline int exponent_of(float x) { return std::ilogb(x); }
+
+// The least positive gate y = s stretch + gamma can take in float32 (FMA or not): y > 0
+// needs s > -gamma / stretch, so s is a multiple of its binade's spacing there, stretch and
+// gamma multiples of theirs; the exact sum is then a multiple of the smaller of
+// spacing(s) spacing(stretch) and spacing(gamma), and so at least that power of two.
+// |w| >= 2^-126 / that keeps every nonzero w z normal (backward_recovered_body). Returns
+// inf (recover nothing) when that bound exceeds 2^-20: gamma or stretch far from 1.
+inline float recover_floor(float gamma, float stretch) {
+  const float s_lo = (-gamma / stretch) * (1.0f - 1.0f / 1024.0f);  // below the rounded bound
+  const int e_gate = std::min(exponent_of(s_lo) - 23 + exponent_of(stretch) - 23, exponent_of(-gamma) - 23);
+  const int e_w = -126 - e_gate;
+  return e_w > -20 ? std::numeric_limits<float>::infinity() : std::ldexp(1.0f, e_w);
+}
+
 // The constants in float32, each rounded once from double (as the torch path's scalars).
 struct Consts {
   Stream stream;
   float eps, unit_scale;  // u = eps + (1 - 2 eps) r
   float inv_beta;         // t = (log alpha + log u - log(1 - u)) / beta
   float stretch, gamma;   // y = s (zeta - gamma) + gamma
+  float inv_stretch;      // 1 / (zeta - gamma): s from a recovered z
   float dz_scale;         // (zeta - gamma) / beta
   float l0_shift;         // P(z != 0) = sigmoid(log alpha - beta log(-gamma / zeta))
+  float recover_w_min;    // the least |w| whose w_eff gives z back (inf: none)
   Consts(int64_t seed, int64_t offset, double beta, double gamma, double zeta)
       : stream(seed, offset),
         eps(static_cast<float>(kEps)),
@@ -381,8 +404,10 @@ struct Consts {
         inv_beta(static_cast<float>(1.0 / beta)),
         stretch(static_cast<float>(zeta - gamma)),
         gamma(static_cast<float>(gamma)),
+        inv_stretch(static_cast<float>(1.0 / (zeta - gamma))),
         dz_scale(static_cast<float>((zeta - gamma) / beta)),
-        l0_shift(static_cast<float>(beta * std::log(-gamma / zeta))) {}
+        l0_shift(static_cast<float>(beta * std::log(-gamma / zeta))),
+        recover_w_min(recover_floor(static_cast<float>(gamma), static_cast<float>(zeta - gamma))) {}
 };
 
 // (log alpha + logistic noise) / beta; the noise log u - log(1 - u) in training only.
@@ -443,16 +468,60 @@ SK_INLINE void backward_body(const Consts& k, const float* __restrict la, const 
   }
 }
 
+// The masked backward with z read back from the forward's output w_eff = w z (which the
+// conv saved for its own backward anyway) instead of regenerated: z = w_eff / w, then
+// s = (z - gamma) / (zeta - gamma), dz/dlog alpha = (zeta - gamma) / beta s (1 - s) where
+// 0 < z < 1. No Philox, no log, one sigmoid fewer. float32 only, and only on blocks whose
+// weights all have |w| in [Consts::recover_w_min, FLT_MAX] (recoverable(); the others
+// regenerate): a gate z > 0 is at least the granularity of y = s (zeta - gamma) + gamma
+// (min_positive_gate(); 2^-50 for the defaults), so w z is normal, rounded once, and
+// w_eff / w is z within 2 ulp; w_eff = 0 exactly when z = 0, and z = 1 gives w / w = 1.
+// The cost of the 2 ulp: where y lies within ~2 ulp of 1, z may read as 1 (dz = 0) where
+// float32 y was just below 1 (dz = 0.14 dz_scale): the band in which the float32 kernels
+// and the float64 reference already decide the clamp differently, there ~1 ulp wide.
+template <bool kL0>
+SK_INLINE void backward_recovered_body(const Consts& k, const float* __restrict la, const float* __restrict gz,
+                                       const float* __restrict w, const float* __restrict w_eff, float gl0,
+                                       float* __restrict grad, float* __restrict grad_w, int64_t m) {
+  const float gamma = k.gamma, inv_stretch = k.inv_stretch, dz_scale = k.dz_scale, l0_shift = k.l0_shift;
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) {
+    const float z = w_eff[j] / w[j];
+    const float s = (z - gamma) * inv_stretch;
+    const float dz = select((z > 0.0f) & (z < 1.0f), dz_scale * (s * (1.0f - s)), 0.0f);
+    float out = gz[j] * w[j] * dz;
+    if constexpr (kL0) out += gl0 * sigmoid(la[j] - l0_shift).ds;
+    grad[j] = out;
+    grad_w[j] = gz[j] * z;
+  }
+}
+
+// Whether every weight of the block has |w| in [recover_w_min, FLT_MAX] (compared as bit
+// patterns; inf and NaN fail), see backward_recovered_body.
+SK_INLINE bool recoverable(const Consts& k, const float* __restrict w, int64_t m) {
+  const uint32_t lo = as_bits(k.recover_w_min);
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t j = 0; j < m; ++j) {
+    const uint32_t magnitude = as_bits(w[j]) & 0x7FFFFFFFu;
+    bad |= static_cast<int>((magnitude < lo) | (magnitude >= 0x7F800000u));
+  }
+  return bad == 0;
+}
+
 // ---- one instruction set's kernels -------------------------------------------------------
 
 using ForwardFn = float (*)(const Consts&, const float*, const float*, const float*, float*, int64_t);
 using BackwardFn = void (*)(const Consts&, const float*, const float*, const float*, const float*, float, float*,
                             float*, int64_t);
+using RecoveredFn = void (*)(const Consts&, const float*, const float*, const float*, const float*, float, float*,
+                             float*, int64_t);
 
 struct Kernels {
   PhiloxFn philox;
   ForwardFn forward[2][2];       // [masked][training]
   BackwardFn backward[2][2][2];  // [masked][training][grad_l0 != 0]
+  RecoveredFn recovered[2];      // [grad_l0 != 0]
 };
 
 // The bodies above inline into these, compiled for each target (a callee with the default
@@ -468,6 +537,11 @@ struct Kernels {
                               float gl0, float* grad, float* grad_w, int64_t m) {                              \
     backward_body<kMasked, kTraining, kL0>(k, la, u, gz, w, gl0, grad, grad_w, m);                             \
   }                                                                                                            \
+  template <bool kL0>                                                                                          \
+  TARGET void recovered_##NAME(const Consts& k, const float* la, const float* gz, const float* w,               \
+                               const float* w_eff, float gl0, float* grad, float* grad_w, int64_t m) {          \
+    backward_recovered_body<kL0>(k, la, gz, w, w_eff, gl0, grad, grad_w, m);                                   \
+  }                                                                                                            \
   constexpr Kernels kKernels_##NAME = {                                                                        \
       PHILOX,                                                                                                  \
       {{forward_##NAME<false, false>, forward_##NAME<false, true>},                                            \
@@ -475,7 +549,8 @@ struct Kernels {
       {{{backward_##NAME<false, false, false>, backward_##NAME<false, false, true>},                           \
         {backward_##NAME<false, true, false>, backward_##NAME<false, true, true>}},                            \
        {{backward_##NAME<true, false, false>, backward_##NAME<true, false, true>},                             \
-        {backward_##NAME<true, true, false>, backward_##NAME<true, true, true>}}}};
+        {backward_##NAME<true, true, false>, backward_##NAME<true, true, true>}}},                             \
+      {recovered_##NAME<false>, recovered_##NAME<true>}};
 
 SK_DEFINE_KERNELS(generic, , philox_generic)
 #if SK_X86_DISPATCH
@@ -639,22 +714,28 @@ std::tuple<at::Tensor, at::Tensor> sample_impl(const char* op, const at::Tensor&
 }
 
 // (grad log alpha, grad weight): grad is z's gradient, or with weight defined the masked
-// weight's (then grad weight = grad z, else undefined). One pass; the noise is regenerated.
+// weight's (then grad weight = grad z, else undefined). One pass; the noise is regenerated,
+// except that with w_eff (the masked forward's output) defined and float32, z is read back
+// from it on the blocks recoverable() accepts (backward_recovered_body).
 std::tuple<at::Tensor, at::Tensor> backward_impl(const char* op, const at::Tensor& grad_in,
                                                  const at::Tensor& grad_l0, const at::Tensor& log_alpha_in,
-                                                 const at::Tensor& weight_in, int64_t seed, int64_t offset,
-                                                 int64_t group_size, double beta, double gamma, double zeta,
-                                                 bool training) {
+                                                 const at::Tensor& weight_in, const at::Tensor& w_eff_in,
+                                                 int64_t seed, int64_t offset, int64_t group_size, double beta,
+                                                 double gamma, double zeta, bool training) {
   check_log_alpha(op, log_alpha_in);
   check_params(op, seed, offset, group_size, beta, gamma, zeta);
   const bool masked = weight_in.defined();
   check_like(op, masked ? "grad" : "grad_z", grad_in, log_alpha_in);
   if (masked) check_like(op, "weight", weight_in, log_alpha_in);
+  if (w_eff_in.defined()) check_like(op, "w_eff", w_eff_in, log_alpha_in);
   TORCH_CHECK_VALUE(grad_l0.numel() == 1 && grad_l0.device().is_cpu() && grad_l0.is_floating_point(), op,
                     ": `grad_l0` must be a one-element floating-point CPU tensor");
   const at::Tensor log_alpha = log_alpha_in.contiguous();
   const at::Tensor grad_z = grad_in.contiguous();
   const at::Tensor weight = masked ? weight_in.contiguous() : at::Tensor();
+  // Read back only in float32: w z rounded to 16 bits would lose z's precision.
+  const bool recover = masked && w_eff_in.defined() && log_alpha.scalar_type() == at::kFloat;
+  const at::Tensor w_eff = recover ? w_eff_in.contiguous() : at::Tensor();
   const int64_t n = log_alpha.numel();
   at::Tensor grad = at::empty(log_alpha.sizes(), log_alpha.options());
   at::Tensor grad_w = masked ? at::empty(log_alpha.sizes(), log_alpha.options()) : at::Tensor();
@@ -662,21 +743,30 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const char* op, const at::Tenso
   // group_size folded into the L0 gradient, rounded to float32 like the torch path's.
   const float gl0 = static_cast<float>(grad_l0.item<double>() * static_cast<double>(group_size));
   const Kernels& kern = kernels();
-  const BackwardFn backward = kern.backward[masked][training][gl0 != 0.0f];  // NaN counts as nonzero
+  const bool l0 = gl0 != 0.0f;  // NaN counts as nonzero
+  const BackwardFn backward = kern.backward[masked][training][l0];
+  const RecoveredFn recovered = kern.recovered[l0];
   dispatch_dtype(log_alpha.scalar_type(), [&](auto dtype_tag) {
     using scalar_t = decltype(dtype_tag);
     const scalar_t* la = log_alpha.const_data_ptr<scalar_t>();
     const scalar_t* gz = grad_z.const_data_ptr<scalar_t>();
     const scalar_t* wp = masked ? weight.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* we = recover ? w_eff.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out = grad.mutable_data_ptr<scalar_t>();
     scalar_t* out_w = masked ? grad_w.mutable_data_ptr<scalar_t>() : nullptr;
     for_each_block(n, [&](int64_t, int64_t first, int64_t m) {
       alignas(64) float u[kBlock], x_buf[kBlock], g_buf[kBlock], w_buf[kBlock], out_buf[kBlock], gw_buf[kBlock];
-      if (training) kern.philox(k.stream, first, m, k.unit_scale, k.eps, u);
       const float* x = load_block(la + first, x_buf, m);
       const float* g = load_block(gz + first, g_buf, m);
       const float* w = masked ? load_block(wp + first, w_buf, m) : nullptr;
       float* gw = masked ? out_block(out_w + first, gw_buf) : nullptr;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (recover && recoverable(k, w, m)) {
+          recovered(k, x, g, w, we + first, gl0, out + first, gw, m);
+          return;
+        }
+      }
+      if (training) kern.philox(k.stream, first, m, k.unit_scale, k.eps, u);
       backward(k, x, u, g, w, gl0, out_block(out + first, out_buf), gw, m);
       store_block(out_buf, out + first, m);
       if (masked) store_block(gw_buf, out_w + first, m);
@@ -697,7 +787,7 @@ at::Tensor hard_concrete_sample_fused_backward_cpu(const at::Tensor& grad_z, con
                                                    int64_t group_size, double beta, double gamma, double zeta,
                                                    bool training) {
   return std::get<0>(backward_impl("hard_concrete_sample_fused_backward", grad_z, grad_l0, log_alpha, at::Tensor(),
-                                   seed, offset, group_size, beta, gamma, zeta, training));
+                                   at::Tensor(), seed, offset, group_size, beta, gamma, zeta, training));
 }
 
 std::tuple<at::Tensor, at::Tensor> hard_concrete_masked_weight_fused_cpu(const at::Tensor& weight,
@@ -711,10 +801,12 @@ std::tuple<at::Tensor, at::Tensor> hard_concrete_masked_weight_fused_cpu(const a
 
 std::tuple<at::Tensor, at::Tensor> hard_concrete_masked_weight_fused_backward_cpu(
     const at::Tensor& grad, const at::Tensor& grad_l0, const at::Tensor& weight, const at::Tensor& log_alpha,
-    int64_t seed, int64_t offset, double beta, double gamma, double zeta, bool training) {
+    int64_t seed, int64_t offset, double beta, double gamma, double zeta, bool training,
+    const std::optional<at::Tensor>& w_eff) {
   TORCH_CHECK_VALUE(weight.defined(), "hard_concrete_masked_weight_fused_backward: `weight` is undefined");
   auto [grad_la, grad_w] = backward_impl("hard_concrete_masked_weight_fused_backward", grad, grad_l0, log_alpha,
-                                         weight, seed, offset, 1, beta, gamma, zeta, training);
+                                         weight, w_eff.value_or(at::Tensor()), seed, offset, 1, beta, gamma, zeta,
+                                         training);
   return {grad_w, grad_la};
 }
 

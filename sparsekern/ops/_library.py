@@ -43,7 +43,8 @@ CPP_SCHEMAS = {
     ),
     "hard_concrete_masked_weight_fused_backward": (
         "hard_concrete_masked_weight_fused_backward(Tensor grad, Tensor grad_l0, Tensor weight, Tensor log_alpha, "
-        "int seed, int offset, float beta, float gamma, float zeta, bool training) -> (Tensor, Tensor)"
+        "int seed, int offset, float beta, float gamma, float zeta, bool training, Tensor? w_eff=None) "
+        "-> (Tensor, Tensor)"
     ),
 }
 

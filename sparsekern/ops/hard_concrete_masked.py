@@ -1,13 +1,24 @@
 """hard_concrete_masked_weight: a weight under unstructured hard-concrete gates,
 w_eff = weight ⊙ z(log α; seed, offset), and the expected L0, from one pass; the backward
-gives grad_w and grad log α from one pass that regenerates z from (seed, offset).
+gives grad_w and grad log α from one pass, with z regenerated from (seed, offset) or, by
+the float32 CPU kernel, read back from w_eff.
 
 Why a fused op: the two-op path (hard_concrete_sample writes z, the masked op multiplies)
 stores z, a weight-sized tensor, and the masked op's autograd keeps it until the backward;
 its backward writes grad_z for the gates' backward to read. Here z exists only in
-registers: autograd saves weight and log α, which are parameters and kept anyway
+registers: autograd saves weight and log α, which are parameters and kept anyway, and the
+output w_eff, which the conv or linear it feeds keeps for its own backward anyway
 (DESIGN.md: "hard-concrete: from the Philox seed and offset, never a stored u or z").
 Structured gates ([out,1,1,1] / [1,in]) are tiny and keep the two-op path.
+
+Reading z back departs from DESIGN.md's "recompute g from the params" (still no stored u
+or z): on the CPU the regenerating backward spends most of its time on the Philox noise,
+a log and a sigmoid per gate, and z = w_eff / w needs none of them. It is exact to 2 ulp
+wherever |w| is not tiny (csrc/cpu/hard_concrete_cpu.cpp, backward_recovered_body, says
+when; other blocks regenerate). ResNet-18's 21 gated weights (11.2M gates) one after
+another, tuned allocator, 2-core machine, median of 9: 16.8 -> 10.4 ms per backward.
+16-bit w_eff has lost z's precision and regenerates; the Triton kernel regenerates too
+(on a GPU the noise costs less than reading another tensor).
 
 Paths: CUDA runs the Triton kernels (kernels/hard_concrete.py masked_sample /
 masked_backward). On the CPU, float32/float16/bfloat16 run the fused C++ kernels
@@ -18,6 +29,8 @@ for the product, so w_eff is rounded once, to weight's dtype. w_eff is contiguou
 Oracle: reference.hard_concrete_masked_weight.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -43,7 +56,8 @@ def _forward_torch(weight, log_alpha, seed, offset, beta, gamma, zeta, training)
     return (weight.to(acc) * z).to(weight.dtype).contiguous(), l0
 
 
-def _backward_torch(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training):
+def _backward_torch(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training, w_eff=None):
+    # w_eff (the forward's output) is the C++ kernel's shortcut to z; the math regenerates z.
     acc = hc._acc_dtype(log_alpha.dtype)
     la = log_alpha.to(acc)
     z, _ = hc._sample_torch(la, seed, offset, 1, beta, gamma, zeta, training)
@@ -62,7 +76,7 @@ def _fused_forward_fake(weight, log_alpha, seed, offset, beta, gamma, zeta, trai
 
 
 @torch.library.register_fake("sparsekern::hard_concrete_masked_weight_fused_backward")
-def _backward_fake(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training):
+def _backward_fake(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training, w_eff=None):
     # Also the fake of the triton_op's backward below: same arguments, same results.
     fmt = torch.contiguous_format
     return torch.empty_like(weight, memory_format=fmt), torch.empty_like(log_alpha, memory_format=fmt)
@@ -78,9 +92,9 @@ def _forward_cpu(weight, log_alpha, seed, offset, beta, gamma, zeta, training):
     return _forward_torch(weight, log_alpha, seed, offset, beta, gamma, zeta, training)
 
 
-def _backward_cpu(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training):
+def _backward_cpu(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training, w_eff=None):
     if _cpu_fused(weight, log_alpha):
-        return _fused_backward(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training)
+        return _fused_backward(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training, w_eff)
     return _backward_torch(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training)
 
 
@@ -104,10 +118,12 @@ def _op(
 @torch.library.triton_op("sparsekern::hard_concrete_masked_weight_backward", mutates_args=())
 def _backward_op(
     grad: Tensor, grad_l0: Tensor, weight: Tensor, log_alpha: Tensor, seed: int, offset: int,
-    beta: float, gamma: float, zeta: float, training: bool,
+    beta: float, gamma: float, zeta: float, training: bool, w_eff: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
+    # w_eff: the forward's output, from which the CPU float32 kernel reads z back (the
+    # Triton kernel regenerates it: on a GPU the Philox costs less than another read).
     if not _triton_path(log_alpha):
-        return _backward_cpu(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training)
+        return _backward_cpu(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training, w_eff)
     return _triton_backward(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training)
 
 
@@ -126,17 +142,18 @@ _backward_op.register_fake(_backward_fake)
 
 def _setup_context(ctx, inputs, output):
     weight, log_alpha, *args = inputs
-    ctx.save_for_backward(weight, log_alpha)  # inputs only: z is regenerated
+    # No z: the output w z, which the conv or linear it feeds saves anyway, gives it back.
+    ctx.save_for_backward(weight, log_alpha, output[0])
     ctx.args = args
 
 
 def _backward(ctx, grad, grad_l0):
-    weight, log_alpha = ctx.saved_tensors
+    weight, log_alpha, w_eff = ctx.saved_tensors
     if grad is None:  # an output that did not reach the loss contributes zero
         grad = torch.zeros_like(weight)
     if grad_l0 is None:
         grad_l0 = log_alpha.new_zeros((), dtype=hc._acc_dtype(log_alpha.dtype))
-    grad_w, grad_la = _backward_op(grad, grad_l0, weight, log_alpha, *ctx.args)
+    grad_w, grad_la = _backward_op(grad, grad_l0, weight, log_alpha, *ctx.args, w_eff)
     need_w, need_la = ctx.needs_input_grad[:2]
     return (grad_w if need_w else None, grad_la if need_la else None) + (None,) * len(ctx.args)
 
