@@ -414,7 +414,9 @@ def test_project_layers_clamps_like_each_layers_project():
     torch.manual_seed(0)
     layers = [SparseConv2d(3, 4, 3, mask="hard_concrete"), SparseLinear(5, 2, mask="relaxed"),
               SparseLinear(5, 2, mask="hard_concrete", structured=True), SparseConv2d(3, 4, 1, mask="sigmoid"),
-              SparseLinear(4, 3, mask="binary")]
+              SparseLinear(4, 3, mask="binary"),
+              # at and above CLAMP_ALONE_NUMEL: clamped alone, not with the foreach pair
+              SparseLinear(256, 256, mask="hard_concrete"), SparseLinear(300, 250, mask="relaxed")]
     twins = [copy.deepcopy(layer) for layer in layers]
     with torch.no_grad():
         for layer, twin in zip(layers, twins):
