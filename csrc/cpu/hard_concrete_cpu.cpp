@@ -474,10 +474,10 @@ SK_INLINE void backward_body(const Consts& k, const float* __restrict la, const 
 // 0 < z < 1. No Philox, no log, one sigmoid fewer. float32 only, and only on blocks whose
 // weights all have |w| in [Consts::recover_w_min, FLT_MAX] (recoverable(); the others
 // regenerate): a gate z > 0 is at least the granularity of y = s (zeta - gamma) + gamma
-// (min_positive_gate(); 2^-50 for the defaults), so w z is normal, rounded once, and
+// (recover_floor(); 2^-50 for the defaults), so w z is normal, rounded once, and
 // w_eff / w is z within 2 ulp; w_eff = 0 exactly when z = 0, and z = 1 gives w / w = 1.
 // The cost of the 2 ulp: where y lies within ~2 ulp of 1, z may read as 1 (dz = 0) where
-// float32 y was just below 1 (dz = 0.14 dz_scale): the band in which the float32 kernels
+// float32 y was just below 1 (dz = 0.076 dz_scale): the band in which the float32 kernels
 // and the float64 reference already decide the clamp differently, there ~1 ulp wide.
 template <bool kL0>
 SK_INLINE void backward_recovered_body(const Consts& k, const float* __restrict la, const float* __restrict gz,
