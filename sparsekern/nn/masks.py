@@ -445,7 +445,8 @@ class HardConcreteMask(MaskKind):
 
     def masked_weight(self, layer: nn.Module) -> torch.Tensor | None:
         """Unstructured gates: w ⊙ z and the expected L0 from one fused op that stores no z
-        (its backward regenerates z from (seed, offset)); z is hard_concrete_sample's at
+        (its backward regenerates z from (seed, offset), or in float32 on the CPU reads it
+        back from w ⊙ z, which the conv keeps anyway); z is hard_concrete_sample's at
         this offset. Not on CUDA for a linear layer: there the masked linear's GEMM gates
         the weight tiles as it loads them (w_eff never written), from a sampled z."""
         w = layer.weight

@@ -178,7 +178,8 @@ def hard_concrete_masked_weight(
     """(weight ⊙ z, expected L0) for unstructured gates: log_alpha has weight's shape,
     dtype and device; z = hard_concrete_gates(log_alpha, seed, offset, training=...) and
     the expected L0 = hard_concrete_l0(log_alpha), both from one pass and differentiable
-    in weight and log_alpha, with no weight-sized tensor saved for the backward."""
+    in weight and log_alpha. Saved for the backward: weight, log_alpha and the returned
+    weight ⊙ z (which a conv or linear taking it keeps anyway), no z and no noise."""
     beta, gamma, zeta = hc._check(log_alpha, beta, gamma, zeta)
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"`weight` must be a torch.Tensor, got {type(weight).__name__}")
