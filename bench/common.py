@@ -32,6 +32,16 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, device
     """Seconds of each call of each fn, round by round: every round runs every fn once, in
     an order shuffled per round (seeded), so that drift in the machine's speed, and what
     one fn leaves behind for the next (caches, allocator state), hit them all alike."""
+    return {name: [turn[0] for turn in turns]
+            for name, turns in interleaved_turns(fns, repeats, device, 1, warmup, seed).items()}
+
+
+def interleaved_turns(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device,
+                      calls: int, warmup: int = 2, seed: int = 0) -> dict[str, list[list[float]]]:
+    """Like interleaved_times, but each fn's turn in a round is `calls` back-to-back calls,
+    each timed: per fn, one list of `calls` seconds per round. The first call of a turn
+    finds the caches as the previous fn left them (cold: another model's weights); the
+    later ones find its own (warm: a deployment serving one model request after request)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for fn in fns.values():
         for _ in range(warmup):
@@ -39,15 +49,18 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, device
     sync()
     order = list(fns)
     rng = random.Random(seed)
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict[str, list[list[float]]] = {name: [] for name in fns}
     for _ in range(repeats):
         rng.shuffle(order)
         for name in order:
-            sync()
-            start = time.perf_counter()
-            fns[name]()
-            sync()
-            times[name].append(time.perf_counter() - start)
+            turn = []
+            for _ in range(calls):
+                sync()
+                start = time.perf_counter()
+                fns[name]()
+                sync()
+                turn.append(time.perf_counter() - start)
+            times[name].append(turn)
     return times
 
 

@@ -1,12 +1,15 @@
 """bench/common.py's bootstrap_interval: the interval the step and inference benchmarks
-print beside each ratio; bench_inference's fastest-vs-fastest verdict."""
+print beside each ratio; interleaved_turns, which times them; bench_inference's
+fastest-vs-fastest verdict."""
 import random
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from common import bootstrap_interval  # noqa: E402
+from common import bootstrap_interval, interleaved_times, interleaved_turns  # noqa: E402
+
+import torch  # noqa: E402
 
 
 def test_interval_holds_the_median_and_is_repeatable():
@@ -53,3 +56,26 @@ def test_inference_verdict_compares_fastest_deployment_with_fastest():
     assert abs(fastest(rounds((6.0, 10.0), (5.0, 3.0))) - 2.0) < 0.04
     # One deployment only (no compiler): the plain ratio of medians.
     assert abs(fastest(rounds((8.0,), (5.0,))) - 1.6) < 0.03
+
+
+def test_turns_time_each_call_back_to_back_in_a_shuffled_order():
+    log = []
+    fns = {name: (lambda name=name: log.append(name)) for name in "abc"}
+    turns = interleaved_turns(fns, repeats=5, device=torch.device("cpu"), calls=3, warmup=2)
+    assert set(turns) == set("abc")
+    assert all(len(t) == 5 and all(len(calls) == 3 and all(s >= 0 for s in calls) for calls in t)
+               for t in turns.values())
+    timed = log[6:]  # after 2 warm-up calls each
+    assert log[:6] == list("aabbcc") and len(timed) == 45
+    # Each turn's three calls run back to back, every fn once per round.
+    rounds = [timed[i:i + 9] for i in range(0, 45, 9)]
+    assert all(r[0::3] == r[1::3] == r[2::3] and sorted(r[0::3]) == list("abc") for r in rounds)
+    assert len({"".join(r[0::3]) for r in rounds}) > 1  # the order is shuffled per round
+
+
+def test_times_are_one_call_turns_in_the_same_order():
+    log_times, log_turns = [], []
+    times = interleaved_times({n: (lambda n=n: log_times.append(n)) for n in "xyz"}, 7, torch.device("cpu"))
+    interleaved_turns({n: (lambda n=n: log_turns.append(n)) for n in "xyz"}, 7, torch.device("cpu"), calls=1)
+    assert log_times == log_turns
+    assert all(len(v) == 7 and all(isinstance(s, float) for s in v) for v in times.values())
