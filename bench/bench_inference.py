@@ -163,6 +163,17 @@ def fastest(rounds: list[tuple]) -> float:
     return dense / model
 
 
+def speed_up(runs: dict[str, list[float]], med: dict[str, float], key: str, deployments: list[str]
+             ) -> tuple[float, float, tuple[float, float]]:
+    """For the variant `key` in one cache state: the median seconds of its fastest deployment,
+    its fastest-vs-fastest speed-up over dense and that speed-up's 95% bootstrap interval."""
+    # (dense per deployment, model per deployment) per round: the bootstrap resamples the
+    # rounds whole.
+    rounds = list(zip(*(runs[f"dense {d}"] for d in deployments), *(runs[f"{key} {d}"] for d in deployments)))
+    best = min(med[f"{key} {d}"] for d in deployments)
+    return best, fastest(rounds), bootstrap_interval(rounds, fastest)
+
+
 def run_model(name: str, repeats: int, compiled: bool) -> tuple[str, list[bool]]:
     dense = fresh(name)
     example = torch.randn(1, 3, 32, 32)
@@ -209,30 +220,27 @@ def run_model(name: str, repeats: int, compiled: bool) -> tuple[str, list[bool]]
     within_noise = []
     header = ["model", "params / dense", "MACs / dense", "ms (fastest)", "speed-up (fastest vs fastest)",
               "prepared", "compiled", "as exported", "cold cache: ms (fastest)", "cold cache: speed-up (fastest vs fastest)"]
+    sizes = {key: [f"{count_params(model) / dense_params:.3f}", f"{count_macs(model, example) / dense_macs:.3f}"]
+             for key, (model, _) in variants.items()}
     tables = []
     for batch in BATCHES:
+        med = {cache: {k: statistics.median(v) for k, v in runs.items()} for cache, runs in per_batch[batch].items()}
         rows = []
-        for key, (model, _) in variants.items():
-            macs = count_macs(model, example)
-            row = [key, f"{count_params(model) / dense_params:.3f}", f"{macs / dense_macs:.3f}"]
-            for cache in ("warm", "cold"):
-                runs = per_batch[batch][cache]
-                med = {k: statistics.median(v) for k, v in runs.items()}
-                # (dense per deployment, model per deployment) per round: the bootstrap
-                # resamples the rounds whole.
-                rounds = list(zip(*(runs[f"dense {d}"] for d in deployed), *(runs[f"{key} {d}"] for d in deployed)))
-                ratio = fastest(rounds)
-                low, high = bootstrap_interval(rounds, fastest)
-                best = min(med[f"{key} {d}"] for d in deployed)
-                row += [f"{best * 1e3:.2f}", f"{ratio:.2f}x ({low:.2f}–{high:.2f})"]
-                if cache == "warm":
-                    row += [f"{med[f'dense {d}'] / med[f'{key} {d}']:.2f}x" for d in DEPLOYMENTS if d in deployed]
-                    row += ["-"] * (len(DEPLOYMENTS) - len(deployed)) + [f"{med['dense'] / med[key]:.2f}x"]
-                    if key.endswith("50%"):  # the block-internal 50% variants (the target's subject)
-                        met.append(ratio >= TARGET)
-                        if ratio < TARGET <= high:
-                            within_noise.append(f"{key} at batch {batch}")
+        for key in variants:
+            # (ms of the model's fastest deployment, speed-up, its interval) per cache state.
+            result = {cache: speed_up(per_batch[batch][cache], med[cache], key, list(deployed))
+                      for cache in ("warm", "cold")}
+            (best, ratio, (low, high)), warm = result["warm"], med["warm"]
+            row = [key] + sizes[key] + [f"{best * 1e3:.2f}", f"{ratio:.2f}x ({low:.2f}–{high:.2f})"]
+            row += [f"{warm[f'dense {d}'] / warm[f'{key} {d}']:.2f}x" for d in DEPLOYMENTS if d in deployed]
+            row += ["-"] * (len(DEPLOYMENTS) - len(deployed)) + [f"{warm['dense'] / warm[key]:.2f}x"]
+            cold_best, cold_ratio, (cold_low, cold_high) = result["cold"]
+            row += [f"{cold_best * 1e3:.2f}", f"{cold_ratio:.2f}x ({cold_low:.2f}–{cold_high:.2f})"]
             rows.append(row)
+            if key.endswith("50%"):  # the block-internal 50% variants (the target's subject)
+                met.append(ratio >= TARGET)
+                if ratio < TARGET <= high:
+                    within_noise.append(f"{key} at batch {batch}")
         tables.append(f"#### batch {batch}\n\n{markdown_table(header, rows)}")
     check_rows = [[k, f"{d:.4f}"] + [f"{diff:.2e}" for diff in diffs] + ["-"] * (3 - len(diffs))
                   for k, d, diffs in checks]

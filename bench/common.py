@@ -42,6 +42,8 @@ def interleaved_turns(fns: dict[str, Callable[[], object]], repeats: int, device
     each timed: per fn, one list of `calls` seconds per round. The first call of a turn
     finds the caches as the previous fn left them (cold: another model's weights); the
     later ones find its own (warm: a deployment serving one model request after request)."""
+    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
+        raise ValueError(f"`calls` must be an int >= 1, got {calls!r}")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for fn in fns.values():
         for _ in range(warmup):

@@ -79,3 +79,15 @@ def test_times_are_one_call_turns_in_the_same_order():
     interleaved_turns({n: (lambda n=n: log_turns.append(n)) for n in "xyz"}, 7, torch.device("cpu"), calls=1)
     assert log_times == log_turns
     assert all(len(v) == 7 and all(isinstance(s, float) for s in v) for v in times.values())
+
+
+def test_turns_reject_a_call_count_below_one_before_calling_anything():
+    log = []
+    for calls in (0, -1, 1.5, True):
+        try:
+            interleaved_turns({"a": lambda: log.append(1)}, 2, torch.device("cpu"), calls=calls)
+        except ValueError as error:
+            assert "calls" in str(error)
+        else:
+            raise AssertionError(f"calls={calls!r} accepted")
+    assert log == []
