@@ -66,6 +66,55 @@ def interleaved_turns(fns: dict[str, Callable[[], object]], repeats: int, device
     return times
 
 
+def gpu_queued_times(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device,
+                     calls: int = 10, warmup: int = 2, seed: int = 0) -> tuple[dict[str, list[float]], bool]:
+    """GPU seconds per call of each fn with the launch overhead taken out: each turn queues
+    `calls` back-to-back calls behind a sleep kernel long enough for the CPU to queue them
+    all before the GPU reaches the first, and CUDA events time the calls alone. Rounds are
+    interleaved and shuffled as in interleaved_times. Returns, per fn, its seconds per call
+    in each round, and whether every turn was queued in time: False means some call waited
+    on the GPU (a host sync inside it), so those figures include idle GPU time."""
+    if device.type != "cuda":
+        raise ValueError(f"`device` must be a CUDA device for GPU event timing, got {device}")
+    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
+        raise ValueError(f"`calls` must be an int >= 1, got {calls!r}")
+    with torch.cuda.device(device):
+        # CPU time to queue one turn, per fn (the sleep must outlast the slowest).
+        queue_s = 0.0
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            queue_s = max(queue_s, time.perf_counter() - start)
+            torch.cuda.synchronize()
+        # The sleep kernel counts clock cycles: calibrate cycles per second on this GPU.
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        torch.cuda._sleep(10_000_000)
+        end.record()
+        torch.cuda.synchronize()
+        cycles = int(10_000_000 / (begin.elapsed_time(end) / 1e3) * (2 * queue_s + 2e-3))
+        order, rng = list(fns), random.Random(seed)
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        in_time = True
+        for _ in range(repeats):
+            rng.shuffle(order)
+            for name in order:
+                torch.cuda.synchronize()
+                torch.cuda._sleep(cycles)
+                begin.record()
+                for _ in range(calls):
+                    fns[name]()
+                end.record()
+                in_time &= not begin.query()  # the GPU was still asleep: no call waited
+                end.synchronize()
+                times[name].append(begin.elapsed_time(end) / 1e3 / calls)
+    return times, in_time
+
+
 def bootstrap_interval(rounds: list, statistic: Callable[[list], float] = statistics.median,
                        level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
     """A bootstrap interval for `statistic` of one run's `rounds` (by default the median of
@@ -84,6 +133,23 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, devi
                         warmup: int = 2) -> dict[str, float]:
     """Median seconds per call of each fn over one interleaved run (interleaved_times)."""
     return {name: statistics.median(t) for name, t in interleaved_times(fns, repeats, device, warmup).items()}
+
+
+def bench_devices(choice: str) -> list[torch.device]:
+    """The devices a bench script's --device names: cpu, cuda, or all (the CPU, and CUDA
+    when there is one)."""
+    if choice not in ("cpu", "cuda", "all"):
+        raise ValueError(f"--device must be cpu, cuda or all, got {choice!r}")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device here")
+    cuda = [torch.device("cuda")] if choice != "cpu" and torch.cuda.is_available() else []
+    return ([torch.device("cpu")] if choice != "cuda" else []) + cuda
+
+
+def result_name(stem: str, device: torch.device) -> str:
+    """bench/results file for one device's tables: `stem.md` for the CPU, `stem-cuda.md`
+    for the GPU, so a run on one machine never overwrites the other's committed tables."""
+    return f"{stem}.md" if device.type == "cpu" else f"{stem}-{device.type}.md"
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:

@@ -109,13 +109,14 @@ def test_linear_hard_concrete_broadcast_gate(mask_shape, dtype):
 @pytest.mark.parametrize("kind", ["sigmoid", "binary"])
 def test_linear_non_contiguous(kind):
     """Transposed weight and mask, x and grad_y sliced with a column stride."""
+    # Sliced after the move: .to(cuda) of a CPU view makes a contiguous copy.
     gen = torch.Generator().manual_seed(3)
     M, N, K = 13, 29, 41
-    x = (torch.randn(M, 2 * K, generator=gen) / math.sqrt(K))[:, ::2].to(DEV)
-    w = torch.randn(K, N, generator=gen).t().to(DEV)
-    m = make_mask(kind, (K, N), gen).t().to(DEV)
+    x = (torch.randn(M, 2 * K, generator=gen) / math.sqrt(K)).to(DEV)[:, ::2]
+    w = torch.randn(K, N, generator=gen).to(DEV).t()
+    m = make_mask(kind, (K, N), gen).to(DEV).t()
     b = torch.randn(N, generator=gen).to(DEV)
-    gy = torch.randn(M, N + 3, generator=gen)[:, 3:].to(DEV)
+    gy = torch.randn(M, N + 3, generator=gen).to(DEV)[:, 3:]
     assert not (x.is_contiguous() or w.is_contiguous() or m.is_contiguous() or gy.is_contiguous())
     y_ref, gx_ref, gw_ref, gm_ref, gb_ref = ref_linear_grads(x, w, b, m, kind, 0.5, 2.0, gy)
     close(klin.masked_matmul(x, w, m, b, kind, 0.5, 2.0, block=BLOCK3), y_ref, torch.float32)

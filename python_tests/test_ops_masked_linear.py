@@ -97,11 +97,12 @@ def test_zero_size_batch(device, kind, lead):
 @pytest.mark.parametrize("kind", KINDS)
 def test_non_contiguous_inputs(device, kind):
     """Transposed weight and mask, x sliced along its features and its batch."""
+    # Sliced after the move: .to(cuda) of a CPU view makes a contiguous copy.
     gen = torch.Generator().manual_seed(5)
-    x = (torch.randn(4, 3, 2 * 53, generator=gen) / math.sqrt(53))[::2, :, ::2].to(device)
-    w = torch.randn(53, 37, generator=gen).t().to(device)
-    m = make_mask(kind, (53, 37), gen).t().to(device)
-    b = torch.randn(2 * 37, generator=gen)[::2].to(device)
+    x = (torch.randn(4, 3, 2 * 53, generator=gen) / math.sqrt(53)).to(device)[::2, :, ::2]
+    w = torch.randn(53, 37, generator=gen).to(device).t()
+    m = make_mask(kind, (53, 37), gen).to(device).t()
+    b = torch.randn(2 * 37, generator=gen).to(device)[::2]
     gy = torch.randn(2, 3, 37, generator=gen).to(device)
     assert not any(t.is_contiguous() for t in (x, w, m, b))
     check_against_reference(x, w, b, m, gy, kind, beta=0.5, scale=2.0)

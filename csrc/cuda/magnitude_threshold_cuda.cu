@@ -80,9 +80,12 @@ __global__ void histogram_kernel(Table table, const int64_t* state, int shift,
 
 // One block: finds the bin holding rank state[kRank] (1-based) and narrows the state.
 // On the first pass also counts the non-finite keys (bins at and above kNonFiniteKey).
+// __launch_bounds__: without it nvcc gave this kernel 80-88 registers per thread, and a
+// 1024-thread block needs <= 64 (65536 per SM), so every launch failed on an H200 with
+// "too many resources requested for launch".
 template <int kBits>
-__global__ void select_kernel(const unsigned long long* hist, int64_t* state, int shift,
-                              bool first_pass) {
+__global__ void __launch_bounds__(kSelectThreads)
+    select_kernel(const unsigned long long* hist, int64_t* state, int shift, bool first_pass) {
   constexpr int kBins = 1 << kBits;
   constexpr int kPerThread = kBins / kSelectThreads;
   static_assert(kPerThread >= 1, "digit too small for the select block");

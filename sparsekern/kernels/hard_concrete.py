@@ -35,7 +35,7 @@ BLOCK = 1024
 @triton.jit
 def _uniform(seed, offset, idx):
     """r in [0, 1) for int64 flat indices idx: the stream in the module docstring."""
-    off = tl.to_tensor(offset).to(tl.int64)
+    off = tl.cast(offset, tl.int64)
     zero = tl.zeros_like(idx).to(tl.uint32)
     c0 = (idx & 0xFFFFFFFF).to(tl.uint32)
     c1 = (idx >> 32).to(tl.uint32)
@@ -72,9 +72,12 @@ def _load_block(ptr, beta, gamma, zeta, n, FP64: tl.constexpr, BLOCK: tl.constex
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = idx < n
     la = tl.load(ptr + idx, mask=inb, other=0.0).to(compute)
-    beta = tl.to_tensor(beta).to(compute)
-    gamma = tl.to_tensor(gamma).to(compute)
-    zeta = tl.to_tensor(zeta).to(compute)
+    # tl.cast, not .to(): a scalar argument can arrive as a constexpr (an int equal to 1 is
+    # specialised) or, interpreted, as a Python number. (tl.to_tensor did the same, but
+    # Triton 3.6, torch 2.11's, does not export it: every launch failed to compile there.)
+    beta = tl.cast(beta, compute)
+    gamma = tl.cast(gamma, compute)
+    zeta = tl.cast(zeta, compute)
     return idx, inb, la, beta, gamma, zeta
 
 

@@ -29,8 +29,8 @@ def _load_block(scores_ptr, beta, scale, n, FP64: tl.constexpr, BLOCK: tl.conste
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = idx < n
     s = tl.load(scores_ptr + idx, mask=inb, other=0.0).to(compute)
-    beta = tl.to_tensor(beta).to(compute)
-    scale = tl.to_tensor(scale).to(compute)
+    beta = tl.cast(beta, compute)
+    scale = tl.cast(scale, compute)
     return idx, inb, tl.sigmoid(beta * s), beta, scale
 
 
