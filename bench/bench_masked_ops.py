@@ -96,10 +96,10 @@ def bench_layers(name: str, dense: nn.Module, x: torch.Tensor, repeats: int) -> 
     fns = {k: fwd_bwd(m, x) for k, m in layers.items()}
     medians = interleaved_medians(fns, repeats, x.device)
     if x.is_cuda:
-        gpu, in_time = gpu_queued_times(fns, repeats, x.device)
+        gpu, late = gpu_queued_times(fns, repeats, x.device)
         gpu = {k: statistics.median(t) for k, t in gpu.items()}
         mem = {k: peak_bytes(m, x) for k, m in layers.items()}
-        return [[name, k, f"{gpu[k] * 1e6:.1f}" + ("" if in_time else " (host sync)"),
+        return [[name, k, f"{gpu[k] * 1e6:.1f}" + (" (late)" if k in late else ""),
                  f"{gpu[k] / gpu['dense']:.2f}", f"{t * 1e6:.1f}", f"{t / medians['dense']:.2f}",
                  f"{mem[k] / 2**20:.1f}"] for k, t in medians.items()]
     mem = {k: saved_bytes(m, x) for k, m in layers.items()}
@@ -153,9 +153,10 @@ def run(device: torch.device, repeats: int) -> tuple[str, bool]:
     if device.type != "cuda":
         return text + f"Median of {repeats} interleaved fwd+bwd runs.\n\n" + markdown_table(
             ["shape", "layer", "median ms", "time / dense", "saved for backward MiB"], rows), not errors
-    text += (f"Medians of {repeats} interleaved rounds. GPU time: 10 fwd+bwd calls queued behind a sleep "
-             "kernel, timed with CUDA events (the kernels alone); wall: one call, synchronised before and "
-             "after (launch overhead included).\n\n"
+    text += (f"Medians of {repeats} interleaved rounds. GPU time: 10 fwd+bwd calls queued "
+             "behind a sleep kernel, timed with CUDA events (the kernels alone; \"late\": some turn was not "
+             "queued before the GPU reached it, so it may hold idle time); wall: one call, synchronised "
+             "before and after (launch overhead included).\n\n"
              + markdown_table(["shape", "layer", "GPU us / call", "GPU / dense", "wall us / call", "wall / dense",
                                "peak MiB"], rows))
     verdicts = []

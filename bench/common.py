@@ -67,13 +67,13 @@ def interleaved_turns(fns: dict[str, Callable[[], object]], repeats: int, device
 
 
 def gpu_queued_times(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device,
-                     calls: int = 10, warmup: int = 2, seed: int = 0) -> tuple[dict[str, list[float]], bool]:
+                     calls: int = 10, warmup: int = 2, seed: int = 0) -> tuple[dict[str, list[float]], set[str]]:
     """GPU seconds per call of each fn with the launch overhead taken out: each turn queues
     `calls` back-to-back calls behind a sleep kernel long enough for the CPU to queue them
     all before the GPU reaches the first, and CUDA events time the calls alone. Rounds are
     interleaved and shuffled as in interleaved_times. Returns, per fn, its seconds per call
-    in each round, and whether every turn was queued in time: False means some call waited
-    on the GPU (a host sync inside it), so those figures include idle GPU time."""
+    in each round, and the fns some turn of which was not queued in time (a host sync
+    inside a call, or a recompile): their figures may include idle GPU time."""
     if device.type != "cuda":
         raise ValueError(f"`device` must be a CUDA device for GPU event timing, got {device}")
     if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
@@ -99,7 +99,7 @@ def gpu_queued_times(fns: dict[str, Callable[[], object]], repeats: int, device:
         cycles = int(10_000_000 / (begin.elapsed_time(end) / 1e3) * (2 * queue_s + 2e-3))
         order, rng = list(fns), random.Random(seed)
         times: dict[str, list[float]] = {name: [] for name in fns}
-        in_time = True
+        late: set[str] = set()
         for _ in range(repeats):
             rng.shuffle(order)
             for name in order:
@@ -109,10 +109,11 @@ def gpu_queued_times(fns: dict[str, Callable[[], object]], repeats: int, device:
                 for _ in range(calls):
                     fns[name]()
                 end.record()
-                in_time &= not begin.query()  # the GPU was still asleep: no call waited
+                if begin.query():  # the GPU woke before the CPU had queued every call
+                    late.add(name)
                 end.synchronize()
                 times[name].append(begin.elapsed_time(end) / 1e3 / calls)
-    return times, in_time
+    return times, late
 
 
 def bootstrap_interval(rounds: list, statistic: Callable[[list], float] = statistics.median,

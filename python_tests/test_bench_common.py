@@ -1,14 +1,17 @@
 """bench/common.py's bootstrap_interval: the interval the step and inference benchmarks
 print beside each ratio; interleaved_turns, which times them; bench_inference's
-fastest-vs-fastest verdict."""
+fastest-vs-fastest verdict; the argument checks of gpu_queued_times (GPU timing) and
+bench_devices / result_name (which device's tables go to which file)."""
 import random
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from common import bootstrap_interval, interleaved_times, interleaved_turns  # noqa: E402
+from common import (bench_devices, bootstrap_interval, gpu_queued_times, interleaved_times,  # noqa: E402
+                    interleaved_turns, result_name)
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -91,3 +94,27 @@ def test_turns_reject_a_call_count_below_one_before_calling_anything():
         else:
             raise AssertionError(f"calls={calls!r} accepted")
     assert log == []
+
+
+def test_gpu_queued_times_refuses_the_cpu_and_bad_calls_before_calling_anything():
+    calls = []
+    fns = {"f": lambda: calls.append(1)}
+    with pytest.raises(ValueError, match="CUDA device"):
+        gpu_queued_times(fns, 3, torch.device("cpu"))
+    with pytest.raises(ValueError, match="calls"):
+        gpu_queued_times(fns, 3, torch.device("cuda"), calls=0)
+    assert calls == []
+
+
+def test_bench_devices_and_result_names():
+    assert bench_devices("cpu") == [torch.device("cpu")]
+    expected = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    assert bench_devices("all") == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            bench_devices("cuda")
+    with pytest.raises(ValueError, match="cpu, cuda or all"):
+        bench_devices("gpu")
+    # A CPU run never overwrites the committed GPU tables, nor the reverse.
+    assert result_name("masked_ops", torch.device("cpu")) == "masked_ops.md"
+    assert result_name("masked_ops", torch.device("cuda")) == "masked_ops-cuda.md"
