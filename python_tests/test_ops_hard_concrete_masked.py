@@ -305,8 +305,10 @@ def test_modules_take_the_fused_op(training):
         y = layer(x)
         torch.testing.assert_close(y, f(x, layer.weight * z, layer.bias), rtol=0, atol=0)
         assert layer.mask.offset == (1 if training else 0)
+        # The forward's L0 shares a reciprocal with the gate's sigmoid (sigmoid_pair), so
+        # it differs from the noise-free op's in the last bits (2 ulp seen on 108 terms).
         torch.testing.assert_close(
-            layer.mask.expected_nonzero(layer), ops.hard_concrete_l0(la.detach()), rtol=0, atol=0
+            layer.mask.expected_nonzero(layer), ops.hard_concrete_l0(la.detach()), **tolerances(torch.float32)
         )
         y.sum().backward()
         assert layer.weight.grad is not None and la.grad is not None

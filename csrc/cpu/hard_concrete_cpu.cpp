@@ -26,7 +26,10 @@
 // of its fresh 45 MB output: allocating and filling such a tensor alone takes 12 ms.)
 // One thread, preallocated buffers, 11.2M values, by instruction set (the wrappers below):
 //   Philox 88 / 38 / 15 ms, forward 196 / 80 / 41 ms, backward 192 / 76 / 40 ms for the
-//   baseline x86-64 / AVX2+FMA / AVX-512 builds of the same code.
+//   baseline x86-64 / AVX2+FMA / AVX-512 builds of the same code, with one Philox call per
+//   value. Four values per call since: the Philox fill of 11.2M values, 2 threads, went
+//   34 -> 14.5 / 18 -> 7 / 9.0 -> 4.4 ms, the training forward 33.7 -> 30.2 ms (AVX-512;
+//   medians of runs alternating the two builds).
 //
 // How it is fast:
 //  - Work goes in blocks of kBlock values, block-aligned in the flat index; threads claim
@@ -114,10 +117,11 @@ namespace sparsekern {
 namespace {
 
 // Values per block. A power of two (dividing 2^32), so a block never crosses a multiple of
-// 2^32 and the high word of the flat index is constant inside it; a multiple of 32 (the
-// AVX-512 Philox's step), so the Philox functions may fill whole steps past m.
+// 2^32 and the high word of the Philox counter (flat index / 4) is constant inside it; a
+// multiple of 128 (the AVX-512 Philox's step), so the Philox functions may fill whole
+// steps past m, and each block starts at a multiple of 4 (a whole Philox call).
 constexpr int64_t kBlock = 512;
-static_assert(kBlock % 32 == 0 && (kBlock & (kBlock - 1)) == 0);
+static_assert(kBlock % 128 == 0 && (kBlock & (kBlock - 1)) == 0);
 constexpr int64_t kChunkBlocks = 8;  // blocks per claimed chunk: 4K values
 
 constexpr double kEps = 1e-6;  // reference.HARD_CONCRETE_EPS
@@ -140,8 +144,8 @@ constexpr uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;      // key increme
 // 0 <= x < 2^31), times just under 2^-31.
 constexpr float kUnitScale = 4.6566127342e-10f;
 
-// r in [0, 1): word 0 of philox(counter = (c0, c1, offset lo, offset hi), key).
-SK_INLINE float philox_unit(const Stream& st, uint32_t c0, uint32_t c1) {
+// The four words of philox(counter = (c0, c1, offset lo, offset hi), key).
+SK_INLINE void philox_words(const Stream& st, uint32_t c0, uint32_t c1, uint32_t (&out)[4]) {
   uint32_t c2 = st.c2, c3 = st.c3, k0 = st.k0, k1 = st.k1;
 #pragma GCC unroll 10
   for (int round = 0; round < 10; ++round) {
@@ -156,24 +160,41 @@ SK_INLINE float philox_unit(const Stream& st, uint32_t c0, uint32_t c1) {
     k0 += kKeyA;
     k1 += kKeyB;
   }
-  const uint32_t x = c0 ^ static_cast<uint32_t>(static_cast<int32_t>(c0) >> 31);  // < 2^31
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
+}
+
+// r in [0, 1) from a Philox word, as Triton's uint_to_uniform_float.
+SK_INLINE float unit_float(uint32_t word) {
+  const uint32_t x = word ^ static_cast<uint32_t>(static_cast<int32_t>(word) >> 31);  // < 2^31
   return static_cast<float>(static_cast<int32_t>(x)) * kUnitScale;
 }
 
 // The Philox functions fill out[j] = shift + scale r_j for flat indices first + j, over
-// j < m rounded up to their vector width (out holds kBlock floats). shift + scale r is
-// rounded twice (no FMA): scale = 1 - 2 eps, shift = eps gives hard_concrete_uniform's u,
-// scale = 1, shift = 0 gives r itself.
+// j < m rounded up to their step (out holds kBlock floats; first is a block start, so a
+// multiple of 4). Index i takes word i % 4 of the call at counter i / 4: one call serves
+// four values (a call per value, keeping word 0, spent 4x the Philox work: on an H200 it
+// held gate sampling to 32% of copy bandwidth). shift + scale r is rounded twice (no
+// FMA): scale = 1 - 2 eps, shift = eps gives hard_concrete_uniform's u, scale = 1,
+// shift = 0 gives r itself.
 using PhiloxFn = void (*)(const Stream&, uint64_t first, int64_t m, float scale, float shift, float* out);
 
 SK_NO_CONTRACT __attribute__((noinline)) void philox_generic(const Stream& st, uint64_t first, int64_t m,
                                                              float scale, float shift, float* out) {
   SK_NO_CONTRACT_BODY
-  const uint32_t c0 = static_cast<uint32_t>(first), c1 = static_cast<uint32_t>(first >> 32);
+  const uint64_t q0 = first / 4;
+  const uint32_t c0 = static_cast<uint32_t>(q0), c1 = static_cast<uint32_t>(q0 >> 32);
+  const int64_t calls = (m + 3) / 4;
 #pragma omp simd
-  for (int64_t j = 0; j < m; ++j) {
-    const float scaled = scale * philox_unit(st, c0 + static_cast<uint32_t>(j), c1);
-    out[j] = shift + scaled;
+  for (int64_t g = 0; g < calls; ++g) {
+    uint32_t words[4];
+    philox_words(st, c0 + static_cast<uint32_t>(g), c1, words);
+    for (int w = 0; w < 4; ++w) {
+      const float scaled = scale * unit_float(words[w]);
+      out[4 * g + w] = shift + scaled;
+    }
   }
 }
 
@@ -185,23 +206,24 @@ SK_NO_CONTRACT __attribute__((noinline)) void philox_generic(const Stream& st, u
 // multiplies, 2 shuffles, 2 three-way xors; the shuffles run on another port than the
 // multiplies (32-bit lanes, with shifts and blends to split and rejoin the products, took
 // a third longer: 23 vs 17 ms on AVX-512). Several vectors go through each round together
-// (4 on AVX-512: 32 values; 2 on AVX2, which has 16 registers) to hide the latency.
+// (4 on AVX-512: 32 calls, 128 values; 2 on AVX2, which has 16 registers: 8 calls, 32
+// values) to hide the latency.
 
 // Target avx2 without fma: nothing here can become an FMA.
 __attribute__((target("avx2"))) SK_NO_CONTRACT __attribute__((noinline)) void philox_avx2(
     const Stream& st, uint64_t first, int64_t m, float scale, float shift, float* out) {
   SK_NO_CONTRACT_BODY
   const __m256i ka = _mm256_set1_epi64x(kRoundA), kb = _mm256_set1_epi64x(kRoundB);
-  const __m256i c1_init = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32)));
+  const __m256i c1_init = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 34)));
   const __m256i c2_init = _mm256_set1_epi32(static_cast<int>(st.c2));
   const __m256i c3_init = _mm256_set1_epi32(static_cast<int>(st.c3));
   const __m256i lanes = _mm256_setr_epi64x(0, 1, 2, 3);
   const __m256 unit = _mm256_set1_ps(kUnitScale), vscale = _mm256_set1_ps(scale), vshift = _mm256_set1_ps(shift);
-  for (int64_t j = 0; j < m; j += 8) {
-    // Values j..j+3 in vector a, j+4..j+7 in b (first + j + 7 stays below the next 2^32).
-    const uint32_t base = static_cast<uint32_t>(first + j);
-    __m256i a0 = _mm256_add_epi64(_mm256_set1_epi64x(base), lanes);
-    __m256i b0 = _mm256_add_epi64(_mm256_set1_epi64x(base + 4u), lanes);
+  for (int64_t j = 0; j < m; j += 32) {
+    // Calls q..q+3 in vector a, q+4..q+7 in b (q + 7 stays below the next 2^32).
+    const uint32_t q = static_cast<uint32_t>((first + j) >> 2);
+    __m256i a0 = _mm256_add_epi64(_mm256_set1_epi64x(q), lanes);
+    __m256i b0 = _mm256_add_epi64(_mm256_set1_epi64x(q + 4u), lanes);
     __m256i a1 = c1_init, b1 = c1_init, a2 = c2_init, b2 = c2_init, a3 = c3_init, b3 = c3_init;
     uint32_t k0 = st.k0, k1 = st.k1;
 #pragma GCC unroll 10
@@ -220,14 +242,23 @@ __attribute__((target("avx2"))) SK_NO_CONTRACT __attribute__((noinline)) void ph
       k0 += kKeyA;
       k1 += kKeyB;
     }
-    // The low dwords of a0 and b0, in order: per 128-bit half (a, a, b, b), then the
-    // 64-bit pieces reordered to (a, a, a, a, b, b, b, b).
-    const __m256i words = _mm256_castps_si256(
-        _mm256_shuffle_ps(_mm256_castsi256_ps(a0), _mm256_castsi256_ps(b0), _MM_SHUFFLE(2, 0, 2, 0)));
-    const __m256i c0 = _mm256_permute4x64_epi64(words, _MM_SHUFFLE(3, 1, 2, 0));
-    const __m256i x = _mm256_xor_si256(c0, _mm256_srai_epi32(c0, 31));
-    const __m256 scaled = _mm256_mul_ps(vscale, _mm256_mul_ps(_mm256_cvtepi32_ps(x), unit));
-    _mm256_store_ps(out + j, _mm256_add_ps(vshift, scaled));
+    const __m256i c[2][4] = {{a0, a1, a2, a3}, {b0, b1, b2, b3}};
+#pragma GCC unroll 2
+    for (int v = 0; v < 2; ++v) {
+      // Each call's words are the low dwords of its lane in c[v][0..3]: pair them per lane
+      // ((w0, w1) and (w2, w3)), then gather each call's four into 128 bits, in call order.
+      const __m256i w01 = _mm256_blend_epi32(c[v][0], _mm256_slli_epi64(c[v][1], 32), 0xAA);
+      const __m256i w23 = _mm256_blend_epi32(c[v][2], _mm256_slli_epi64(c[v][3], 32), 0xAA);
+      const __m256i even = _mm256_unpacklo_epi64(w01, w23), odd = _mm256_unpackhi_epi64(w01, w23);
+      const __m256i words[2] = {_mm256_permute2x128_si256(even, odd, 0x20),
+                                _mm256_permute2x128_si256(even, odd, 0x31)};
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m256i x = _mm256_xor_si256(words[h], _mm256_srai_epi32(words[h], 31));
+        const __m256 scaled = _mm256_mul_ps(vscale, _mm256_mul_ps(_mm256_cvtepi32_ps(x), unit));
+        _mm256_store_ps(out + j + 16 * v + 8 * h, _mm256_add_ps(vshift, scaled));
+      }
+    }
   }
 }
 
@@ -236,20 +267,22 @@ SK_TARGET_AVX512 SK_NO_CONTRACT __attribute__((noinline)) void philox_avx512(con
                                                                              int64_t m, float scale, float shift,
                                                                              float* out) {
   SK_NO_CONTRACT_BODY
-  constexpr int kV = 4;  // vectors of 8 counters per step (2 took 14% longer)
+  constexpr int kV = 4;  // vectors of 8 calls per step (2 took 14% longer): 128 values
   const __m512i ka = _mm512_set1_epi64(kRoundA), kb = _mm512_set1_epi64(kRoundB);
-  const __m512i c1_init = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32)));
+  const __m512i c1_init = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 34)));
   const __m512i c2_init = _mm512_set1_epi32(static_cast<int>(st.c2));
   const __m512i c3_init = _mm512_set1_epi32(static_cast<int>(st.c3));
   const __m512i lanes = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m512i low_dwords = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  // 128-bit pieces (calls) of the even / odd vectors below, back in call order.
+  const __m512i calls_0to3 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+  const __m512i calls_4to7 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
   const __m512 unit = _mm512_set1_ps(kUnitScale), vscale = _mm512_set1_ps(scale), vshift = _mm512_set1_ps(shift);
-  for (int64_t j = 0; j < m; j += 8 * kV) {
-    const uint32_t base = static_cast<uint32_t>(first + j);
+  for (int64_t j = 0; j < m; j += 32 * kV) {
+    const uint32_t q = static_cast<uint32_t>((first + j) >> 2);
     __m512i c0[kV], c1[kV], c2[kV], c3[kV];
 #pragma GCC unroll 8
     for (int v = 0; v < kV; ++v) {
-      c0[v] = _mm512_add_epi64(_mm512_set1_epi64(base + 8u * v), lanes);  // below the next 2^32
+      c0[v] = _mm512_add_epi64(_mm512_set1_epi64(q + 8u * v), lanes);  // below the next 2^32
       c1[v] = c1_init;
       c2[v] = c2_init;
       c3[v] = c3_init;
@@ -270,11 +303,21 @@ SK_TARGET_AVX512 SK_NO_CONTRACT __attribute__((noinline)) void philox_avx512(con
       k1 += kKeyB;
     }
 #pragma GCC unroll 4
-    for (int v = 0; v < kV; v += 2) {  // the low dwords of two vectors, in order
-      const __m512i w = _mm512_permutex2var_epi32(c0[v], low_dwords, c0[v + 1]);
-      const __m512i x = _mm512_xor_si512(w, _mm512_srai_epi32(w, 31));
-      const __m512 scaled = _mm512_mul_ps(vscale, _mm512_mul_ps(_mm512_cvtepi32_ps(x), unit));
-      _mm512_store_ps(out + j + 8 * v, _mm512_add_ps(vshift, scaled));
+    for (int v = 0; v < kV; ++v) {
+      // Each call's words are the low dwords of its lane in c0..c3: pair them per lane
+      // ((w0, w1) and (w2, w3)), gather each call's four into 128 bits (calls 0 2 4 6 in
+      // `even`, 1 3 5 7 in `odd`), then put the calls back in order.
+      const __m512i w01 = _mm512_mask_blend_epi32(0xAAAA, c0[v], _mm512_slli_epi64(c1[v], 32));
+      const __m512i w23 = _mm512_mask_blend_epi32(0xAAAA, c2[v], _mm512_slli_epi64(c3[v], 32));
+      const __m512i even = _mm512_unpacklo_epi64(w01, w23), odd = _mm512_unpackhi_epi64(w01, w23);
+      const __m512i words[2] = {_mm512_permutex2var_epi64(even, calls_0to3, odd),
+                                _mm512_permutex2var_epi64(even, calls_4to7, odd)};
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m512i x = _mm512_xor_si512(words[h], _mm512_srai_epi32(words[h], 31));
+        const __m512 scaled = _mm512_mul_ps(vscale, _mm512_mul_ps(_mm512_cvtepi32_ps(x), unit));
+        _mm512_store_ps(out + j + 32 * v + 16 * h, _mm512_add_ps(vshift, scaled));
+      }
     }
   }
 }

@@ -10,10 +10,11 @@ pass, and the backward that re-derives the noise from (seed, offset).
   the product, so masked_sample(w, la) equals w * sample(la)[0] where z is exact in
   log_alpha's dtype (float32, float64) and is rounded once less in float16/bfloat16.
 
-Noise: Philox4x32-10 keyed by `seed`, counter (flat index lo, flat index hi, offset lo,
-offset hi); the first output word becomes r in [0, 1) via tl.uint_to_uniform_float and
-u = eps + (1 - 2 eps) r. reference.philox_uniform computes the same stream with torch ops.
-Every (offset, index) pair is a distinct counter, so consecutive offsets never reuse noise.
+Noise: Philox4x32-10 keyed by `seed`. Flat index i takes output word i % 4 of the call at
+counter (q lo, q hi, offset lo, offset hi), q = i // 4, so one Philox call serves four
+elements; the word becomes r in [0, 1) via tl.uint_to_uniform_float and u = eps +
+(1 - 2 eps) r. reference.philox_uniform computes the same stream with torch ops. Every
+(offset, q) pair is a distinct counter, so consecutive offsets never reuse noise.
 Inputs are made contiguous: the index is log_alpha's row-major flat index.
 
 Math runs in float32 (float64 for float64 log_alpha); beta, gamma, zeta arrive as float32
@@ -33,26 +34,30 @@ BLOCK = 1024
 
 
 @triton.jit
-def _uniform(seed, offset, idx):
-    """r in [0, 1) for int64 flat indices idx: the stream in the module docstring."""
+def _uniform(seed, offset, BLOCK: tl.constexpr):
+    """r in [0, 1) for this program's BLOCK flat indices (BLOCK a multiple of 4): the
+    stream in the module docstring, one Philox call per four indices, its words
+    interleaved back into index order."""
+    q = tl.program_id(0).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
     off = tl.cast(offset, tl.int64)
-    zero = tl.zeros_like(idx).to(tl.uint32)
-    c0 = (idx & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (idx >> 32).to(tl.uint32)
+    zero = tl.zeros_like(q).to(tl.uint32)
+    c0 = (q & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (q >> 32).to(tl.uint32)
     c2 = zero + (off & 0xFFFFFFFF).to(tl.uint32)
     c3 = zero + ((off >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    word, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
-    return tl.uint_to_uniform_float(word)
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3)
+    # interleave(a, b) = a0 b0 a1 b1 ...: this gives w0 w1 w2 w3 of q, then of q + 1, ...
+    return tl.uint_to_uniform_float(tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3)))
 
 
 @triton.jit
-def _gate(la, seed, offset, idx, beta, gamma, zeta, TRAINING: tl.constexpr):
+def _gate(la, seed, offset, beta, gamma, zeta, TRAINING: tl.constexpr, BLOCK: tl.constexpr):
     """(s, y): the stretched gate before the clamp is y = s (zeta - gamma) + gamma, with
     s = sigmoid((log u - log(1 - u) + log_alpha) / beta) in training (logistic noise)
     and s = sigmoid(log_alpha / beta) in eval."""
     x = la
     if TRAINING:
-        u = EPS + (1.0 - 2.0 * EPS) * _uniform(seed, offset, idx).to(la.dtype)
+        u = EPS + (1.0 - 2.0 * EPS) * _uniform(seed, offset, BLOCK).to(la.dtype)
         x = x + (tl.log(u) - tl.log(1.0 - u))
     s = tl.sigmoid(x / beta)
     return s, s * (zeta - gamma) + gamma
@@ -101,7 +106,7 @@ def _sample_kernel(
 ):
     """out = z, or weight * z if MASKED (weight_ptr and MUL_FP64 are unused otherwise)."""
     idx, inb, la, beta, gamma, zeta = _load_block(log_alpha_ptr, beta, gamma, zeta, n, FP64, BLOCK)
-    _, y = _gate(la, seed, offset, idx, beta, gamma, zeta, TRAINING)
+    _, y = _gate(la, seed, offset, beta, gamma, zeta, TRAINING, BLOCK)
     if MASKED:
         z = _masked_z(y, log_alpha_ptr, MUL_FP64)
         out = tl.load(weight_ptr + idx, mask=inb, other=0.0).to(z.dtype) * z
@@ -127,7 +132,7 @@ def _backward_kernel(
     # Gradient of the expected L0, already times group_size; read on the device so the
     # backward never syncs the host.
     gl0 = tl.load(grad_l0_ptr).to(la.dtype)
-    s, y = _gate(la, seed, offset, idx, beta, gamma, zeta, TRAINING)
+    s, y = _gate(la, seed, offset, beta, gamma, zeta, TRAINING, BLOCK)
     if MASKED:
         z = _masked_z(y, log_alpha_ptr, MUL_FP64)
         g = tl.load(grad_out_ptr + idx, mask=inb, other=0.0).to(z.dtype)

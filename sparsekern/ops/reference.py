@@ -83,10 +83,12 @@ def masked_conv2d_weight(
 # --- hard-concrete gates (Louizos et al. 2018) -------------------------------------------
 import math  # noqa: E402
 
-# Noise: Philox4x32-10 keyed by the 64-bit seed, counter (index lo, index hi, offset lo,
-# offset hi) over the flat row-major element index. This is exactly what the Triton kernel
-# draws with tl.philox + tl.uint_to_uniform_float, so the CPU and CUDA streams are
-# bit-identical and the CPU backward regenerates u from (seed, offset) like the kernel does.
+# Noise: Philox4x32-10 keyed by the 64-bit seed. Flat row-major element i takes word i % 4
+# of the block at counter (q lo, q hi, offset lo, offset hi), q = i // 4: each Philox call
+# serves four elements (a call per element, keeping word 0 only, made the gates compute-
+# bound: 32% of copy bandwidth on an H200). This is exactly what the Triton kernel draws
+# with tl.philox + tl.uint_to_uniform_float, so the CPU and CUDA streams are bit-identical
+# and the CPU backward regenerates u from (seed, offset) like the kernel does.
 
 HARD_CONCRETE_EPS = 1e-6  # u ~ U(eps, 1 - eps) keeps log u and log(1 - u) finite
 
@@ -117,11 +119,12 @@ def philox4x32(c0, c1, c2, c3, seed: int):
 
 
 def philox_uniform(numel: int, seed: int, offset: int, device=None) -> torch.Tensor:
-    """float32 r in [0, 1) for flat indices 0..numel-1: the first word of
-    philox4x32(counter = (index lo, index hi, offset lo, offset hi), seed), mapped to a
+    """float32 r in [0, 1) for flat indices i = 0..numel-1: word i % 4 of
+    philox4x32(counter = (q lo, q hi, offset lo, offset hi), seed), q = i // 4, mapped to a
     float as triton.language.uint_to_uniform_float does."""
-    index = torch.arange(numel, dtype=torch.int64, device=device)
-    word, _, _, _ = philox4x32(index & _MASK32, index >> 32, offset & _MASK32, (offset >> 32) & _MASK32, seed)
+    q = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+    words = philox4x32(q & _MASK32, q >> 32, offset & _MASK32, (offset >> 32) & _MASK32, seed)
+    word = torch.stack(words, dim=1).reshape(-1)[:numel]  # element 4q + j: word j of block q
     # Triton reads the word as int32 x, maps x < 0 to ~x, and scales by just under 2^-31.
     x = torch.where(word >= 2**31, _MASK32 - word, word)
     return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=device)
