@@ -57,8 +57,8 @@ __device__ __forceinline__ uint32_t load_key(const int64_t* meta, int64_t i) {
 
 // Histogram of digit `pass` over the keys whose higher digits equal state[kPrefix].
 template <int kBits>
-__global__ void histogram_kernel(Table table, const int64_t* state, int shift,
-                                 unsigned long long* hist) {
+__global__ void __launch_bounds__(kThreads)
+    histogram_kernel(Table table, const int64_t* state, int shift, unsigned long long* hist) {
   __shared__ unsigned int local[1 << kBits];
   for (int b = threadIdx.x; b < (1 << kBits); b += blockDim.x) local[b] = 0;
   __syncthreads();
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   }
 }
 
-__global__ void finalize_kernel(const int64_t* state, float* out) {
+__global__ void __launch_bounds__(1) finalize_kernel(const int64_t* state, float* out) {
   if (state[kNonFinite] > 0) {
     *out = __int_as_float(0x7fc00000);  // quiet NaN: flags non-finite inputs
   } else if (state[kRank] == 0) {
@@ -131,7 +131,7 @@ __global__ void finalize_kernel(const int64_t* state, float* out) {
 }
 
 // Ties at the threshold per block, in block order (= (tensor, flat index) order).
-__global__ void count_ties_kernel(Table table, const int64_t* state, int64_t* ties) {
+__global__ void __launch_bounds__(kThreads) count_ties_kernel(Table table, const int64_t* state, int64_t* ties) {
   using Reduce = cub::BlockReduce<int64_t, kThreads>;
   __shared__ typename Reduce::TempStorage storage;
   const int64_t* meta = table.tensors + kTensorFields * table.blocks[2 * blockIdx.x];
@@ -146,7 +146,8 @@ __global__ void count_ties_kernel(Table table, const int64_t* state, int64_t* ti
 
 // keep = |x| > t, or |x| == t with tie rank >= ties to prune (state[kRank] after the last
 // select). Tiles of kThreads elements are scanned in order so ranks follow flat index.
-__global__ void write_masks_kernel(Table table, const int64_t* state, const int64_t* ties_before) {
+__global__ void __launch_bounds__(kThreads)
+    write_masks_kernel(Table table, const int64_t* state, const int64_t* ties_before) {
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage storage;
   const int64_t* meta = table.tensors + kTensorFields * table.blocks[2 * blockIdx.x];

@@ -15,12 +15,13 @@ fused kernels take the forward from 266 to 38 ms and the backward from 418 to 38
 over ResNet-18's 21 weight tensors one by one, 192 -> 32 ms and 311 -> 26 ms (details
 in the .cpp).
 
-Noise: Philox4x32-10 keyed by `seed` with counter (flat index, offset), identical on all
-paths: the Triton kernel draws it with tl.philox, the CPU paths with the same stream in
-C++ (csrc/cpu/hard_concrete_cpu.cpp, also behind sparsekern::philox_uniform_). The
-same (seed, offset) therefore gives the same gates on CPU and CUDA up to float rounding;
-every (offset, index) pair is its own counter, so stepping the offset (e.g. by one per
-forward) never reuses noise.
+Noise: Philox4x32-10 keyed by `seed`; flat index i takes word i % 4 of the call at counter
+(i // 4, offset), identical on all paths (reference.philox_uniform): the Triton kernel
+draws it with tl.philox, the CPU paths with the same stream in C++
+(csrc/cpu/hard_concrete_cpu.cpp, also behind sparsekern::philox_uniform_). The same
+(seed, offset) therefore gives the same gates on CPU and CUDA up to float rounding; every
+(offset, i // 4) pair is its own counter, so stepping the offset (e.g. by one per forward)
+never reuses noise.
 
 Oracle: reference.hard_concrete_gates / reference.hard_concrete_l0.
 """
