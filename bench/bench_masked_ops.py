@@ -26,8 +26,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (bench_devices, gpu_queued_times, interleaved_medians, machine, markdown_table,  # noqa: E402
-                    result_name, write_result)
+from common import (add_device_option, gpu_queued_times, interleaved_medians, machine,  # noqa: E402
+                    markdown_table, parsed_devices, result_name, write_result)
 
 import sparsekern  # noqa: E402
 from sparsekern import ops  # noqa: E402
@@ -184,17 +184,12 @@ def run(device: torch.device, repeats: int) -> tuple[str, bool]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per variant (default 7)")
-    parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"],
-                        help="where to run: cpu, cuda, or all (the CPU, and CUDA when present; default)")
+    add_device_option(parser)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     status = 0
-    try:
-        devices = bench_devices(args.device)
-    except ValueError as e:
-        parser.error(str(e))
-    for device in devices:
+    for device in parsed_devices(parser, args):
         text, met = run(device, args.repeats)
         report = "# Masked layers: forward + backward\n\n" + text + "\n"
         print(report)

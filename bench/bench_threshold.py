@@ -18,7 +18,8 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_devices, interleaved_medians, machine, markdown_table, result_name, write_result  # noqa: E402
+from common import (add_device_option, interleaved_medians, machine, markdown_table,  # noqa: E402
+                    parsed_devices, result_name, write_result)
 
 import sparsekern  # noqa: E402
 from sparsekern import ops  # noqa: E402
@@ -80,8 +81,7 @@ def run(device: torch.device, repeats: int) -> tuple[str, float]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=11, help="timed runs per method (default 11)")
-    parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"],
-                        help="where to run: cpu, cuda, or all (the CPU, and CUDA when present; default)")
+    add_device_option(parser)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
@@ -89,11 +89,7 @@ def main(argv=None) -> int:
         print("warning: sparsekern._C is missing; timing the reference fallback", file=sys.stderr)
 
     status = 0
-    try:
-        devices = bench_devices(args.device)
-    except ValueError as e:
-        parser.error(str(e))
-    for device in devices:
+    for device in parsed_devices(parser, args):
         text, speedup = run(device, args.repeats)
         if device.type == "cpu":
             text += f" (target >= {TARGET_CPU:.0f}x: {'met' if speedup >= TARGET_CPU else 'NOT met'})"

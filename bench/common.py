@@ -147,6 +147,20 @@ def bench_devices(choice: str) -> list[torch.device]:
     return ([torch.device("cpu")] if choice != "cuda" else []) + cuda
 
 
+def add_device_option(parser) -> None:
+    """--device for a bench script's argparse parser (read back with parsed_devices)."""
+    parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"],
+                        help="where to run: cpu, cuda, or all (the CPU, and CUDA when present; default)")
+
+
+def parsed_devices(parser, args) -> list[torch.device]:
+    """bench_devices(args.device), or the parser's usage error where it cannot be had."""
+    try:
+        return bench_devices(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def result_name(stem: str, device: torch.device) -> str:
     """bench/results file for one device's tables: `stem.md` for the CPU, `stem-cuda.md`
     for the GPU, so a run on one machine never overwrites the other's committed tables."""
