@@ -35,6 +35,11 @@ from sparsekern import ops  # noqa: E402
 KINDS = ["binary", "straight_through", "sigmoid", "relaxed", "hard_concrete"]
 LINEAR = [(8, 4096, 4096)]
 CONVS = [(32, 64, 32), (32, 128, 16), (32, 256, 8), (32, 512, 4)]  # (batch, channels, spatial)
+QUEUED_CALLS = 10  # fwd+bwd calls per turn of the GPU-time measurement (gpu_queued_times)
+
+
+def linear_name(batch: int, n_in: int, n_out: int, dtype: torch.dtype) -> str:
+    return f"linear {batch}x{n_in}->{n_out} {str(dtype).removeprefix('torch.')}"
 
 
 def variants(dense: nn.Module) -> dict[str, nn.Module]:
@@ -96,7 +101,7 @@ def bench_layers(name: str, dense: nn.Module, x: torch.Tensor, repeats: int) -> 
     fns = {k: fwd_bwd(m, x) for k, m in layers.items()}
     medians = interleaved_medians(fns, repeats, x.device)
     if x.is_cuda:
-        gpu, late = gpu_queued_times(fns, repeats, x.device)
+        gpu, late = gpu_queued_times(fns, repeats, x.device, QUEUED_CALLS)
         gpu = {k: statistics.median(t) for k, t in gpu.items()}
         mem = {k: peak_bytes(m, x) for k, m in layers.items()}
         return [[name, k, f"{gpu[k] * 1e6:.1f}" + (" (late)" if k in late else ""),
@@ -140,7 +145,7 @@ def run(device: torch.device, repeats: int) -> tuple[str, bool]:
         for dtype in dtypes:
             dense = nn.Linear(n_in, n_out, device=device, dtype=dtype)
             x = torch.randn(batch, n_in, device=device, dtype=dtype)
-            name = f"linear {batch}x{n_in}->{n_out} {str(dtype).removeprefix('torch.')}"
+            name = linear_name(batch, n_in, n_out, dtype)
             rows += measured(name, bench_layers, name, dense, x, repeats) or []
     for batch, ch, hw in CONVS:
         dense = nn.Conv2d(ch, ch, 3, padding=1, bias=False, device=device)
@@ -153,7 +158,7 @@ def run(device: torch.device, repeats: int) -> tuple[str, bool]:
     if device.type != "cuda":
         return text + f"Median of {repeats} interleaved fwd+bwd runs.\n\n" + markdown_table(
             ["shape", "layer", "median ms", "time / dense", "saved for backward MiB"], rows), not errors
-    text += (f"Medians of {repeats} interleaved rounds. GPU time: 10 fwd+bwd calls queued "
+    text += (f"Medians of {repeats} interleaved rounds. GPU time: {QUEUED_CALLS} fwd+bwd calls queued "
              "behind a sleep kernel, timed with CUDA events (the kernels alone; \"late\": some turn was not "
              "queued before the GPU reached it, so it may hold idle time); wall: one call, synchronised "
              "before and after (launch overhead included).\n\n"
@@ -161,7 +166,7 @@ def run(device: torch.device, repeats: int) -> tuple[str, bool]:
                                "peak MiB"], rows))
     verdicts = []
     for dtype in dtypes:
-        prefix = f"linear {LINEAR[0][0]}x{LINEAR[0][1]}->{LINEAR[0][2]} {str(dtype).removeprefix('torch.')}"
+        prefix = linear_name(*LINEAR[0], dtype)
         ratios = {r[1]: float(r[3]) for r in rows if r[0] == prefix and r[1] in KINDS}
         if not ratios:
             continue  # its error row says why

@@ -76,8 +76,9 @@ def gpu_queued_times(fns: dict[str, Callable[[], object]], repeats: int, device:
     inside a call, or a recompile): their figures may include idle GPU time."""
     if device.type != "cuda":
         raise ValueError(f"`device` must be a CUDA device for GPU event timing, got {device}")
-    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
-        raise ValueError(f"`calls` must be an int >= 1, got {calls!r}")
+    for name, value in (("calls", calls), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be an int >= 1, got {value!r}")
     with torch.cuda.device(device):
         # CPU time to queue one turn, per fn (the sleep must outlast the slowest).
         queue_s = 0.0
@@ -136,10 +137,13 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, devi
     return {name: statistics.median(t) for name, t in interleaved_times(fns, repeats, device, warmup).items()}
 
 
+DEVICE_CHOICES = ("cpu", "cuda", "all")
+
+
 def bench_devices(choice: str) -> list[torch.device]:
     """The devices a bench script's --device names: cpu, cuda, or all (the CPU, and CUDA
     when there is one)."""
-    if choice not in ("cpu", "cuda", "all"):
+    if choice not in DEVICE_CHOICES:
         raise ValueError(f"--device must be cpu, cuda or all, got {choice!r}")
     if choice == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch sees no CUDA device here")
@@ -149,7 +153,7 @@ def bench_devices(choice: str) -> list[torch.device]:
 
 def add_device_option(parser) -> None:
     """--device for a bench script's argparse parser (read back with parsed_devices)."""
-    parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"],
+    parser.add_argument("--device", default="all", choices=DEVICE_CHOICES,
                         help="where to run: cpu, cuda, or all (the CPU, and CUDA when present; default)")
 
 

@@ -103,6 +103,8 @@ def test_gpu_queued_times_refuses_the_cpu_and_bad_calls_before_calling_anything(
         gpu_queued_times(fns, 3, torch.device("cpu"))
     with pytest.raises(ValueError, match="calls"):
         gpu_queued_times(fns, 3, torch.device("cuda"), calls=0)
+    with pytest.raises(ValueError, match="repeats"):
+        gpu_queued_times(fns, 0, torch.device("cuda"))
     assert calls == []
 
 

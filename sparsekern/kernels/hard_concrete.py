@@ -38,6 +38,7 @@ def _uniform(seed, offset, BLOCK: tl.constexpr):
     """r in [0, 1) for this program's BLOCK flat indices (BLOCK a multiple of 4): the
     stream in the module docstring, one Philox call per four indices, its words
     interleaved back into index order."""
+    tl.static_assert(BLOCK % 4 == 0, "a block must hold whole Philox calls")
     q = tl.program_id(0).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
     off = tl.cast(offset, tl.int64)
     zero = tl.zeros_like(q).to(tl.uint32)
