@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
+import inspect
 import re
 from typing import Iterable, Iterator, Union
 
@@ -24,6 +26,66 @@ def _unsupported(module: nn.Module) -> bool:
     if isinstance(module, SPARSE_TYPES) or type(module) in SWAPS:
         return False
     return isinstance(module, (nn.Linear, _ConvNd, nn.Bilinear, LazyModuleMixin))
+
+
+# `self.<path>.weight` / `.bias` used as a tensor, not only for its metadata.
+_DIRECT_READ = re.compile(r"self\.((?:\w+\.)*\w+)\.(weight|bias)\b"
+                          r"(?!\s*\.\s*(?:shape|dtype|device|size|ndim|dim|numel|requires_grad)\b)")
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_reads(cls: type) -> frozenset[str]:
+    """`p.weight` / `p.bias` for each `self.p.weight` or `self.p.bias` that `cls`'s
+    forward (or a `_forward*` method of it) reads as a tensor. Such a parent hands the
+    child's dense parameter to some function itself (torchvision's Swin attention passes
+    `self.qkv.weight` to shifted_window_attention), so a mask on the child would never be
+    applied: training would ignore it and the export would not match the model trained.
+    Source that cannot be read (builtins, compiled code) gives nothing."""
+    reads = set()
+    for name in dir(cls):
+        if not (name == "forward" or name.startswith("_forward")):
+            continue
+        fn = getattr(cls, name, None)
+        if not inspect.isfunction(fn) or fn is getattr(nn.Module, name, None):
+            continue
+        try:
+            source = inspect.getsource(fn)
+        except (OSError, TypeError):
+            continue
+        reads.update(f"{m.group(1)}.{m.group(2)}" for m in _DIRECT_READ.finditer(source))
+    return frozenset(reads)
+
+
+def _bypassed(model: nn.Module, name: str) -> str | None:
+    """Why a mask on layer `name` would be bypassed (an ancestor's forward reads its
+    parameters directly), or None."""
+    parts = name.split(".")
+    for i in range(len(parts)):
+        ancestor = model.get_submodule(".".join(parts[:i]))
+        rel = ".".join(parts[i:])
+        reads = sorted(r for r in _forward_reads(type(ancestor)) if r.rpartition(".")[0] == rel)
+        if reads:
+            return f"{type(ancestor).__name__}.forward reads {' and '.join(f'`self.{r}`' for r in reads)}"
+    return None
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    text = ", ".join(repr(n) for n in names[:shown])
+    return text if len(names) <= shown else f"{text} and {len(names) - shown} more"
+
+
+def _exclude_hint(refused: list[str], selected: list[str]) -> str:
+    """`exclude` patterns ('*.<last two parts>') that match the refused layers and nothing
+    else selected, to quote in the error; empty when none is that precise."""
+    hints = []
+    for name in refused:
+        pattern = "*." + ".".join(name.split(".")[-2:]) if name.count(".") >= 2 else name
+        matched = [n for n in selected if _matches(pattern, n)]
+        if pattern not in hints and matched and set(matched) <= set(refused):
+            hints.append(pattern)
+    if not hints or not all(any(_matches(h, n) for h in hints) for n in refused):
+        return ""
+    return f" (e.g. exclude={hints})"
 
 
 def _patterns(name: str, value) -> list:
@@ -107,6 +169,18 @@ def sparsify(
         raise TypeError(
             f"sparsify supports nn.Linear and nn.Conv2d only; cannot sparsify {', '.join(refused)}. "
             "Add them to `exclude` to leave them dense."
+        )
+    swappable = [n for n, m in selected if type(m) in SWAPS]
+    bypassed: dict[str, list[str]] = {}
+    for n in swappable:
+        if (why := _bypassed(model, n)) is not None:
+            bypassed.setdefault(why, []).append(n)
+    if bypassed:
+        listed = "; ".join(f"{why}: {_names(names)}" for why, names in bypassed.items())
+        raise TypeError(
+            f"sparsify cannot mask layers whose parameters another module's forward reads directly: the mask "
+            f"would be bypassed ({listed}). Add them to `exclude` to leave them dense"
+            f"{_exclude_hint([n for names in bypassed.values() for n in names], swappable)}."
         )
     # A layer shared under several names is swapped at all of them when any is selected,
     # so it stays one shared layer.
