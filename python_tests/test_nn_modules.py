@@ -271,6 +271,29 @@ def test_to_dense_bakes_the_eval_gate(kind):
             assert bool((dense.weight[~keep] == 0).all())
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_autocast_runs_like_the_exported_layer(kind, device):
+    """Under torch.autocast a sparse layer computes what its exported nn.Linear / nn.Conv2d
+    computes there, bit for bit, in bfloat16 (the linear raised a dtype TypeError before:
+    x came in bfloat16, the weight stayed float32); training mode gets gradients to the
+    weight and the mask in their own float32."""
+    torch.manual_seed(3)
+    conv = make_layer(kind, SparseConv2d, 3, 4, 3, padding=1, dtype=torch.float32, device=device)
+    lin = make_layer(kind, SparseLinear, 6, 5, dtype=torch.float32, device=device)
+    for layer, x in ((conv, torch.randn(2, 3, 5, 5)), (lin, torch.randn(2, 6))):
+        x = x.to(device=device, dtype=torch.bfloat16)
+        dense = layer.eval().to_dense()
+        with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            got, want = layer(x), dense(x)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+        layer.train()
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            y = layer(x)
+        y.float().square().sum().backward()
+        for p in [layer.weight, *layer.mask_parameters()]:
+            assert p.grad is not None and p.grad.dtype == torch.float32 and bool(torch.isfinite(p.grad).all())
+
+
 def test_project():
     rel = SparseLinear(3, 3, mask="relaxed")
     hc = SparseLinear(3, 3, mask="hard_concrete")

@@ -69,6 +69,29 @@ def test_matches_reference(device, kind, dtype):
     assert got[0].shape == (2, 3, 37)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", KINDS)
+def test_autocast_runs_the_linear_in_low_precision(device, kind, x_dtype):
+    """Under torch.autocast x comes in bfloat16 from the layer before (or float32 into the
+    first layer) while the weight, bias and mask stay float32: the op runs as nn.Linear
+    does there, F.linear(x, w_eff) in bfloat16 with w_eff formed in float32 (this raised a
+    dtype TypeError before). Gradients come back in each input's own dtype."""
+    x, w, b, m, gy = inputs(kind, device)
+    x, gy = x.to(x_dtype), gy.to(torch.bfloat16)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        got = run(ops.masked_linear, x, w, b, m, gy, kind, 1.7, 1.3)
+        # What autocast makes of nn.Linear with the masked weight: the same result, bit for bit.
+        same = torch.nn.functional.linear(x, reference.masked_weight(w, m, kind, 1.7, 1.3), b)
+    assert got[0].dtype == torch.bfloat16 and torch.equal(got[0], same)
+    want = run(ref_fn, *map(to64, (x, w, b, m, gy)), kind, 1.7, 1.3)
+    for name, g, r, src in zip(["y", "grad_x", "grad_weight", "grad_bias", "grad_mask"], got, want, (gy, x, w, b, m)):
+        if r is None:
+            assert g is None, name
+            continue
+        assert g.dtype == src.dtype and g.shape == r.shape, name
+        torch.testing.assert_close(g.double(), r, **tolerances(torch.bfloat16, 16.0), msg=lambda s: f"{name}: {s}")
+
+
 @pytest.mark.parametrize("mask_shape", [(37, 53), (1, 53), (37, 1), (1, 1)])
 def test_hard_concrete_gate_shapes(device, mask_shape):
     x, w, b, z, gy = inputs("hard_concrete", device, mask_shape=mask_shape)

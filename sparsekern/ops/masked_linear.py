@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import mask_apply, mask_math
+from . import mask_apply, mask_math, reference
 
 try:
     from ..kernels.masked_linear import masked_linear_grad_weight, masked_matmul
@@ -136,10 +136,10 @@ def _backward(ctx, grad_y):
 _masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(x, weight, bias, mask, kind, beta, scale):
+def _check(x, weight, bias, mask, kind, beta, scale, autocast: bool = False):
     kind, beta, scale = mask_math.check_common(weight, mask, kind, beta, scale, weight_dim=2)
     mask_math.check_tensor("x", x)
-    if x.dtype != weight.dtype:
+    if x.dtype != weight.dtype and not autocast:
         raise TypeError(f"`x` must have weight's dtype {weight.dtype}, got {x.dtype}")
     if x.device != weight.device:
         raise ValueError(f"`x` must be on weight's device {weight.device}, got {x.device}")
@@ -177,7 +177,20 @@ def masked_linear(
     [out, 1]. Gradients flow to x, weight, bias and (float kinds) the mask, per the table.
     On CUDA the GEMMs gate the weight tiles as they load them; w_eff is never stored.
     """
-    kind, beta, scale = _check(x, weight, bias, mask, kind, beta, scale)
+    autocast = isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type)
+    kind, beta, scale = _check(x, weight, bias, mask, kind, beta, scale, autocast)
+    if autocast:
+        # torch.autocast runs a linear layer in its low-precision dtype, casting x, weight
+        # and bias itself; nn.Linear leaves that to it, and so does this: w_eff is formed
+        # in weight's dtype (the gate in float32, as everywhere) and F.linear then runs
+        # as autocast runs any linear layer. (Before, the dtype check refused every
+        # autocast forward: x came in bfloat16 from the layer before, the weight float32.)
+        # The fused CUDA GEMM is not used here: its speed under autocast is unmeasured.
+        if mask_apply.eager_cpu(weight, mask, kind):
+            w_eff = mask_apply.masked_weight_autograd(weight, mask, kind, beta, scale)
+        else:
+            w_eff = reference.masked_weight(weight, mask, kind, beta, scale)
+        return F.linear(x, w_eff, bias)
     if mask_apply.eager_cpu(weight, mask, kind):
         # Eager CPU: the GEMMs are oneDNN's either way; only the gate is ours, with its
         # autograd in C++ (see csrc/eager_autograd.cpp for why).
