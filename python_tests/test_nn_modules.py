@@ -294,6 +294,33 @@ def test_autocast_runs_like_the_exported_layer(kind, device):
             assert p.grad is not None and p.grad.dtype == torch.float32 and bool(torch.isfinite(p.grad).all())
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("structured", [False, True])
+def test_activation_checkpointing_recomputes_the_same_noise(structured, reentrant):
+    """torch.utils.checkpoint reruns the forward inside the backward; the hard-concrete
+    layers must draw the noise of the original forward there, or the gradients are of
+    another sample (they differed by up to 5.0 on a ResNet-20 before). Two micro-batches
+    (gradient accumulation), each checkpointed in two segments: the gradients and the
+    offsets equal those of the same steps without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    def model():
+        torch.manual_seed(5)
+        opts = dict(mask="hard_concrete", structured=structured)
+        return nn.Sequential(SparseConv2d(2, 4, 3, seed=11, **opts), nn.ReLU(), nn.Flatten(),
+                             SparseLinear(36, 3, seed=12, **opts))
+
+    plain, ckpt = model(), model()
+    xs = [torch.randn(2, 2, 5, 5, requires_grad=reentrant) for _ in range(2)]
+    for x in xs:
+        plain(x).square().sum().backward()
+        h = checkpoint(ckpt[:2], x, use_reentrant=reentrant)
+        checkpoint(ckpt[2:], h, use_reentrant=reentrant).square().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+    assert [m.mask.offset for m in (ckpt[0], ckpt[3])] == [m.mask.offset for m in (plain[0], plain[3])] == [2, 2]
+
+
 def test_project():
     rel = SparseLinear(3, 3, mask="relaxed")
     hc = SparseLinear(3, 3, mask="hard_concrete")

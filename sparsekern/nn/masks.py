@@ -436,11 +436,13 @@ class HardConcreteMask(MaskKind):
         """z for this forward: a fresh sample in training (advancing the offset), the
         deterministic median gate in eval. The op computes the expected L0 in the same
         pass over log α; it is kept for expected_nonzero()."""
+        offset, recompute = self._forward_offset(layer)
         z, l0 = hard_concrete.sample_checked(
-            layer.weight_log_alpha, self.seed, self.offset, self.group_size(layer), layer.training,
+            layer.weight_log_alpha, self.seed, offset, self.group_size(layer), layer.training,
             self.beta, self.gamma, self.zeta,
         )
-        self._keep_forward_l0(layer, l0)
+        if not recompute:
+            self._keep_forward_l0(layer, l0)
         return z
 
     def masked_weight(self, layer: nn.Module) -> torch.Tensor | None:
@@ -452,17 +454,40 @@ class HardConcreteMask(MaskKind):
         w = layer.weight
         if self.structured or (w.dim() == 2 and w.device.type == "cuda"):
             return None
+        offset, recompute = self._forward_offset(layer)
         w_eff, l0 = hard_concrete_masked.masked_weight_checked(
-            w, layer.weight_log_alpha, self.seed, self.offset, layer.training, self.beta, self.gamma, self.zeta
+            w, layer.weight_log_alpha, self.seed, offset, layer.training, self.beta, self.gamma, self.zeta
         )
-        self._keep_forward_l0(layer, l0)
+        if not recompute:
+            self._keep_forward_l0(layer, l0)
         return w_eff
+
+    # The offset the layer's last training forward drew its noise at.
+    _last_offset = 0
+
+    def _forward_offset(self, layer: nn.Module) -> tuple[int, bool]:
+        """(the offset this forward draws its noise at, whether it is a recompute).
+
+        Activation checkpointing (torch.utils.checkpoint, reentrant or not) runs a
+        training forward again inside the backward to rebuild what it did not keep. That
+        recompute must draw the noise the loss saw, or the gradients are another sample's
+        (a checkpointed ResNet-20 under ConstrainedL0 got gradients off by up to 5.0). It
+        is told apart by running while autograd executes a backward node, and takes the
+        offset of the layer's last training forward without advancing it. That is exact
+        whenever each forward's backward runs before the next training forward of the
+        layer (training with or without gradient accumulation); a layer run twice before
+        one backward through a checkpoint gets the second run's noise in both recomputes."""
+        if (layer.training and not torch.compiler.is_compiling()
+                and torch._C._current_autograd_node() is not None):
+            return self._last_offset, True
+        return self.offset, False
 
     def _keep_forward_l0(self, layer: nn.Module, l0: torch.Tensor) -> None:
         """Keeps this forward's expected L0 (ForwardTerm) and advances the offset in
         training (the next forward draws fresh noise)."""
         self._forward_term = ForwardTerm(layer.weight_log_alpha, l0)
         if layer.training:
+            self._last_offset = self.offset
             self.offset += 1
 
     def op_mask(self, layer):
