@@ -34,7 +34,7 @@ import torch
 
 from .. import _checks
 from .._extension import HAS_EXTENSION
-from . import reference
+from . import mask_math, reference
 from ._library import cpp_op
 from ..kernels.hard_concrete import backward as _triton_backward
 from ..kernels.hard_concrete import sample as _triton_sample
@@ -184,6 +184,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_z, grad_l0):
     (log_alpha,) = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        raise RuntimeError(mask_math.NO_HARD_CONCRETE_DOUBLE_BACKWARD)
     grad = torch.ops.sparsekern.hard_concrete_sample_backward(grad_z, grad_l0, log_alpha, *ctx.args)
     return (grad,) + (None,) * len(ctx.args)
 

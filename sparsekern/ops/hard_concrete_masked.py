@@ -36,6 +36,7 @@ import torch
 
 from .._extension import HAS_EXTENSION
 from . import hard_concrete as hc
+from . import mask_math
 from ._library import cpp_op
 
 try:
@@ -149,6 +150,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, grad_l0):
     weight, log_alpha, w_eff = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        raise RuntimeError(mask_math.NO_HARD_CONCRETE_DOUBLE_BACKWARD)
     if grad is None:  # an output that did not reach the loss contributes zero
         grad = torch.zeros_like(weight)
     if grad_l0 is None:

@@ -112,6 +112,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (scores,) = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a backward that can be differentiated again
+        slope = mask_math.gate_slope(scores, "sigmoid", ctx.beta, ctx.scale)
+        return (grad * slope).to(scores.dtype), None, None
     return _backward_op(grad, scores, ctx.beta, ctx.scale), None, None
 
 

@@ -69,6 +69,33 @@ def masked_weight(weight: torch.Tensor, mask: torch.Tensor, kind: str, beta: flo
     return (weight * gate(mask, kind, beta, scale, weight.dtype)).to(weight.dtype)
 
 
+def differentiable_grads(grad_w_eff: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, kind: str,
+                         beta: float, scale: float, need_w: bool, need_m: bool
+                         ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The backward of w_eff = weight ⊙ g(mask) as differentiable torch ops: for a backward
+    with create_graph=True (double backward: Hessian-vector products as in GraSP, penalties
+    on weight gradients, MAML), which records the backward so it can be differentiated
+    again. The masked ops' backward kernels have no autograd of their own (a double
+    backward through them raised, or on the CPU's C++ path silently lost the terms through
+    the mask). Same values as weight_and_mask_grads."""
+    if kind == "straight_through":
+        return (grad_w_eff if need_w else None), None
+    g = mask if kind in BOOL_KINDS else gate(mask, kind, beta, scale, weight.dtype)
+    grad_w = (grad_w_eff * g).to(weight.dtype) if need_w else None
+    grad_m = None
+    if need_m and kind in LEARNABLE_KINDS:
+        slope = gate_slope(mask, kind, beta, scale, weight.dtype)
+        grad_m = (grad_w_eff * weight * slope).sum_to_size(mask.shape).to(mask.dtype)
+    return grad_w, grad_m
+
+
+# The hard-concrete backwards regenerate the noise inside their kernels; a differentiable
+# version would need it as a tensor. Refused rather than silently first-order.
+NO_HARD_CONCRETE_DOUBLE_BACKWARD = (
+    "sparsekern: the hard-concrete gates have no double backward (a backward with create_graph=True that reaches "
+    "log alpha, or the weight of an unstructured L0 layer): second-order terms through these gates are not supported")
+
+
 def broadcast_dims(mask_shape, weight_shape) -> tuple[int, ...]:
     """The dimensions a mask of mask_shape is broadcast along to reach weight_shape."""
     return tuple(d for d, (m, w) in enumerate(zip(mask_shape, weight_shape)) if m == 1 and w != 1)

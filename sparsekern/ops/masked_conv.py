@@ -109,6 +109,9 @@ def _backward(ctx, grad_w_eff):
         return None, None, None, None, None
     if ctx.kind == "straight_through":  # grad_w = G: nothing to compute, no mask grad
         return grad_w_eff, None, None, None, None
+    if torch.is_grad_enabled():  # create_graph=True: a backward that can be differentiated again
+        return mask_math.differentiable_grads(grad_w_eff, weight, mask, ctx.kind, ctx.beta, ctx.scale,
+                                              need_w, need_m) + (None, None, None)
     grad_w, grad_m = _backward_op(grad_w_eff, weight, mask, ctx.kind, ctx.beta, ctx.scale, need_m)
     return (grad_w if need_w else None), (grad_m if need_m else None), None, None, None
 

@@ -121,6 +121,14 @@ def _backward(ctx, grad_y):
     need_b = need_b and ctx.has_bias
     need_m = need_m and ctx.kind in mask_math.LEARNABLE_KINDS
     grad_x = grad_w = grad_b = grad_m = None
+    if torch.is_grad_enabled():  # create_graph=True: a backward that can be differentiated again
+        if need_x:
+            grad_x = grad_y @ reference.masked_weight(weight, mask, ctx.kind, ctx.beta, ctx.scale)
+        if need_w or need_m:
+            grad_w, grad_m = mask_math.differentiable_grads(grad_y.t() @ x, weight, mask, ctx.kind, ctx.beta,
+                                                            ctx.scale, need_w, need_m)
+        grad_b = grad_y.sum(0) if need_b else None
+        return grad_x, grad_w, grad_b, grad_m, None, None, None
     if need_x:
         grad_x = _grad_input_op(grad_y, weight, mask, ctx.kind, ctx.beta, ctx.scale)
     if need_w or need_m:
