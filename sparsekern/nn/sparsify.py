@@ -170,9 +170,9 @@ def sparsify(
             f"sparsify supports nn.Linear and nn.Conv2d only; cannot sparsify {', '.join(refused)}. "
             "Add them to `exclude` to leave them dense."
         )
-    swappable = [n for n, m in selected if type(m) in SWAPS]
+    swappable = [(n, m) for n, m in selected if type(m) in SWAPS]
     bypassed: dict[str, list[str]] = {}
-    for n in swappable:
+    for n, _ in swappable:
         if (why := _bypassed(model, n)) is not None:
             bypassed.setdefault(why, []).append(n)
     if bypassed:
@@ -180,11 +180,11 @@ def sparsify(
         raise TypeError(
             f"sparsify cannot mask layers whose parameters another module's forward reads directly: the mask "
             f"would be bypassed ({listed}). Add them to `exclude` to leave them dense"
-            f"{_exclude_hint([n for names in bypassed.values() for n in names], swappable)}."
+            f"{_exclude_hint([n for names in bypassed.values() for n in names], [n for n, _ in swappable])}."
         )
     # A layer shared under several names is swapped at all of them when any is selected,
     # so it stays one shared layer.
-    chosen = {id(m) for n, m in selected if type(m) in SWAPS}
+    chosen = {id(m) for _, m in swappable}
     targets = [(n, m) for n, m in named if n and id(m) in chosen]
     if not targets:
         raise ValueError("sparsify: no nn.Linear or nn.Conv2d selected (already sparse, or excluded)")

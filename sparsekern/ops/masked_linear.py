@@ -187,28 +187,24 @@ def masked_linear(
     """
     autocast = isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type)
     kind, beta, scale = _check(x, weight, bias, mask, kind, beta, scale, autocast)
-    if autocast:
+    if mask_apply.eager_cpu(weight, mask, kind):
+        # Eager CPU: the GEMMs are oneDNN's either way; only the gate is ours, with its
+        # autograd in C++ (see csrc/eager_autograd.cpp for why). Under torch.autocast too:
+        # F.linear is then cast as nn.Linear's is.
+        return F.linear(x, mask_apply.masked_weight_autograd(weight, mask, kind, beta, scale), bias)
+    if autocast or (kind == "hard_concrete" and weight.device.type == "cpu" and not torch.compiler.is_compiling()):
         # torch.autocast runs a linear layer in its low-precision dtype, casting x, weight
         # and bias itself; nn.Linear leaves that to it, and so does this: w_eff is formed
         # in weight's dtype (the gate in float32, as everywhere) and F.linear then runs
         # as autocast runs any linear layer. (Before, the dtype check refused every
         # autocast forward: x came in bfloat16 from the layer before, the weight float32.)
-        # The fused CUDA GEMM is not used here: its speed under autocast is unmeasured.
-        if mask_apply.eager_cpu(weight, mask, kind):
-            w_eff = mask_apply.masked_weight_autograd(weight, mask, kind, beta, scale)
-        else:
-            w_eff = reference.masked_weight(weight, mask, kind, beta, scale)
-        return F.linear(x, w_eff, bias)
-    if mask_apply.eager_cpu(weight, mask, kind):
-        # Eager CPU: the GEMMs are oneDNN's either way; only the gate is ours, with its
-        # autograd in C++ (see csrc/eager_autograd.cpp for why).
-        return F.linear(x, mask_apply.masked_weight_autograd(weight, mask, kind, beta, scale), bias)
-    if kind == "hard_concrete" and weight.device.type == "cpu" and not torch.compiler.is_compiling():
-        # A gate per input neuron ([1, in], structured L0), which the C++ kernels do not
-        # take: w ⊙ z by torch's own broadcasting mul, whose autograd is this kind's
-        # (grad_w = G ⊙ z, grad_z = Σ_rows G ⊙ w). The custom op's Python dispatch cost more
-        # than the layer: 300 -> 100 at batch 64, fwd + bwd, 473 vs 140 µs (dense 93 µs).
-        return F.linear(x, mask_math.masked_weight(weight, mask, kind, beta, scale), bias)
+        # The fused CUDA GEMM is not used there: its speed under autocast is unmeasured.
+        # hard_concrete on the CPU: a gate per input neuron ([1, in], structured L0),
+        # which the C++ kernels do not take: w ⊙ z by torch's own broadcasting mul, whose
+        # autograd is this kind's (grad_w = G ⊙ z, grad_z = Σ_rows G ⊙ w). The custom
+        # op's Python dispatch cost more than the layer: 300 -> 100 at batch 64, fwd +
+        # bwd, 473 vs 140 µs (dense 93 µs).
+        return F.linear(x, reference.masked_weight(weight, mask, kind, beta, scale), bias)
     lead = x.shape[:-1]
     y = _masked_linear_op(x.reshape(-1, x.shape[-1]), weight, bias, mask, kind, beta, scale)
     return y.reshape(*lead, weight.shape[0])
