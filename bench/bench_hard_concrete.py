@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     log_alpha = 2.0 * torch.randn(numel, generator=g)
     grad_z = torch.randn(numel, generator=g)
     grad_l0 = torch.tensor(0.37)
-    args_ = (1, 2, 1, hc.BETA, hc.GAMMA, hc.ZETA)
+    offset = torch.tensor(2)  # the ops take the noise offset as an int64 tensor
+    args_ = (1, offset, 1, hc.BETA, hc.GAMMA, hc.ZETA)
     fused = torch.ops.sparsekern.hard_concrete_sample_fused
     fused_backward = torch.ops.sparsekern.hard_concrete_sample_fused_backward
     cases = {
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     # for the backward) against hard_concrete_masked_weight_fused (z never stored).
     weight, grad_w = torch.randn(numel, generator=g), torch.randn(numel, generator=g)
     z = fused(log_alpha, *args_, True)[0]
-    masked_args = (1, 2, hc.BETA, hc.GAMMA, hc.ZETA, True)
+    masked_args = (1, offset, hc.BETA, hc.GAMMA, hc.ZETA, True)
     ops_ = torch.ops.sparsekern
 
     def two_op_backward():

@@ -209,7 +209,7 @@ constexpr const char* kNoHardConcreteDoubleBackward =
     "supported";
 
 // The constants a hard-concrete backward needs to regenerate the noise from (seed, offset).
-void save_gate_constants(AutogradContext* ctx, int64_t seed, int64_t offset, double beta, double gamma, double zeta,
+void save_gate_constants(AutogradContext* ctx, int64_t seed, const at::Tensor& offset, double beta, double gamma, double zeta,
                          bool training) {
   ctx->saved_data["seed"] = seed;
   ctx->saved_data["offset"] = offset;
@@ -219,16 +219,16 @@ void save_gate_constants(AutogradContext* ctx, int64_t seed, int64_t offset, dou
   ctx->saved_data["training"] = training;
 }
 
-using HcSample = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, int64_t, int64_t, double, double,
-                                                     double, bool);
-using HcBackward = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
-                              double, double, double, bool);
+using HcSample = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, const at::Tensor&, int64_t, double,
+                                                     double, double, bool);
+using HcBackward = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&,
+                              int64_t, double, double, double, bool);
 
 // (z, expected L0) from log α; the backward regenerates the noise from (seed, offset), so
 // only log α is saved (never u or z).
 class HardConcreteSample : public torch::autograd::Function<HardConcreteSample> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& log_alpha, int64_t seed, int64_t offset,
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& log_alpha, int64_t seed, const at::Tensor& offset,
                                int64_t group_size, double beta, double gamma, double zeta, bool training) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
@@ -253,17 +253,17 @@ class HardConcreteSample : public torch::autograd::Function<HardConcreteSample> 
     at::Tensor grad_z = grads[0].defined() ? grads[0] : at::zeros_like(log_alpha);
     at::Tensor grad_l0 = grads[1].defined() ? grads[1] : at::zeros({}, log_alpha.options().dtype(at::kFloat));
     auto& d = ctx->saved_data;
-    out[0] = op.call(grad_z, grad_l0, log_alpha, d["seed"].toInt(), d["offset"].toInt(), d["group_size"].toInt(),
+    out[0] = op.call(grad_z, grad_l0, log_alpha, d["seed"].toInt(), d["offset"].toTensor(), d["group_size"].toInt(),
                      d["beta"].toDouble(), d["gamma"].toDouble(), d["zeta"].toDouble(), d["training"].toBool());
     return out;
   }
 };
 
-using HcMasked = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t, int64_t, double,
-                                                     double, double, bool);
+using HcMasked = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&,
+                                                     double, double, double, bool);
 using HcMaskedBackward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                             const at::Tensor&, int64_t, int64_t, double, double,
-                                                             double, bool, const std::optional<at::Tensor>&);
+                                                             const at::Tensor&, int64_t, const at::Tensor&, double,
+                                                             double, double, bool, const std::optional<at::Tensor>&);
 
 // (w z, expected L0) under unstructured gates; saves weight and log α (parameters, kept
 // anyway) and its output w z, which the conv or linear it feeds saves for its own backward
@@ -272,7 +272,8 @@ using HcMaskedBackward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, c
 class HardConcreteMaskedWeight : public torch::autograd::Function<HardConcreteMaskedWeight> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& log_alpha,
-                               int64_t seed, int64_t offset, double beta, double gamma, double zeta, bool training) {
+                               int64_t seed, const at::Tensor& offset, double beta, double gamma, double zeta,
+                               bool training) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("sparsekern::hard_concrete_masked_weight_fused", "")
@@ -296,7 +297,7 @@ class HardConcreteMaskedWeight : public torch::autograd::Function<HardConcreteMa
     at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(weight);
     at::Tensor grad_l0 = grads[1].defined() ? grads[1] : at::zeros({}, log_alpha.options().dtype(at::kFloat));
     auto& d = ctx->saved_data;
-    auto [grad_w, grad_la] = op.call(grad, grad_l0, weight, log_alpha, d["seed"].toInt(), d["offset"].toInt(),
+    auto [grad_w, grad_la] = op.call(grad, grad_l0, weight, log_alpha, d["seed"].toInt(), d["offset"].toTensor(),
                                      d["beta"].toDouble(), d["gamma"].toDouble(), d["zeta"].toDouble(),
                                      d["training"].toBool(), saved[2]);
     if (ctx->needs_input_grad(0)) out[0] = grad_w;
@@ -307,7 +308,7 @@ class HardConcreteMaskedWeight : public torch::autograd::Function<HardConcreteMa
 
 std::tuple<at::Tensor, at::Tensor> hard_concrete_masked_weight_autograd(const at::Tensor& weight,
                                                                         const at::Tensor& log_alpha, int64_t seed,
-                                                                        int64_t offset, double beta, double gamma,
+                                                                        const at::Tensor& offset, double beta, double gamma,
                                                                         double zeta, bool training) {
   auto out = HardConcreteMaskedWeight::apply(weight, log_alpha, seed, offset, beta, gamma, zeta, training);
   return {out[0], out[1]};
@@ -404,7 +405,7 @@ std::tuple<at::Tensor, at::Tensor> mask_apply_l1_autograd(const at::Tensor& weig
 }
 
 std::tuple<at::Tensor, at::Tensor> hard_concrete_sample_autograd(const at::Tensor& log_alpha, int64_t seed,
-                                                                 int64_t offset, int64_t group_size, double beta,
+                                                                 const at::Tensor& offset, int64_t group_size, double beta,
                                                                  double gamma, double zeta, bool training) {
   auto out = HardConcreteSample::apply(log_alpha, seed, offset, group_size, beta, gamma, zeta, training);
   return {out[0], out[1]};

@@ -13,7 +13,7 @@ TORCH_LIBRARY(sparsekern, m) {
   m.def("magnitude_masks(Tensor[] tensors, int n_prune) -> (Tensor[], Tensor)");
   // Fills float32 `out` with the Philox4x32-10 uniform stream of (seed, offset) over its
   // flat indices (the hard-concrete noise; CPU kernel only, CUDA draws it inside Triton).
-  m.def("philox_uniform_(Tensor(a!) out, int seed, int offset) -> ()");
+  m.def("philox_uniform_(Tensor(a!) out, int seed, Tensor offset) -> ()");
   // w ⊙ g(mask) for a mask kind of sparsekern/ops/mask_math.py, and its backward
   // (grad_w, grad_mask; grad_mask empty unless mask_grad and the kind is learnable): the
   // CPU kernels of the masked ops (csrc/cpu/mask_apply_cpu.cpp; CUDA uses Triton).
@@ -45,18 +45,18 @@ TORCH_LIBRARY(sparsekern, m) {
   // L0, group_size * sum sigmoid(log_alpha - beta log(-gamma/zeta)), as a 0-dim float32
   // tensor, from one pass; the backward regenerates the noise from (seed, offset).
   m.def(
-      "hard_concrete_sample_fused(Tensor log_alpha, int seed, int offset, int group_size, float beta, "
+      "hard_concrete_sample_fused(Tensor log_alpha, int seed, Tensor offset, int group_size, float beta, "
       "float gamma, float zeta, bool training) -> (Tensor, Tensor)");
   m.def(
       "hard_concrete_sample_fused_backward(Tensor grad_z, Tensor grad_l0, Tensor log_alpha, int seed, "
-      "int offset, int group_size, float beta, float gamma, float zeta, bool training) -> Tensor");
+      "Tensor offset, int group_size, float beta, float gamma, float zeta, bool training) -> Tensor");
   // The same for a weight under unstructured gates (log_alpha of weight's shape): (w z,
   // expected L0) and, backward, (grad_w, grad_log_alpha); z is never stored: regenerated,
   // or read back from w_eff (the forward's output) where given, float32 and recoverable.
   m.def(
-      "hard_concrete_masked_weight_fused(Tensor weight, Tensor log_alpha, int seed, int offset, float beta, "
+      "hard_concrete_masked_weight_fused(Tensor weight, Tensor log_alpha, int seed, Tensor offset, float beta, "
       "float gamma, float zeta, bool training) -> (Tensor, Tensor)");
   m.def(
       "hard_concrete_masked_weight_fused_backward(Tensor grad, Tensor grad_l0, Tensor weight, Tensor log_alpha, "
-      "int seed, int offset, float beta, float gamma, float zeta, bool training, Tensor? w_eff=None) -> (Tensor, Tensor)");
+      "int seed, Tensor offset, float beta, float gamma, float zeta, bool training, Tensor? w_eff=None) -> (Tensor, Tensor)");
 }

@@ -29,6 +29,11 @@ def f32(x: float) -> float:
 BETA, GAMMA, ZETA = f32(2 / 3), f32(-0.1), f32(1.1)
 
 
+def off(n, device=DEV):
+    """The launchers' `offset`: a one-element int64 tensor on log_alpha's device."""
+    return torch.tensor(n, dtype=torch.int64, device=device)
+
+
 @pytest.fixture(autouse=True)
 def small_block(monkeypatch):
     monkeypatch.setattr(hc, "BLOCK", 256)
@@ -40,7 +45,7 @@ def log_alpha_like(shape, dtype=torch.float64, seed=0, scale=2.0):
 
 
 def sample(la, seed, offset, group_size=1, training=True):
-    return hc.sample(la, seed, offset, group_size, BETA, GAMMA, ZETA, training)
+    return hc.sample(la, seed, off(offset, la.device), group_size, BETA, GAMMA, ZETA, training)
 
 
 def ref_gates(la, seed, offset, training=True):
@@ -90,7 +95,7 @@ def test_backward_matches_reference_autograd(training):
     la = log_alpha_like((37, 53)).requires_grad_()
     grad_z = log_alpha_like((37, 53), seed=1)
     grad_l0 = torch.tensor(0.37, dtype=torch.float64, device=DEV)
-    got = hc.backward(grad_z, grad_l0, la.detach(), 3, 77, 5, BETA, GAMMA, ZETA, training)
+    got = hc.backward(grad_z, grad_l0, la.detach(), 3, off(77), 5, BETA, GAMMA, ZETA, training)
     loss = (ref_gates(la, 3, 77, training) * grad_z).sum() + grad_l0 * reference.hard_concrete_l0(
         la, 5, BETA, GAMMA, ZETA
     )
@@ -111,7 +116,7 @@ class KernelSample(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_z, grad_l0):
         (la,) = ctx.saved_tensors
-        return hc.backward(grad_z, grad_l0, la, 17, 4, 3, BETA, GAMMA, ZETA, ctx.training), None
+        return hc.backward(grad_z, grad_l0, la, 17, off(4), 3, BETA, GAMMA, ZETA, ctx.training), None
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -132,7 +137,7 @@ def test_deterministic_and_offsets_differ():
 def test_zero_size():
     z, l0 = sample(torch.zeros(0, 3, device=DEV), 1, 1, 4)
     assert z.shape == (0, 3) and l0.item() == 0.0
-    grad = hc.backward(z, l0, torch.zeros(0, 3, device=DEV), 1, 1, 4, BETA, GAMMA, ZETA, True)
+    grad = hc.backward(z, l0, torch.zeros(0, 3, device=DEV), 1, off(1), 4, BETA, GAMMA, ZETA, True)
     assert grad.shape == (0, 3)
 
 
@@ -155,11 +160,11 @@ def test_distribution_small_sample():
 
 
 def masked_sample(w, la, seed, offset, training=True):
-    return hc.masked_sample(w, la, seed, offset, BETA, GAMMA, ZETA, training)
+    return hc.masked_sample(w, la, seed, off(offset, la.device), BETA, GAMMA, ZETA, training)
 
 
 def masked_backward(g, gl0, w, la, seed, offset, training=True):
-    return hc.masked_backward(g, gl0, w, la, seed, offset, BETA, GAMMA, ZETA, training)
+    return hc.masked_backward(g, gl0, w, la, seed, off(offset, la.device), BETA, GAMMA, ZETA, training)
 
 
 def ref_masked(w, la, seed, offset, training=True):
@@ -238,7 +243,7 @@ def test_masked_mixed_dtypes(w_dtype, la_dtype):
     # grad_log_alpha is backward()'s with grad_z = grad_w_eff * weight (in the product
     # dtype, then log_alpha's compute dtype; backward reads grad_z in that dtype too).
     grad_z = (g.to(mul) * w.to(mul)).to(torch.promote_types(la_dtype, torch.float32))
-    expected = hc.backward(grad_z, gl0, la, 3, 4, 1, BETA, GAMMA, ZETA, True)
+    expected = hc.backward(grad_z, gl0, la, 3, off(4), 1, BETA, GAMMA, ZETA, True)
     torch.testing.assert_close(grad_la, expected, **tolerances(la_dtype, k=2))
 
 

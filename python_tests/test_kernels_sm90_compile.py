@@ -7,7 +7,7 @@ from masked_helpers import compile_for_sm90
 
 pytest.importorskip("triton")
 
-HC_SCALARS = {"n": "i64", "seed": "i64", "offset": "i64", "beta": "fp32", "gamma": "fp32", "zeta": "fp32"}
+HC_SCALARS = {"n": "i64", "seed": "i64", "offset_ptr": "*i64", "beta": "fp32", "gamma": "fp32", "zeta": "fp32"}
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -40,6 +40,11 @@ GATE_TOL = {
 }
 
 
+def off(n, device="cpu"):
+    """The raw ops' `offset`: a one-element int64 tensor on log_alpha's device."""
+    return torch.tensor(n, dtype=torch.int64, device=device)
+
+
 def log_alpha_like(shape, device, dtype=torch.float32, seed=0, scale=2.0):
     g = torch.Generator().manual_seed(seed)
     return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
@@ -289,12 +294,12 @@ def test_no_host_sync_on_cuda(device):
 def test_opcheck(device, dtype, training):
     la = log_alpha_like((5, 7), device, dtype).requires_grad_()
     torch.library.opcheck(
-        torch.ops.sparsekern.hard_concrete_sample.default, (la, 3, 4, 2, BETA, GAMMA, ZETA, training)
+        torch.ops.sparsekern.hard_concrete_sample.default, (la, 3, off(4, device), 2, BETA, GAMMA, ZETA, training)
     )
     grad_z, grad_l0 = torch.randn_like(la).detach(), torch.tensor(0.5, dtype=dtype, device=device)
     torch.library.opcheck(
         torch.ops.sparsekern.hard_concrete_sample_backward.default,
-        (grad_z, grad_l0, la.detach(), 3, 4, 2, BETA, GAMMA, ZETA, training),
+        (grad_z, grad_l0, la.detach(), 3, off(4, device), 2, BETA, GAMMA, ZETA, training),
     )
 
 
@@ -350,6 +355,21 @@ def test_bad_inputs_raise(call, error, name):
         call()
 
 
+def test_offset_may_be_an_int64_tensor():
+    # The public op takes the offset as an int or as the one-element int64 tensor the masks
+    # keep (on log_alpha's device): the same counter word, so the same (z, l0) bit for bit.
+    la = log_alpha_like((37, 53), "cpu")
+    z, l0 = ops.hard_concrete_sample(la, 3, 4, 2, **CONSTS)
+    z_t, l0_t = ops.hard_concrete_sample(la, 3, torch.tensor(4), 2, **CONSTS)
+    assert torch.equal(z, z_t) and torch.equal(l0, l0_t)
+    with pytest.raises(TypeError, match="offset"):
+        ops.hard_concrete_sample(la, 3, torch.tensor(4.0), 2)
+    with pytest.raises(ValueError, match="offset"):
+        ops.hard_concrete_sample(la, 3, torch.tensor([4, 5]), 2)
+    with pytest.raises(ValueError, match="offset"):
+        ops.hard_concrete_sample(la, 3, torch.tensor(-1), 2)
+
+
 def test_cpu_noise_kernel_matches_reference_stream():
     # The C++ Philox (csrc/cpu/hard_concrete_cpu.cpp) must reproduce reference.philox_uniform
     # bit for bit, including 64-bit seeds/offsets, sizes that end inside a vector or a
@@ -359,15 +379,15 @@ def test_cpu_noise_kernel_matches_reference_stream():
     cases = [(1, 0, 0), (33, 5, 6), (513, 1, 2), (1000, 3, 7), (70_001, 2**40 + 5, 2**33 + 9), (0, 1, 1)]
     for numel, seed, offset in cases:
         out = torch.empty(numel)
-        torch.ops.sparsekern.philox_uniform_(out, seed, offset)
+        torch.ops.sparsekern.philox_uniform_(out, seed, off(offset))
         assert torch.equal(out, philox_uniform(numel, seed, offset))
 
 
 def test_cpu_noise_kernel_rejects_bad_output():
     with pytest.raises(ValueError, match="float32"):
-        torch.ops.sparsekern.philox_uniform_(torch.empty(3, dtype=torch.float64), 0, 0)
+        torch.ops.sparsekern.philox_uniform_(torch.empty(3, dtype=torch.float64), 0, off(0))
     with pytest.raises(ValueError, match="contiguous"):
-        torch.ops.sparsekern.philox_uniform_(torch.empty(4, 4).t(), 0, 0)
+        torch.ops.sparsekern.philox_uniform_(torch.empty(4, 4).t(), 0, off(0))
 
 
 # --- the fused C++ CPU kernels (csrc/cpu/hard_concrete_cpu.cpp) ---------------------------
@@ -431,7 +451,7 @@ def test_fused_matches_float64_oracle(shape, dtype, training, group_size):
     torch.testing.assert_close(l0.double(), l0_64, rtol=1e-5, atol=0)
     torch.testing.assert_close(grad.double(), grad64, **FUSED_TOL[dtype])
     # The public op ran the C++ kernel: its outputs are the kernel's, bit for bit.
-    z_op, l0_op = FUSED(la, 8, 21, group_size, BETA, GAMMA, ZETA, training)
+    z_op, l0_op = FUSED(la, 8, off(21), group_size, BETA, GAMMA, ZETA, training)
     assert torch.equal(z, z_op) and torch.equal(l0, l0_op)
 
 
@@ -496,16 +516,16 @@ def test_fused_non_contiguous(dtype):
 @pytest.mark.parametrize("training", [True, False])
 def test_fused_non_finite_log_alpha(training):
     la = torch.tensor([float("-inf"), -2.0, 0.5, float("inf"), 3.0])
-    z, l0 = FUSED(la, 1, 2, 1, BETA, GAMMA, ZETA, training)
+    z, l0 = FUSED(la, 1, off(2), 1, BETA, GAMMA, ZETA, training)
     assert z[0] == 0 and z[3] == 1 and bool(torch.isfinite(z).all()) and bool(torch.isfinite(l0))
     torch.testing.assert_close(l0.double(), ref_l0(la.double()), rtol=1e-6, atol=0)
-    grad = FUSED_BACKWARD(torch.ones(5), torch.tensor(1.0), la, 1, 2, 1, BETA, GAMMA, ZETA, training)
+    grad = FUSED_BACKWARD(torch.ones(5), torch.tensor(1.0), la, 1, off(2), 1, BETA, GAMMA, ZETA, training)
     assert grad[0] == 0 and grad[3] == 0 and bool(torch.isfinite(grad).all())
     # NaN propagates to its gate, the L0 and its gradient, as on the torch path.
     la[2] = float("nan")
-    z, l0 = FUSED(la, 1, 2, 1, BETA, GAMMA, ZETA, training)
+    z, l0 = FUSED(la, 1, off(2), 1, BETA, GAMMA, ZETA, training)
     assert bool(z[2].isnan()) and bool(l0.isnan()) and bool(torch.isfinite(z[[0, 1, 3, 4]]).all())
-    grad = FUSED_BACKWARD(torch.ones(5), torch.tensor(1.0), la, 1, 2, 1, BETA, GAMMA, ZETA, training)
+    grad = FUSED_BACKWARD(torch.ones(5), torch.tensor(1.0), la, 1, off(2), 1, BETA, GAMMA, ZETA, training)
     assert bool(grad[2].isnan()) and bool(torch.isfinite(grad[[0, 1, 3, 4]]).all())
 
 
@@ -517,8 +537,8 @@ def test_fused_results_do_not_depend_on_the_thread_count():
     try:
         for t in sorted({1, max(threads, 2)}):
             torch.set_num_threads(t)
-            z, l0 = FUSED(la, 6, 7, 3, BETA, GAMMA, ZETA, True)
-            grad = FUSED_BACKWARD(grad_z, torch.tensor(0.3), la, 6, 7, 3, BETA, GAMMA, ZETA, True)
+            z, l0 = FUSED(la, 6, off(7), 3, BETA, GAMMA, ZETA, True)
+            grad = FUSED_BACKWARD(grad_z, torch.tensor(0.3), la, 6, off(7), 3, BETA, GAMMA, ZETA, True)
             results.append((z, l0, grad))
     finally:
         torch.set_num_threads(threads)
@@ -530,7 +550,7 @@ ISA_SCRIPT = """
 import sys, torch
 import sparsekern.ops  # registers the ops
 la, grad_z = torch.load(sys.argv[1])
-args = (8, 21, 3, *[float(c) for c in sys.argv[3:6]])
+args = (8, torch.tensor(21), 3, *[float(c) for c in sys.argv[3:6]])
 ops = torch.ops.sparsekern
 out = {"capability": torch.backends.cpu.get_cpu_capability()}
 for training in (True, False):
@@ -539,7 +559,7 @@ for training in (True, False):
         ops.hard_concrete_sample_fused_backward(grad_z, torch.tensor(0.37), la, *args, training),
     )
 r = torch.empty(5000)
-torch.ops.sparsekern.philox_uniform_(r, 2**40 + 5, 2**33 + 9)
+torch.ops.sparsekern.philox_uniform_(r, 2**40 + 5, torch.tensor(2**33 + 9))
 out["philox"] = r
 torch.save(out, sys.argv[2])
 """
@@ -577,25 +597,27 @@ def test_fused_lower_instruction_sets(tmp_path, capability):
 @pytest.mark.parametrize("dtype", FUSED_DTYPES)
 def test_fused_opcheck(dtype, training):
     la = log_alpha_like((5, 7), "cpu", dtype)
-    torch.library.opcheck(FUSED.default, (la, 3, 4, 2, BETA, GAMMA, ZETA, training))
+    torch.library.opcheck(FUSED.default, (la, 3, off(4), 2, BETA, GAMMA, ZETA, training))
     grad_z = log_alpha_like((5, 7), "cpu", dtype, seed=1)
     for grad_l0 in (torch.tensor(0.5), torch.tensor(0.0)):
-        torch.library.opcheck(FUSED_BACKWARD.default, (grad_z, grad_l0, la, 3, 4, 2, BETA, GAMMA, ZETA, training))
+        torch.library.opcheck(FUSED_BACKWARD.default, (grad_z, grad_l0, la, 3, off(4), 2, BETA, GAMMA, ZETA, training))
 
 
 @pytest.mark.skipif(not sparsekern.HAS_EXTENSION, reason="the torch fallback takes any dtype")
 def test_fused_rejects_bad_inputs():
     la = torch.zeros(3)
     with pytest.raises(ValueError, match="`log_alpha`"):
-        FUSED(la.double(), 0, 0, 1, BETA, GAMMA, ZETA, True)
+        FUSED(la.double(), 0, off(0), 1, BETA, GAMMA, ZETA, True)
     with pytest.raises(ValueError, match="`grad_z`"):
-        FUSED_BACKWARD(torch.zeros(4), torch.tensor(1.0), la, 0, 0, 1, BETA, GAMMA, ZETA, True)
+        FUSED_BACKWARD(torch.zeros(4), torch.tensor(1.0), la, 0, off(0), 1, BETA, GAMMA, ZETA, True)
     with pytest.raises(ValueError, match="`grad_z`"):
-        FUSED_BACKWARD(torch.zeros(3, dtype=torch.float16), torch.tensor(1.0), la, 0, 0, 1, BETA, GAMMA, ZETA, True)
+        FUSED_BACKWARD(
+            torch.zeros(3, dtype=torch.float16), torch.tensor(1.0), la, 0, off(0), 1, BETA, GAMMA, ZETA, True
+        )
     with pytest.raises(ValueError, match="`grad_l0`"):
-        FUSED_BACKWARD(torch.zeros(3), torch.zeros(2), la, 0, 0, 1, BETA, GAMMA, ZETA, True)
+        FUSED_BACKWARD(torch.zeros(3), torch.zeros(2), la, 0, off(0), 1, BETA, GAMMA, ZETA, True)
     with pytest.raises(ValueError, match="`group_size`"):
-        FUSED(la, 0, 0, 0, BETA, GAMMA, ZETA, True)
+        FUSED(la, 0, off(0), 0, BETA, GAMMA, ZETA, True)
 
 
 # --- the eager CPU path: the fused kernels with their autograd in C++ ---------------------
@@ -616,7 +638,7 @@ def test_eager_autograd_matches_the_op(training, use):
         loss.backward()
         return z.detach(), l0.detach(), la.grad
 
-    args = (11, 4, 6, BETA, GAMMA, ZETA, training)
+    args = (11, off(4), 6, BETA, GAMMA, ZETA, training)
     eager = grad(lambda la: ops.hard_concrete_sample(la, 11, 4, 6, training=training, beta=BETA, gamma=GAMMA,
                                                      zeta=ZETA))
     via_op = grad(lambda la: torch.ops.sparsekern.hard_concrete_sample(la, *args))

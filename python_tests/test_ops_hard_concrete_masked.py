@@ -17,6 +17,11 @@ SHAPES = [(37, 53), (5, 3, 3, 3), (1, 1), (0, 4)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def off(n, device="cpu"):
+    """The raw ops' `offset`: a one-element int64 tensor on log_alpha's device."""
+    return torch.tensor(n, dtype=torch.int64, device=device)
+
+
 def pair(shape, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=g, dtype=torch.float64)
@@ -147,7 +152,7 @@ def test_masked_conv_saves_one_weight_sized_tensor_beyond_its_parameters():
 
 
 def _backward(g, gl0, w, la, w_eff=None, **kw):
-    args = (kw.get("seed", 5), kw.get("offset", 9), kw.get("beta", BETA), kw.get("gamma", GAMMA),
+    args = (kw.get("seed", 5), off(kw.get("offset", 9)), kw.get("beta", BETA), kw.get("gamma", GAMMA),
             kw.get("zeta", ZETA), kw.get("training", True))
     return torch.ops.sparsekern.hard_concrete_masked_weight_fused_backward(g, gl0, w, la, *args, w_eff)
 
@@ -159,7 +164,7 @@ def test_backward_from_w_eff_matches_regenerated(training):
     # backward that regenerates z from the noise, to float32 rounding.
     w, la = pair((41, 97), torch.float32, seed=4)
     g = torch.randn(41, 97, generator=torch.Generator().manual_seed(5))
-    w_eff, _ = torch.ops.sparsekern.hard_concrete_masked_weight_fused(w, la, 5, 9, BETA, GAMMA, ZETA, training)
+    w_eff, _ = torch.ops.sparsekern.hard_concrete_masked_weight_fused(w, la, 5, off(9), BETA, GAMMA, ZETA, training)
     z = w_eff / w
     assert ((z > 0) & (z < 1)).sum() > 500 and (z == 0).sum() > 100 and (z == 1).sum() > 100
     for gl0 in (0.0, 0.3):
@@ -177,7 +182,7 @@ def test_backward_regenerates_blocks_whose_weights_do_not_give_z_back():
     w[n + 17], w[2 * n + 3], w[3 * n + 400], w[4 * n] = 1e-30, float("inf"), float("nan"), 0.0
     g = torch.randn(5 * n, generator=torch.Generator().manual_seed(7))
     gl0 = torch.tensor(0.2)
-    w_eff, _ = torch.ops.sparsekern.hard_concrete_masked_weight_fused(w, la, 5, 9, BETA, GAMMA, ZETA, True)
+    w_eff, _ = torch.ops.sparsekern.hard_concrete_masked_weight_fused(w, la, 5, off(9), BETA, GAMMA, ZETA, True)
     got, regen = _backward(g, gl0, w, la, w_eff), _backward(g, gl0, w, la)
     for a, b in zip(got, regen):
         torch.testing.assert_close(a[n:], b[n:], rtol=0, atol=0, equal_nan=True)
@@ -192,7 +197,7 @@ def test_backward_ignores_w_eff_where_it_cannot_give_z_back(dtype, gamma):
     w, la = pair((37, 53), dtype, seed=8)
     g = torch.randn(37, 53, generator=torch.Generator().manual_seed(9)).to(dtype)
     gl0 = torch.tensor(0.3)
-    w_eff, _ = torch.ops.sparsekern.hard_concrete_masked_weight_fused(w, la, 5, 9, BETA, gamma, ZETA, True)
+    w_eff, _ = torch.ops.sparsekern.hard_concrete_masked_weight_fused(w, la, 5, off(9), BETA, gamma, ZETA, True)
     for a, b in zip(_backward(g, gl0, w, la, w_eff, gamma=gamma), _backward(g, gl0, w, la, gamma=gamma)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -200,7 +205,7 @@ def test_backward_ignores_w_eff_where_it_cannot_give_z_back(dtype, gamma):
 @pytest.mark.parametrize("dtype, training", [(torch.float32, True), (torch.float64, False), (torch.bfloat16, True)])
 def test_opcheck(dtype, training):
     w, la = pair((5, 7), dtype)
-    args = (3, 4, BETA, GAMMA, ZETA, training)
+    args = (3, off(4), BETA, GAMMA, ZETA, training)
     torch.library.opcheck(
         torch.ops.sparsekern.hard_concrete_masked_weight.default, (w.requires_grad_(), la.requires_grad_(), *args)
     )
@@ -233,7 +238,7 @@ def test_eager_autograd_matches_the_op(training):
         return w_eff.detach(), l0.detach(), wr.grad, lr.grad
 
     eager = result(lambda w, la: run(w, la, 5, 6, training))
-    via_op = result(lambda w, la: torch.ops.sparsekern.hard_concrete_masked_weight(w, la, 5, 6, BETA, GAMMA, ZETA,
+    via_op = result(lambda w, la: torch.ops.sparsekern.hard_concrete_masked_weight(w, la, 5, off(6), BETA, GAMMA, ZETA,
                                                                                       training))
     for a, b in zip(eager, via_op):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -281,9 +286,9 @@ def test_bad_inputs_raise(call, error, name):
 def test_fused_kernel_rejects_mismatched_inputs():
     fused = torch.ops.sparsekern.hard_concrete_masked_weight_fused
     with pytest.raises(ValueError, match="`weight` must have log_alpha's shape"):
-        fused(torch.zeros(3, 4), torch.zeros(4, 3), 0, 0, BETA, GAMMA, ZETA, True)
+        fused(torch.zeros(3, 4), torch.zeros(4, 3), 0, off(0), BETA, GAMMA, ZETA, True)
     with pytest.raises(ValueError, match="`weight` must have log_alpha's dtype"):
-        fused(torch.zeros(3, 4, dtype=torch.bfloat16), torch.zeros(3, 4), 0, 0, BETA, GAMMA, ZETA, True)
+        fused(torch.zeros(3, 4, dtype=torch.bfloat16), torch.zeros(3, 4), 0, off(0), BETA, GAMMA, ZETA, True)
 
 
 # --- the modules ----------------------------------------------------------------------------

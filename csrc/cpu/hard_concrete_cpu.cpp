@@ -710,6 +710,16 @@ void check_params(const char* op, int64_t seed, int64_t offset, int64_t group_si
   TORCH_CHECK_VALUE(std::isfinite(zeta) && zeta > 1, op, ": `zeta` must be finite and > 1, got ", zeta);
 }
 
+// The noise offset arrives as a one-element int64 CPU tensor, not an int: the masks step
+// it every training forward, and torch.compile specialises on ints (one recompile per
+// step) but traces a tensor as a graph input.
+int64_t offset_value(const char* op, const at::Tensor& offset) {
+  TORCH_CHECK_VALUE(offset.defined() && offset.numel() == 1 && offset.device().is_cpu() &&
+                        offset.scalar_type() == at::kLong,
+                    op, ": `offset` must be a one-element int64 CPU tensor");
+  return offset.item<int64_t>();
+}
+
 // A tensor the kernels read: the log alpha (or weight, for the masked ops) of the op's
 // dtype, on the CPU, of log alpha's shape.
 void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& log_alpha) {
@@ -819,41 +829,46 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const char* op, const at::Tenso
 }
 
 std::tuple<at::Tensor, at::Tensor> hard_concrete_sample_fused_cpu(const at::Tensor& log_alpha, int64_t seed,
-                                                                   int64_t offset, int64_t group_size, double beta,
+                                                                   const at::Tensor& offset, int64_t group_size, double beta,
                                                                    double gamma, double zeta, bool training) {
-  return sample_impl("hard_concrete_sample_fused", log_alpha, at::Tensor(), seed, offset, group_size, beta, gamma,
+  const char* op = "hard_concrete_sample_fused";
+  return sample_impl(op, log_alpha, at::Tensor(), seed, offset_value(op, offset), group_size, beta, gamma,
                      zeta, training);
 }
 
 at::Tensor hard_concrete_sample_fused_backward_cpu(const at::Tensor& grad_z, const at::Tensor& grad_l0,
-                                                   const at::Tensor& log_alpha, int64_t seed, int64_t offset,
-                                                   int64_t group_size, double beta, double gamma, double zeta,
-                                                   bool training) {
-  return std::get<0>(backward_impl("hard_concrete_sample_fused_backward", grad_z, grad_l0, log_alpha, at::Tensor(),
-                                   at::Tensor(), seed, offset, group_size, beta, gamma, zeta, training));
+                                                   const at::Tensor& log_alpha, int64_t seed,
+                                                   const at::Tensor& offset, int64_t group_size, double beta,
+                                                   double gamma, double zeta, bool training) {
+  const char* op = "hard_concrete_sample_fused_backward";
+  return std::get<0>(backward_impl(op, grad_z, grad_l0, log_alpha, at::Tensor(), at::Tensor(), seed,
+                                   offset_value(op, offset), group_size, beta, gamma, zeta, training));
 }
 
 std::tuple<at::Tensor, at::Tensor> hard_concrete_masked_weight_fused_cpu(const at::Tensor& weight,
                                                                           const at::Tensor& log_alpha, int64_t seed,
-                                                                          int64_t offset, double beta, double gamma,
-                                                                          double zeta, bool training) {
-  TORCH_CHECK_VALUE(weight.defined(), "hard_concrete_masked_weight_fused: `weight` is undefined");
-  return sample_impl("hard_concrete_masked_weight_fused", log_alpha, weight, seed, offset, 1, beta, gamma, zeta,
+                                                                          const at::Tensor& offset, double beta,
+                                                                          double gamma, double zeta, bool training) {
+  const char* op = "hard_concrete_masked_weight_fused";
+  TORCH_CHECK_VALUE(weight.defined(), op, ": `weight` is undefined");
+  return sample_impl(op, log_alpha, weight, seed, offset_value(op, offset), 1, beta, gamma, zeta,
                      training);
 }
 
 std::tuple<at::Tensor, at::Tensor> hard_concrete_masked_weight_fused_backward_cpu(
     const at::Tensor& grad, const at::Tensor& grad_l0, const at::Tensor& weight, const at::Tensor& log_alpha,
-    int64_t seed, int64_t offset, double beta, double gamma, double zeta, bool training,
+    int64_t seed, const at::Tensor& offset, double beta, double gamma, double zeta, bool training,
     const std::optional<at::Tensor>& w_eff) {
-  TORCH_CHECK_VALUE(weight.defined(), "hard_concrete_masked_weight_fused_backward: `weight` is undefined");
-  auto [grad_la, grad_w] = backward_impl("hard_concrete_masked_weight_fused_backward", grad, grad_l0, log_alpha,
-                                         weight, w_eff.value_or(at::Tensor()), seed, offset, 1, beta, gamma, zeta,
+  const char* op = "hard_concrete_masked_weight_fused_backward";
+  TORCH_CHECK_VALUE(weight.defined(), op, ": `weight` is undefined");
+  auto [grad_la, grad_w] = backward_impl(op, grad, grad_l0, log_alpha, weight, w_eff.value_or(at::Tensor()), seed,
+                                         offset_value(op, offset), 1, beta, gamma, zeta,
                                          training);
   return {grad_w, grad_la};
 }
 
-void philox_uniform_cpu(at::Tensor& out, int64_t seed, int64_t offset) {
+void philox_uniform_cpu(at::Tensor& out, int64_t seed, const at::Tensor& offset_t) {
+  const int64_t offset = offset_value("philox_uniform_", offset_t);
   TORCH_CHECK_VALUE(out.scalar_type() == at::kFloat, "philox_uniform_: `out` must be float32, got ",
                     out.scalar_type());
   TORCH_CHECK_VALUE(out.is_contiguous(), "philox_uniform_: `out` must be contiguous");

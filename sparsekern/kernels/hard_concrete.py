@@ -15,7 +15,10 @@ counter (q lo, q hi, offset lo, offset hi), q = i // 4, so one Philox call serve
 elements; the word becomes r in [0, 1) via tl.uint_to_uniform_float and u = eps +
 (1 - 2 eps) r. reference.philox_uniform computes the same stream with torch ops. Every
 (offset, q) pair is a distinct counter, so consecutive offsets never reuse noise.
-Inputs are made contiguous: the index is log_alpha's row-major flat index.
+Inputs are made contiguous: the index is log_alpha's row-major flat index. The offset is
+a one-element int64 tensor on log_alpha's device that the kernels read, not an int
+argument: the masks step it every training forward, and torch.compile would recompile
+for every new int (a tensor is a graph input).
 
 Math runs in float32 (float64 for float64 log_alpha); beta, gamma, zeta arrive as float32
 kernel scalars, so float64 results carry their float32 rounding. The masked products
@@ -101,13 +104,13 @@ def _masked_z(y, log_alpha_ptr, MUL_FP64: tl.constexpr):
 
 @triton.jit
 def _sample_kernel(
-    log_alpha_ptr, weight_ptr, out_ptr, l0_partial_ptr, n, seed, offset, beta, gamma, zeta,
+    log_alpha_ptr, weight_ptr, out_ptr, l0_partial_ptr, n, seed, offset_ptr, beta, gamma, zeta,
     MASKED: tl.constexpr, TRAINING: tl.constexpr, FP64: tl.constexpr, MUL_FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """out = z, or weight * z if MASKED (weight_ptr and MUL_FP64 are unused otherwise)."""
     idx, inb, la, beta, gamma, zeta = _load_block(log_alpha_ptr, beta, gamma, zeta, n, FP64, BLOCK)
-    _, y = _gate(la, seed, offset, beta, gamma, zeta, TRAINING, BLOCK)
+    _, y = _gate(la, seed, tl.load(offset_ptr), beta, gamma, zeta, TRAINING, BLOCK)
     if MASKED:
         z = _masked_z(y, log_alpha_ptr, MUL_FP64)
         out = tl.load(weight_ptr + idx, mask=inb, other=0.0).to(z.dtype) * z
@@ -123,7 +126,7 @@ def _sample_kernel(
 @triton.jit
 def _backward_kernel(
     grad_out_ptr, grad_l0_ptr, log_alpha_ptr, weight_ptr, grad_ptr, grad_w_ptr, n,
-    seed, offset, beta, gamma, zeta,
+    seed, offset_ptr, beta, gamma, zeta,
     MASKED: tl.constexpr, TRAINING: tl.constexpr, FP64: tl.constexpr, MUL_FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -133,7 +136,7 @@ def _backward_kernel(
     # Gradient of the expected L0, already times group_size; read on the device so the
     # backward never syncs the host.
     gl0 = tl.load(grad_l0_ptr).to(la.dtype)
-    s, y = _gate(la, seed, offset, beta, gamma, zeta, TRAINING, BLOCK)
+    s, y = _gate(la, seed, tl.load(offset_ptr), beta, gamma, zeta, TRAINING, BLOCK)
     if MASKED:
         z = _masked_z(y, log_alpha_ptr, MUL_FP64)
         g = tl.load(grad_out_ptr + idx, mask=inb, other=0.0).to(z.dtype)
@@ -199,7 +202,7 @@ def _launch_backward(grad_out, grad_l0, log_alpha, weight, seed, offset, beta, g
 
 
 def sample(
-    log_alpha: torch.Tensor, seed: int, offset: int, group_size: int,
+    log_alpha: torch.Tensor, seed: int, offset: torch.Tensor, group_size: int,
     beta: float, gamma: float, zeta: float, training: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, expected_l0) from one pass over log_alpha (any device Triton runs on; made
@@ -210,7 +213,7 @@ def sample(
 
 def backward(
     grad_z: torch.Tensor, grad_l0: torch.Tensor, log_alpha: torch.Tensor, seed: int,
-    offset: int, group_size: int, beta: float, gamma: float, zeta: float, training: bool,
+    offset: torch.Tensor, group_size: int, beta: float, gamma: float, zeta: float, training: bool,
 ) -> torch.Tensor:
     """d(loss)/d(log_alpha) given the gradients of sample's two outputs."""
     # dL0/dlog_alpha_j = group_size * p_j (1 - p_j): fold group_size into the scalar here.
@@ -219,7 +222,7 @@ def backward(
 
 
 def masked_sample(
-    weight: torch.Tensor, log_alpha: torch.Tensor, seed: int, offset: int,
+    weight: torch.Tensor, log_alpha: torch.Tensor, seed: int, offset: torch.Tensor,
     beta: float, gamma: float, zeta: float, training: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(w_eff, expected_l0): w_eff = weight * z in weight's dtype (contiguous), z the gates
@@ -233,7 +236,7 @@ def masked_sample(
 
 def masked_backward(
     grad_w_eff: torch.Tensor, grad_l0: torch.Tensor, weight: torch.Tensor,
-    log_alpha: torch.Tensor, seed: int, offset: int, beta: float, gamma: float, zeta: float,
+    log_alpha: torch.Tensor, seed: int, offset: torch.Tensor, beta: float, gamma: float, zeta: float,
     training: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_w, grad_log_alpha) given the gradients of masked_sample's two outputs:

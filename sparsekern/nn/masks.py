@@ -371,10 +371,13 @@ class HardConcreteMask(MaskKind):
     The op computes the expected L0 in the same pass as z; each forward keeps it for
     expected_nonzero() (the L0 methods' penalty), which uses it while it is current.
 
-    Under torch.compile the offset is a Python int that changes every training step;
-    dynamo specialises on it and recompiles each step unless
-    torch._dynamo.config.allow_unspec_int_on_nn_module = True, with which it turns
-    symbolic after one recompile.
+    The offset is kept as a one-element int64 tensor on log α's device (`offset` reads
+    and sets it as an int) and passed to the ops as that tensor. As a Python int it made
+    torch.compile recompile at every training step (dynamo specialises on ints held by a
+    module; after 8 recompiles it gave up and ran the model eagerly: 5 compiles in 5
+    steps of a small CNN, now 1, python_tests/test_methods_compile.py). Eager cost: one
+    `offset + 1` per training forward, 3.7 us on the 2-core machine (0.2% of a ResNet-20
+    step under ConstrainedL0).
     """
 
     name = "hard_concrete"
@@ -397,7 +400,28 @@ class HardConcreteMask(MaskKind):
             # From torch's default generator, so torch.manual_seed makes runs repeatable.
             seed = int(torch.randint(0, 2**31 - 1, ()))
         self.seed = seed
-        self.offset = 0
+        self._counter = torch.zeros((), dtype=torch.int64)
+        self._last_offset = None  # the tensor the last training forward drew its noise at
+
+    @property
+    def offset(self) -> int:
+        """The noise offset of the next training forward."""
+        return int(self._counter)
+
+    @offset.setter
+    def offset(self, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"mask option `offset` must be an int, got {type(value).__name__}")
+        if not 0 <= value < 2**63:
+            raise ValueError(f"mask option `offset` must be in [0, 2**63), got {value}")
+        self._counter = torch.full((), int(value), dtype=torch.int64, device=self._counter.device)
+
+    def __setstate__(self, state):
+        # A mask pickled (torch.save(model)) before the offset became a tensor.
+        if "offset" in state:
+            state["_counter"] = torch.tensor(state.pop("offset"), dtype=torch.int64)
+        state.setdefault("_last_offset", None)
+        self.__dict__.update(state)
 
     def __setattr__(self, name, value):
         # The gate constants and the seed are checked whenever they are set, so the
@@ -442,7 +466,7 @@ class HardConcreteMask(MaskKind):
             self.beta, self.gamma, self.zeta,
         )
         if not recompute:
-            self._keep_forward_l0(layer, l0)
+            self._keep_forward_l0(layer, l0, offset)
         return z
 
     def masked_weight(self, layer: nn.Module) -> torch.Tensor | None:
@@ -459,13 +483,10 @@ class HardConcreteMask(MaskKind):
             w, layer.weight_log_alpha, self.seed, offset, layer.training, self.beta, self.gamma, self.zeta
         )
         if not recompute:
-            self._keep_forward_l0(layer, l0)
+            self._keep_forward_l0(layer, l0, offset)
         return w_eff
 
-    # The offset the layer's last training forward drew its noise at.
-    _last_offset = 0
-
-    def _forward_offset(self, layer: nn.Module) -> tuple[int, bool]:
+    def _forward_offset(self, layer: nn.Module) -> tuple[torch.Tensor, bool]:
         """(the offset this forward draws its noise at, whether it is a recompute).
 
         Activation checkpointing (torch.utils.checkpoint, reentrant or not) runs a
@@ -477,18 +498,23 @@ class HardConcreteMask(MaskKind):
         whenever each forward's backward runs before the next training forward of the
         layer (training with or without gradient accumulation); a layer run twice before
         one backward through a checkpoint gets the second run's noise in both recomputes."""
-        if (layer.training and not torch.compiler.is_compiling()
+        device = layer.weight_log_alpha.device
+        if self._counter.device != device:
+            self._counter = self._counter.to(device)
+        # is_compiling first: dynamo would guard on _last_offset (a recompile when it is set).
+        if (not torch.compiler.is_compiling() and layer.training and self._last_offset is not None
                 and torch._C._current_autograd_node() is not None):
             return self._last_offset, True
-        return self.offset, False
+        return self._counter, False
 
-    def _keep_forward_l0(self, layer: nn.Module, l0: torch.Tensor) -> None:
+    def _keep_forward_l0(self, layer: nn.Module, l0: torch.Tensor, offset: torch.Tensor) -> None:
         """Keeps this forward's expected L0 (ForwardTerm) and advances the offset in
-        training (the next forward draws fresh noise)."""
+        training (the next forward draws fresh noise). Out of place: the ops' autograd
+        keeps `offset` for the backward, so it must never change."""
         self._forward_term = ForwardTerm(layer.weight_log_alpha, l0)
         if layer.training:
-            self._last_offset = self.offset
-            self.offset += 1
+            self._last_offset = offset
+            self._counter = offset + 1
 
     def op_mask(self, layer):
         return self.sample(layer), {"kind": self.name}

@@ -16,7 +16,7 @@ from .._extension import HAS_EXTENSION
 CPP_SCHEMAS = {
     "magnitude_threshold": "magnitude_threshold(Tensor[] tensors, int n_prune) -> Tensor",
     "magnitude_masks": "magnitude_masks(Tensor[] tensors, int n_prune) -> (Tensor[], Tensor)",
-    "philox_uniform_": "philox_uniform_(Tensor(a!) out, int seed, int offset) -> ()",
+    "philox_uniform_": "philox_uniform_(Tensor(a!) out, int seed, Tensor offset) -> ()",
     "mask_apply": "mask_apply(Tensor weight, Tensor mask, str kind, float beta, float scale) -> Tensor",
     "mask_apply_backward": "mask_apply_backward(Tensor grad, Tensor weight, Tensor mask, str kind, "
     "float beta, float scale, bool mask_grad) -> (Tensor, Tensor)",
@@ -30,20 +30,20 @@ CPP_SCHEMAS = {
     "mask_apply_l1_backward": "mask_apply_l1_backward(Tensor grad, Tensor grad_l1, Tensor weight, Tensor mask, "
     "str kind, float beta, float scale) -> (Tensor, Tensor)",
     "hard_concrete_sample_fused": (
-        "hard_concrete_sample_fused(Tensor log_alpha, int seed, int offset, int group_size, float beta, "
+        "hard_concrete_sample_fused(Tensor log_alpha, int seed, Tensor offset, int group_size, float beta, "
         "float gamma, float zeta, bool training) -> (Tensor, Tensor)"
     ),
     "hard_concrete_sample_fused_backward": (
         "hard_concrete_sample_fused_backward(Tensor grad_z, Tensor grad_l0, Tensor log_alpha, int seed, "
-        "int offset, int group_size, float beta, float gamma, float zeta, bool training) -> Tensor"
+        "Tensor offset, int group_size, float beta, float gamma, float zeta, bool training) -> Tensor"
     ),
     "hard_concrete_masked_weight_fused": (
-        "hard_concrete_masked_weight_fused(Tensor weight, Tensor log_alpha, int seed, int offset, float beta, "
+        "hard_concrete_masked_weight_fused(Tensor weight, Tensor log_alpha, int seed, Tensor offset, float beta, "
         "float gamma, float zeta, bool training) -> (Tensor, Tensor)"
     ),
     "hard_concrete_masked_weight_fused_backward": (
         "hard_concrete_masked_weight_fused_backward(Tensor grad, Tensor grad_l0, Tensor weight, Tensor log_alpha, "
-        "int seed, int offset, float beta, float gamma, float zeta, bool training, Tensor? w_eff=None) "
+        "int seed, Tensor offset, float beta, float gamma, float zeta, bool training, Tensor? w_eff=None) "
         "-> (Tensor, Tensor)"
     ),
 }

@@ -52,7 +52,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # --- the torch path: CPU kernel, and the body for every non-CUDA device ----------------
 
 
-def _philox_reference(out: torch.Tensor, seed: int, offset: int) -> None:
+def _philox_reference(out: torch.Tensor, seed: int, offset: torch.Tensor) -> None:
     out.copy_(reference.philox_uniform(out.numel(), seed, offset, out.device).view(out.shape))
 
 
@@ -65,7 +65,7 @@ def _philox_fake(out, seed, offset):
     return None
 
 
-def _uniform(shape, seed: int, offset: int, dtype: torch.dtype, device) -> torch.Tensor:
+def _uniform(shape, seed: int, offset: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
     """reference.hard_concrete_uniform, bit for bit; on the CPU the Philox rounds run in
     C++ (the float64 path's noise; the fused kernels draw theirs inline)."""
     if torch.device(device).type != "cpu":
@@ -76,7 +76,7 @@ def _uniform(shape, seed: int, offset: int, dtype: torch.dtype, device) -> torch
     return eps + (1.0 - 2.0 * eps) * r.to(dtype)
 
 
-def _logits(x: torch.Tensor, seed: int, offset: int, training: bool) -> torch.Tensor:
+def _logits(x: torch.Tensor, seed: int, offset: torch.Tensor, training: bool) -> torch.Tensor:
     """log α plus the logistic noise log u − log(1 − u) in training; log α in eval."""
     if not training:
         return x
@@ -141,7 +141,7 @@ def _backward_cpu(grad_z, grad_l0, log_alpha, seed, offset, group_size, beta, ga
 
 @torch.library.triton_op("sparsekern::hard_concrete_sample", mutates_args=())
 def _sample_op(
-    log_alpha: torch.Tensor, seed: int, offset: int, group_size: int,
+    log_alpha: torch.Tensor, seed: int, offset: torch.Tensor, group_size: int,
     beta: float, gamma: float, zeta: float, training: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # torch.compile decomposes a triton_op by calling this body directly, bypassing the
@@ -154,7 +154,7 @@ def _sample_op(
 @torch.library.triton_op("sparsekern::hard_concrete_sample_backward", mutates_args=())
 def _backward_op(
     grad_z: torch.Tensor, grad_l0: torch.Tensor, log_alpha: torch.Tensor, seed: int,
-    offset: int, group_size: int, beta: float, gamma: float, zeta: float, training: bool,
+    offset: torch.Tensor, group_size: int, beta: float, gamma: float, zeta: float, training: bool,
 ) -> torch.Tensor:
     if log_alpha.device.type != "cuda":
         return _backward_cpu(grad_z, grad_l0, log_alpha, seed, offset, group_size, beta, gamma, zeta, training)
@@ -211,6 +211,25 @@ def _check_int(name, value, low):
     return value
 
 
+def offset_tensor(offset, log_alpha: torch.Tensor) -> torch.Tensor:
+    """The ops' `offset`: a one-element int64 tensor on log_alpha's device, which the
+    kernels read (an int would make torch.compile recompile whenever it changes, every
+    training step). An int is range-checked and converted; a tensor is used as is."""
+    if not isinstance(offset, torch.Tensor):
+        offset = _check_int("offset", offset, 0)
+        return torch.full((), offset, dtype=torch.int64, device=log_alpha.device)
+    if offset.dtype != torch.int64:
+        raise TypeError(f"`offset` must be an int or an int64 tensor, got a {offset.dtype} tensor")
+    if offset.numel() != 1:
+        raise ValueError(f"`offset` must have one element, got shape {tuple(offset.shape)}")
+    if offset.device != log_alpha.device:
+        raise ValueError(f"`offset` must be on log_alpha's device {log_alpha.device}, got {offset.device}")
+    # The value is read only where that needs no device sync (CUDA kernels take any bits).
+    if offset.device.type == "cpu" and not torch.compiler.is_compiling() and int(offset) < 0:
+        raise ValueError(f"`offset` must be >= 0, got {int(offset)}")
+    return offset
+
+
 def _check(log_alpha, beta, gamma, zeta):
     if not isinstance(log_alpha, torch.Tensor):
         raise TypeError(f"`log_alpha` must be a torch.Tensor, got {type(log_alpha).__name__}")
@@ -232,7 +251,7 @@ def _check(log_alpha, beta, gamma, zeta):
 def hard_concrete_sample(
     log_alpha: torch.Tensor,
     seed: int,
-    offset: int,
+    offset: int | torch.Tensor,
     group_size: int = 1,
     *,
     training: bool = True,
@@ -241,10 +260,12 @@ def hard_concrete_sample(
     zeta: float = ZETA,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, expected_l0) from one pass over log_alpha: hard_concrete_gates and
-    hard_concrete_l0 (with `group_size`) together, both differentiable w.r.t. log_alpha."""
+    hard_concrete_l0 (with `group_size`) together, both differentiable w.r.t. log_alpha.
+    offset: an int, or a one-element int64 tensor on log_alpha's device (what
+    HardConcreteMask passes: a counter torch.compile traces without recompiling)."""
     beta, gamma, zeta = _check(log_alpha, beta, gamma, zeta)
     seed = _check_int("seed", seed, 0)
-    offset = _check_int("offset", offset, 0)
+    offset = offset_tensor(offset, log_alpha)
     group_size = _check_int("group_size", group_size, 1)
     if not isinstance(training, bool):
         raise TypeError(f"`training` must be a bool, got {type(training).__name__}")
@@ -265,7 +286,7 @@ def sample_checked(log_alpha, seed, offset, group_size, training, beta, gamma, z
 def hard_concrete_gates(
     log_alpha: torch.Tensor,
     seed: int,
-    offset: int,
+    offset: int | torch.Tensor,
     *,
     training: bool = True,
     beta: float = BETA,

@@ -108,7 +108,8 @@ def _triton_path(t: Tensor) -> bool:
 
 @torch.library.triton_op("sparsekern::hard_concrete_masked_weight", mutates_args=())
 def _op(
-    weight: Tensor, log_alpha: Tensor, seed: int, offset: int, beta: float, gamma: float, zeta: float, training: bool
+    weight: Tensor, log_alpha: Tensor, seed: int, offset: Tensor, beta: float, gamma: float, zeta: float,
+    training: bool,
 ) -> tuple[Tensor, Tensor]:
     # torch.compile runs this body for every device (it bypasses the CPU kernel below).
     if not _triton_path(log_alpha):
@@ -118,7 +119,7 @@ def _op(
 
 @torch.library.triton_op("sparsekern::hard_concrete_masked_weight_backward", mutates_args=())
 def _backward_op(
-    grad: Tensor, grad_l0: Tensor, weight: Tensor, log_alpha: Tensor, seed: int, offset: int,
+    grad: Tensor, grad_l0: Tensor, weight: Tensor, log_alpha: Tensor, seed: int, offset: Tensor,
     beta: float, gamma: float, zeta: float, training: bool, w_eff: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     # w_eff: the forward's output, from which the CPU float32 kernel reads z back (the
@@ -171,7 +172,7 @@ def hard_concrete_masked_weight(
     weight: Tensor,
     log_alpha: Tensor,
     seed: int,
-    offset: int,
+    offset: int | Tensor,
     *,
     training: bool = True,
     beta: float = hc.BETA,
@@ -196,7 +197,7 @@ def hard_concrete_masked_weight(
     if weight.device != log_alpha.device:
         raise ValueError(f"`weight` must be on log_alpha's device {log_alpha.device}, got {weight.device}")
     seed = hc._check_int("seed", seed, 0)
-    offset = hc._check_int("offset", offset, 0)
+    offset = hc.offset_tensor(offset, log_alpha)
     if not isinstance(training, bool):
         raise TypeError(f"`training` must be a bool, got {type(training).__name__}")
     return masked_weight_checked(weight, log_alpha, seed, offset, training, beta, gamma, zeta)

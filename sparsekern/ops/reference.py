@@ -118,10 +118,11 @@ def philox4x32(c0, c1, c2, c3, seed: int):
     return c0, c1, c2, c3
 
 
-def philox_uniform(numel: int, seed: int, offset: int, device=None) -> torch.Tensor:
+def philox_uniform(numel: int, seed: int, offset: int | torch.Tensor, device=None) -> torch.Tensor:
     """float32 r in [0, 1) for flat indices i = 0..numel-1: word i % 4 of
     philox4x32(counter = (q lo, q hi, offset lo, offset hi), seed), q = i // 4, mapped to a
-    float as triton.language.uint_to_uniform_float does."""
+    float as triton.language.uint_to_uniform_float does. offset: an int, or the ops' 0-dim
+    int64 tensor (the word arithmetic is the same on either)."""
     q = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
     words = philox4x32(q & _MASK32, q >> 32, offset & _MASK32, (offset >> 32) & _MASK32, seed)
     word = torch.stack(words, dim=1).reshape(-1)[:numel]  # element 4q + j: word j of block q
@@ -130,7 +131,7 @@ def philox_uniform(numel: int, seed: int, offset: int, device=None) -> torch.Ten
     return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=device)
 
 
-def hard_concrete_uniform(shape, seed: int, offset: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+def hard_concrete_uniform(shape, seed: int, offset: int | torch.Tensor, dtype: torch.dtype, device=None) -> torch.Tensor:
     """The u of hard_concrete_gates: eps + (1 - 2 eps) * philox_uniform, in `dtype`."""
     numel = 1
     for size in shape:
@@ -146,7 +147,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def hard_concrete_gates(
     log_alpha: torch.Tensor,
     seed: int,
-    offset: int,
+    offset: int | torch.Tensor,
     training: bool = True,
     beta: float = 2.0 / 3.0,
     gamma: float = -0.1,
@@ -182,7 +183,7 @@ def hard_concrete_masked_weight(
     weight: torch.Tensor,
     log_alpha: torch.Tensor,
     seed: int,
-    offset: int,
+    offset: int | torch.Tensor,
     training: bool = True,
     beta: float = 2.0 / 3.0,
     gamma: float = -0.1,
