@@ -39,14 +39,19 @@ def kind_and_options(kind):
 def make_layer(kind, cls, *args, dtype=torch.float64, device="cpu", **kwargs):
     """A layer of `kind` whose mask state is random, so every gate value matters."""
     name, opts = kind_and_options(kind)
-    layer = cls(*args, dtype=dtype, device=device, mask=name, **kwargs, **opts)
-    state = getattr(layer, STATE_NAME[kind])
+    return randomize(cls(*args, dtype=dtype, device=device, mask=name, **kwargs, **opts))
+
+
+def randomize(layer):
+    """Sets the layer's mask state at random, so every gate value matters; returns it."""
+    (state_name,) = layer.mask.state_names
+    state = getattr(layer, state_name)
     with torch.no_grad():
         if state.dtype == torch.bool:
             state.copy_(torch.rand(state.shape) < 0.6)
-        elif name == "sigmoid":
+        elif layer.mask.name == "sigmoid":
             state.copy_(torch.randn(state.shape))
-        elif name == "relaxed":
+        elif layer.mask.name == "relaxed":
             state.copy_(torch.rand(state.shape))
         else:  # log α spread so that some gates are 0, some 1, some between
             state.copy_(3 * torch.randn(state.shape))

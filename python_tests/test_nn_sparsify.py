@@ -95,7 +95,7 @@ class WithUnsupported(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
         self.head = nn.Sequential(nn.Conv1d(4, 4, 1), nn.ConvTranspose2d(4, 4, 2), nn.LazyLinear(3))
-        self.attn = nn.MultiheadAttention(4, 2)
+        self.attn = nn.MultiheadAttention(4, 2, kdim=3)  # no packed in_proj_weight
         self.fc = nn.Linear(4, 2)
 
 
@@ -106,7 +106,7 @@ def test_unsupported_layers_are_refused_by_name():
         sparsify(model)
     msg = str(err.value)
     for name, cls in [("head.0", "Conv1d"), ("head.1", "ConvTranspose2d"), ("head.2", "LazyLinear"),
-                      ("attn.out_proj", "NonDynamicallyQuantizableLinear")]:
+                      ("attn", "MultiheadAttention with kdim or vdim != embed_dim")]:
         assert f"'{name}' ({cls})" in msg
     assert "exclude" in msg
     assert snapshot(model) == before

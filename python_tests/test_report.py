@@ -8,7 +8,7 @@ from run_helpers import one_thread  # noqa: F401  (fixture)
 from torch import nn
 
 from sparsekern import plots, train
-from sparsekern.report import layer_rows, markdown, nonzero_macs, nonzero_params, save_exported, write_report
+from sparsekern.run_report import layer_rows, markdown, nonzero_macs, nonzero_params, save_exported, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -135,3 +135,14 @@ def test_save_exported_falls_back_to_a_pickled_module(tmp_path, monkeypatch):
     assert info["program_error"] == "RuntimeError: data-dependent control flow" and "program" not in info
     loaded = torch.load(tmp_path / "x" / info["module"], weights_only=False)
     torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_sparsekern_report_stays_the_function_once_the_run_report_is_imported():
+    # This module was sparsekern/report.py: importing it (as every `sparsekern train` run
+    # does) rebound sparsekern.report to the module, and the README's
+    # sparsekern.report(model) then raised "'module' object is not callable".
+    import sparsekern
+    import sparsekern.run_report  # noqa: F401
+
+    assert sparsekern.report is sparsekern.nn.report
+    assert callable(sparsekern.report)

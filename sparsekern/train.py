@@ -25,7 +25,7 @@ The run folder:
   config.json            the run's configuration (what --resume continues)
   log.txt                one line per epoch
   checkpoint.pt          latest epoch; checkpoint-prev.pt the one before
-  report.json, report.md, *.png      sparsekern.report / sparsekern.plots
+  report.json, report.md, *.png      sparsekern.run_report / sparsekern.plots
   exported_state_dict.pt the exported plain model's state_dict (torch.save)
   exported_model.pt2     the same model as a torch.export ExportedProgram (eval mode,
                          dynamic batch): torch.export.load(path).module()(x) runs it
@@ -474,7 +474,7 @@ def _seed_everything(seed: int) -> None:
 def execute(trainer: Trainer, *, stop_after: int | None = None, command: list[str] | None = None) -> dict:
     """Trains (or resumes) the prepared run, then writes the report, plots and exported
     model and returns the report dict. Raises Interrupted after `stop_after` epochs."""
-    from .report import write_report
+    from .run_report import write_report
 
     cfg = trainer.cfg
     trainer.out.mkdir(parents=True, exist_ok=True)

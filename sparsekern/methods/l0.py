@@ -29,8 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nn.modules import SPARSE_TYPES
-from ..nn.sparsify import SWAPS, _patterns, _selected
+from ..nn.sparsify import planned_layer_names
 from .base import PruningMethod, check_bool, check_real, sum_terms
 
 DEFAULT_DROPRATE = {True: 0.3, False: 0.1}  # structured / unstructured (METHODS.md)
@@ -39,13 +38,8 @@ GLOBAL = "global"  # the group name of the model-wise constraint
 
 def _layer_names(model: nn.Module, include, exclude) -> list[str]:
     """The names base.__init__'s sparsify() will give the sparse layers, computed without
-    touching the model (so a bad layer name raises first). Mirrors sparsify's selection:
-    a layer shared under several names is selected when any of them is, and is named by
-    its first name, as sparse_modules() does."""
-    include, exclude = _patterns("include", include), _patterns("exclude", exclude)
-    chosen = {id(m) for n, m in model.named_modules(remove_duplicate=False)
-              if n and type(m) in SWAPS and _selected(n, include, exclude)}
-    return [n for n, m in model.named_modules() if id(m) in chosen or isinstance(m, SPARSE_TYPES)]
+    touching the model (so a bad layer name raises first)."""
+    return planned_layer_names(model, include, exclude)
 
 
 class _HardConcreteMethod(PruningMethod):

@@ -1,4 +1,5 @@
 """The module layer: sparse layers, mask kinds, sparsify(), export()/purge and report()."""
+from .attention import SparseMultiheadAttention
 from .export import Exported, count_macs, count_params, export
 from .masks import (
     MASK_KINDS,
@@ -18,6 +19,7 @@ from .sparsify import sparse_modules, sparsify
 __all__ = [
     "SparseLinear",
     "SparseConv2d",
+    "SparseMultiheadAttention",
     "sparsify",
     "sparse_modules",
     "export",

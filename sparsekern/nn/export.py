@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .purge import purge_channels
-from .modules import SPARSE_TYPES
+from .attention import SparseMultiheadAttention
+from .modules import SPARSE_TYPES, SparseLinear
 
 
 class Exported(NamedTuple):
@@ -26,8 +27,18 @@ def count_params(model: nn.Module) -> int:
 @torch.no_grad()
 def forward_with_layer_hooks(model: nn.Module, example: torch.Tensor, hook) -> None:
     """One eval-mode forward of `example` with hook(module, inputs, output) on every
-    Conv2d / Linear; the model's mode is restored and the hooks removed afterwards."""
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    Conv2d / Linear / MultiheadAttention (inputs: its (query, key) however they were
+    passed); the model's mode is restored and the hooks removed afterwards."""
+    def attention_hook(m, args, kwargs, out):
+        inputs = list(args[:2]) + [kwargs.get(name) for name in ("query", "key")[len(args):]]
+        hook(m, tuple(inputs), out)
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            handles.append(m.register_forward_hook(attention_hook, with_kwargs=True))
+        elif isinstance(m, (nn.Conv2d, nn.Linear)):
+            handles.append(m.register_forward_hook(hook))
     was_training = model.training
     try:
         model.eval()
@@ -38,17 +49,43 @@ def forward_with_layer_hooks(model: nn.Module, example: torch.Tensor, hook) -> N
             h.remove()
 
 
+def attention_macs(m: nn.MultiheadAttention, inputs, nonzero: bool = False) -> int:
+    """Multiply-accumulates of one attention call on inputs (query, key): its four
+    projections (q, k and v are the in-projection's three row blocks) and the two
+    weight-free products softmax(q kᵀ) v. nonzero: the projections count only nonzero
+    weights (an exported model's, where masks are baked in)."""
+    query, key = inputs
+    e = m.embed_dim
+    if nonzero:
+        if isinstance(m, SparseMultiheadAttention):
+            w_in, w_out = (p.effective_weight()[0] if isinstance(p, SparseLinear) else p.weight
+                           for p in (m.in_proj, m.out_proj))
+        else:
+            w_in, w_out = m.in_proj_weight, m.out_proj.weight
+        q, k, v = (int(w.ne(0).sum()) for w in w_in.reshape(3, e, -1))
+        out = int(w_out.ne(0).sum())
+    else:
+        q = k = v = out = e * e
+    tokens_q, tokens_k = query.numel() // e, key.numel() // e
+    seq_k = key.shape[1 if m.batch_first and key.dim() == 3 else 0]
+    seq_k += (m.bias_k is not None) + bool(m.add_zero_attn)  # the extra key/value rows
+    return tokens_q * (q + out) + tokens_k * (k + v) + 2 * tokens_q * seq_k * e
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-accumulates of the Conv2d and Linear layers for one forward of `example`
-    (the whole batch given), counted with forward hooks in eval mode; other layers'
-    (BatchNorm, activations, pooling, the residual adds) are not counted."""
+    """Multiply-accumulates of the Conv2d, Linear and MultiheadAttention layers for one
+    forward of `example` (the whole batch given), counted with forward hooks in eval mode
+    (attention: attention_macs); other layers' (BatchNorm, activations, pooling, the
+    residual adds) are not counted."""
 
     total = 0
 
     def hook(m, inputs, out):
         nonlocal total
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, nn.MultiheadAttention):
+            total += attention_macs(m, inputs)
+        elif isinstance(m, nn.Conv2d):
             kh, kw = m.kernel_size
             total += out.numel() * (m.in_channels // m.groups) * kh * kw
         else:
@@ -72,14 +109,16 @@ def _example(model: nn.Module, example_input) -> torch.Tensor | None:
 def bake(model: nn.Module) -> nn.Module:
     """Replaces every sparse module of `model` in place by its to_dense() (w ⊙ g baked in);
     returns `model`, or the dense module when `model` itself is sparse."""
-    if isinstance(model, SPARSE_TYPES):
+    if isinstance(model, SPARSE_TYPES + (SparseMultiheadAttention,)):
         return model.to_dense()
-    dense: dict[int, nn.Module] = {}
-    for name, module in list(model.named_modules(remove_duplicate=False)):
-        if name and isinstance(module, SPARSE_TYPES):
-            dense.setdefault(id(module), module.to_dense())
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, dense[id(module)])
+    # Attention first: its sparse projections are baked into its dense copy, not replaced.
+    for types in ((SparseMultiheadAttention,), SPARSE_TYPES):
+        dense: dict[int, nn.Module] = {}
+        for name, module in list(model.named_modules(remove_duplicate=False)):
+            if name and isinstance(module, types):
+                dense.setdefault(id(module), module.to_dense())
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, dense[id(module)])
     return model
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops import mask_apply
+from ..ops import mask_apply, reference
 from .masks import MaskKind, make_mask
 
 
@@ -57,6 +57,21 @@ class _SparseMixin:
             bias = bias * g.reshape(-1)
         return self.weight * g, None if bias is None else bias.detach()
 
+    def masked_weight(self) -> torch.Tensor:
+        """w ⊙ g as a tensor, differentiable as the forward's (in training, a fresh
+        hard-concrete sample): for a parent that hands the weight to a function itself
+        (SparseMultiheadAttention). Never for a bias-gated layer."""
+        w = self.mask.masked_weight(self)
+        return w if w is not None else self._gated_weight(*self.mask.op_mask(self))
+
+    def _gated_weight(self, m: torch.Tensor, kw: dict) -> torch.Tensor:
+        kind = kw["kind"]
+        if mask_apply.eager_cpu(self.weight, m, kind):
+            # The mask kind's tensors and constants were checked when set: skip the public
+            # op's argument checks (~6 us per layer and step) for its eager CPU path.
+            return mask_apply.masked_weight_autograd(self.weight, m, kind, kw.get("beta", 1.0), kw.get("scale", 1.0))
+        return self._masked_weight_op(m, kw)
+
     def _dense_copy(self, dense: nn.Module) -> nn.Module:
         w, b = self.effective_weight()
         dense.weight = nn.Parameter(w.clone(), requires_grad=self.weight.requires_grad)
@@ -94,6 +109,12 @@ class SparseLinear(_SparseMixin, nn.Linear):
             return F.linear(x, w, self.bias)
         m, kw = self.mask.op_mask(self)
         return ops.masked_linear(x, self.weight, self.bias, m, **kw)
+
+    def _masked_weight_op(self, m: torch.Tensor, kw: dict) -> torch.Tensor:
+        # The forward gates inside ops.masked_linear's GEMM and never forms w ⊙ g; a
+        # parent that needs it as a tensor gets the torch expression (compiles; autograd
+        # gives this kind's gradients).
+        return reference.masked_weight(self.weight, m, **kw)
 
     @classmethod
     def from_dense(cls, module: nn.Linear, mask="binary", **mask_options) -> "SparseLinear":
@@ -148,17 +169,14 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
         if w is not None:
             return self._conv_forward(x, w, self.bias)
         m, kw = self.mask.op_mask(self)
-        kind = kw["kind"]
-        if mask_apply.eager_cpu(self.weight, m, kind):
-            # The mask kind's tensors and constants were checked when set: skip the public
-            # op's argument checks (~6 us per layer and step) for its eager CPU path.
-            w = mask_apply.masked_weight_autograd(self.weight, m, kind, kw.get("beta", 1.0), kw.get("scale", 1.0))
-        else:
-            w = ops.masked_conv2d_weight(self.weight, m, **kw)
+        w = self._gated_weight(m, kw)
         bias = self.bias
         if bias is not None and self.mask.bias_gated(self):
             bias = bias * m.reshape(-1)
         return self._conv_forward(x, w, bias)
+
+    def _masked_weight_op(self, m: torch.Tensor, kw: dict) -> torch.Tensor:
+        return ops.masked_conv2d_weight(self.weight, m, **kw)
 
     def _conv_args(self) -> dict:
         return dict(

@@ -5,12 +5,14 @@ import fnmatch
 import functools
 import inspect
 import re
-from typing import Iterable, Iterator, Union
+from typing import Iterable, Iterator, NamedTuple, Union
 
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from .attention import IN_PROJ, SparseMultiheadAttention
+from .attention import supported as attention_supported
 from .masks import make_mask
 from .modules import SPARSE_TYPES, SparseConv2d, SparseLinear
 
@@ -22,14 +24,15 @@ SWAPS = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
 def _unsupported(module: nn.Module) -> bool:
     """Weight layers sparsify cannot swap. Subclasses of Linear/Conv2d are refused too:
     their forward may not use `weight` the way the swap assumes (MultiheadAttention's
-    out_proj is a Linear subclass whose weight is read by the attention function)."""
+    out_proj is a Linear subclass whose weight the attention reads: it is swapped with its
+    attention instead)."""
     if isinstance(module, SPARSE_TYPES) or type(module) in SWAPS:
         return False
     return isinstance(module, (nn.Linear, _ConvNd, nn.Bilinear, LazyModuleMixin))
 
 
 # `self.<path>.weight` / `.bias` used as a tensor, not only for its metadata.
-_DIRECT_READ = re.compile(r"self\.((?:\w+\.)*\w+)\.(weight|bias)\b"
+_DIRECT_READ = re.compile(r"self\.((?:\w+\.)*\w+)\.(weight|bias|in_proj_weight|in_proj_bias)\b"
                           r"(?!\s*\.\s*(?:shape|dtype|device|size|ndim|dim|numel|requires_grad)\b)")
 
 
@@ -56,11 +59,12 @@ def _forward_reads(cls: type) -> frozenset[str]:
     return frozenset(reads)
 
 
-def _bypassed(model: nn.Module, name: str) -> str | None:
+def _bypassed(model: nn.Module, name: str, own_parent: bool = False) -> str | None:
     """Why a mask on layer `name` would be bypassed (an ancestor's forward reads its
-    parameters directly), or None."""
+    parameters directly), or None. own_parent: the parent is swapped too (an attention's
+    projection), so only its ancestors count."""
     parts = name.split(".")
-    for i in range(len(parts)):
+    for i in range(len(parts) - own_parent):
         ancestor = model.get_submodule(".".join(parts[:i]))
         rel = ".".join(parts[i:])
         reads = sorted(r for r in _forward_reads(type(ancestor)) if r.rpartition(".")[0] == rel)
@@ -140,6 +144,8 @@ def sparsify(
 ) -> nn.Module:
     """Replaces every selected nn.Linear and nn.Conv2d of `model` by SparseLinear /
     SparseConv2d with mask kind `mask` and `mask_options`, in place, and returns `model`.
+    An nn.MultiheadAttention counts as two layers, `<name>.in_proj` and `<name>.out_proj`,
+    and becomes a SparseMultiheadAttention masking the ones selected.
 
     A layer is selected when it matches some `include` pattern (all layers when include is
     None) and no `exclude` pattern; patterns are matched against module names (see
@@ -154,53 +160,107 @@ def sparsify(
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
     make_mask(mask, **mask_options)  # validates the kind and its options
-    include, exclude = _patterns("include", include), _patterns("exclude", exclude)
+    plan = _plan(model, include, exclude)
+    if mask_options.get("seed") is not None:  # the last layer's seed must be valid too
+        make_mask(mask, **{**mask_options, "seed": mask_options["seed"] + plan.new_layers - 1})
 
+    # One sparse module per dense one, so a layer shared by two parents stays shared.
+    swapped: dict[int, nn.Module] = {}
+    seeds = 0
+    for name, module in plan.targets:
+        if id(module) not in swapped:
+            options = dict(mask_options)
+            if options.get("seed") is not None:
+                # One seed for the model; each layer gets its own noise stream.
+                options["seed"] = mask_options["seed"] + seeds
+            if type(module) is nn.MultiheadAttention:
+                which = plan.projections[id(module)]
+                swapped[id(module)] = SparseMultiheadAttention.from_dense(module, mask, **which, **options)
+                seeds += sum(which.values())
+            else:
+                swapped[id(module)] = SWAPS[type(module)].from_dense(module, mask, **options)
+                seeds += 1
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, swapped[id(module)])
+    return model
+
+
+class _Plan(NamedTuple):
+    targets: list  # (name, module) to swap: every name of each chosen layer or attention
+    projections: dict  # id(attention) -> {"in_proj": bool, "out_proj": bool}
+    layer_names: list  # the sparse layers' names after the swap, in module order (first names)
+    new_layers: int  # how many sparse layers the swap makes
+
+
+def _plan(model: nn.Module, include, exclude) -> _Plan:
+    """What sparsify(model, include=..., exclude=...) swaps, checked without changing the
+    model. An nn.MultiheadAttention `a` stands for two layers, `a.in_proj` and
+    `a.out_proj` (the names they get), selected by those names; it is swapped when either is."""
+    include, exclude = _patterns("include", include), _patterns("exclude", exclude)
     named = list(model.named_modules(remove_duplicate=False))
+    attentions = [(n, m) for n, m in named if n and type(m) is nn.MultiheadAttention]
+    names = [n for n, _ in named if n] + [f"{n}.{IN_PROJ}" for n, _ in attentions]
     for arg, patterns in (("include", include), ("exclude", exclude)):
         for p in patterns:
-            if not any(_matches(p, name) for name, _ in named if name):
+            if not any(_matches(p, name) for name in names):
                 shown = p if isinstance(p, str) else p.pattern
                 raise ValueError(f"`{arg}` pattern {shown!r} matches no module of the model")
 
-    selected = [(n, m) for n, m in named if n and _selected(n, include, exclude)]
+    projections: dict[int, dict] = {}
+    for n, m in attentions:
+        which = {proj: _selected(f"{n}.{proj}", include, exclude) for proj in (IN_PROJ, "out_proj")}
+        if any(which.values()):
+            old = projections.get(id(m), {})  # shared: selected under any of its names
+            projections[id(m)] = {k: v or old.get(k, False) for k, v in which.items()}
+    out_projs = {id(m.out_proj) for _, m in attentions}
+    selected = [(n, m) for n, m in named if n and id(m) not in out_projs and _selected(n, include, exclude)]
     refused = [f"{n!r} ({type(m).__name__})" for n, m in selected if _unsupported(m)]
+    refused += [f"{n!r} (MultiheadAttention with kdim or vdim != embed_dim)" for n, m in attentions
+                if id(m) in projections and not attention_supported(m)]
     if refused:
         raise TypeError(
-            f"sparsify supports nn.Linear and nn.Conv2d only; cannot sparsify {', '.join(refused)}. "
-            "Add them to `exclude` to leave them dense."
+            f"sparsify supports nn.Linear, nn.Conv2d and nn.MultiheadAttention only; cannot sparsify "
+            f"{', '.join(refused)}. Add them to `exclude` to leave them dense."
         )
-    swappable = [(n, m) for n, m in selected if type(m) in SWAPS]
+    # Each layer to be masked, by the name it will have.
+    layers = [(n, m) for n, m in selected if type(m) in SWAPS]
+    for n, m in attentions:
+        layers += [(f"{n}.{proj}", m) for proj, on in projections.get(id(m), {}).items() if on]
     bypassed: dict[str, list[str]] = {}
-    for n, _ in swappable:
-        if (why := _bypassed(model, n)) is not None:
+    for n, m in layers:
+        parent, _, proj = n.rpartition(".")
+        if type(m) is nn.MultiheadAttention:
+            # Read as `<attention>.in_proj_weight` / `<attention>.out_proj.weight` above it.
+            why = _bypassed(model, parent) if proj == IN_PROJ else _bypassed(model, n, own_parent=True)
+        else:
+            why = _bypassed(model, n)
+        if why is not None:
             bypassed.setdefault(why, []).append(n)
     if bypassed:
         listed = "; ".join(f"{why}: {_names(names)}" for why, names in bypassed.items())
         raise TypeError(
             f"sparsify cannot mask layers whose parameters another module's forward reads directly: the mask "
             f"would be bypassed ({listed}). Add them to `exclude` to leave them dense"
-            f"{_exclude_hint([n for names in bypassed.values() for n in names], [n for n, _ in swappable])}."
+            f"{_exclude_hint([n for names in bypassed.values() for n in names], [n for n, _ in layers])}."
         )
     # A layer shared under several names is swapped at all of them when any is selected,
     # so it stays one shared layer.
-    chosen = {id(m) for _, m in swappable}
+    chosen = {id(m) for _, m in layers}
     targets = [(n, m) for n, m in named if n and id(m) in chosen]
     if not targets:
         raise ValueError("sparsify: no nn.Linear or nn.Conv2d selected (already sparse, or excluded)")
+    layer_names = []
+    for n, m in model.named_modules():
+        if id(m) in projections:
+            layer_names += [f"{n}.{proj}" for proj, on in projections[id(m)].items() if on]
+        elif id(m) in chosen or isinstance(m, SPARSE_TYPES):
+            layer_names.append(n)
+    new_layers = sum(sum(projections[i].values()) if i in projections else 1 for i in chosen)
+    return _Plan(targets, projections, layer_names, new_layers)
 
-    if mask_options.get("seed") is not None:  # the last layer's seed must be valid too
-        make_mask(mask, **{**mask_options, "seed": mask_options["seed"] + len(chosen) - 1})
 
-    # One sparse module per dense one, so a layer shared by two parents stays shared.
-    swapped: dict[int, nn.Module] = {}
-    for name, module in targets:
-        if id(module) not in swapped:
-            options = dict(mask_options)
-            if options.get("seed") is not None:
-                # One seed for the model; each layer gets its own noise stream.
-                options["seed"] = mask_options["seed"] + len(swapped)
-            swapped[id(module)] = SWAPS[type(module)].from_dense(module, mask, **options)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, swapped[id(module)])
-    return model
+def planned_layer_names(model: nn.Module, include=None, exclude=None) -> list[str]:
+    """The names the sparse layers of `model` will have after sparsify(model, include=...,
+    exclude=...) (the ones already sparse included), without changing the model; raises
+    what sparsify would."""
+    return _plan(model, include, exclude).layer_names

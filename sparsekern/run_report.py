@@ -16,8 +16,8 @@ binary ticket. It is saved twice:
 Both are checked: the .pt2 is loaded back and compared with the exported module, and the
 exported module with the masked model, on test inputs.
 
-Model size, dense vs exported: params and MACs (Conv2d/Linear multiply-accumulates for one
-input, sparsekern.nn.count_macs) of the dense architecture and of the exported model, and
+Model size, dense vs exported: params and MACs (Conv2d/Linear/MultiheadAttention
+multiply-accumulates for one input, sparsekern.nn.count_macs) of the dense architecture and of the exported model, and
 the exported model's nonzero params and "nonzero MACs" (each layer's MACs counting only
 its nonzero weights: what a kernel that skips zeros would do).
 """
@@ -35,7 +35,8 @@ from torch import nn
 from . import __version__
 from . import plots
 from .nn import export as export_model
-from .nn.export import forward_with_layer_hooks
+from .nn.export import attention_macs, forward_with_layer_hooks
+from .nn.attention import IN_PROJ
 from .nn.modules import SPARSE_TYPES
 from .nn.report import layer_stats
 
@@ -46,12 +47,16 @@ def nonzero_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def nonzero_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """MACs of the Conv2d / Linear layers counting only nonzero weights: for an output of
-    O channels, each output position costs the nonzero weights of its channel's row."""
+    """MACs of the Conv2d / Linear / MultiheadAttention layers counting only nonzero
+    weights: for an output of O channels, each output position costs the nonzero weights
+    of its channel's row (attention: sparsekern.nn.export.attention_macs)."""
     total = 0
 
     def hook(m, inputs, out):
         nonlocal total
+        if isinstance(m, nn.MultiheadAttention):
+            total += attention_macs(m, inputs, nonzero=True)
+            return
         rows = m.weight.reshape(m.weight.shape[0], -1).ne(0).sum(1)  # nonzero weights per output channel
         if isinstance(m, nn.Conv2d):
             total += int(out.shape[0] * out.shape[2] * out.shape[3] * rows.sum())
@@ -76,8 +81,12 @@ def layer_rows(model: nn.Module, exported: nn.Module) -> list[dict]:
             nz = int((m.weight != 0).sum())
             row = {"name": name, "kind": "dense", "shape": tuple(m.weight.shape), "numel": m.weight.numel(),
                    "nonzero": nz, "density": nz / m.weight.numel()}
+        parent, _, child = name.rpartition(".")
         try:
-            row["exported_shape"] = tuple(exported.get_submodule(name).weight.shape)
+            if child == IN_PROJ and isinstance(exported.get_submodule(parent), nn.MultiheadAttention):
+                row["exported_shape"] = tuple(exported.get_submodule(parent).in_proj_weight.shape)
+            else:
+                row["exported_shape"] = tuple(exported.get_submodule(name).weight.shape)
         except AttributeError:
             row["exported_shape"] = None
         rows.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in row.items()})
