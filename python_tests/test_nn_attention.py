@@ -321,3 +321,18 @@ def test_every_method_prunes_a_torchvision_vit_attention_included(name, one_thre
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(exported(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_state_dict_keys_are_attribute_paths_to_the_same_tensors():
+    # What torch.distributed.checkpoint's get_model_state_dict relies on; and
+    # in_proj_weight reads as on nn.MultiheadAttention (the dense parameter).
+    _, sparse = attention("relaxed", add_bias_kv=True)
+    model = nn.Sequential(nn.Linear(E, E), sparse)
+    assert sparse.in_proj_weight is sparse.in_proj.weight and sparse.in_proj_bias is sparse.in_proj.bias
+    for key, value in model.state_dict(keep_vars=True).items():
+        obj = model
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        assert obj is value, key
+    with pytest.raises(AttributeError, match="in_proj_nothing"):
+        sparse.in_proj_nothing

@@ -41,7 +41,8 @@ def _weight_and_bias(proj: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None
 class SparseMultiheadAttention(nn.MultiheadAttention):
     """nn.MultiheadAttention with sparse projections; build it with from_dense (or let
     sparsify swap it in). Same forward signature and results as nn.MultiheadAttention's
-    (without its inference fast path, which reads the dense weights: export() first)."""
+    (without its inference fast path, which reads the dense weights: export() first).
+    `in_proj_weight` / `in_proj_bias` are the in-projection's dense parameters."""
 
     in_proj: nn.Linear
     out_proj: nn.Linear
@@ -130,7 +131,22 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
                 setattr(dense, name, nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad))
         return dense.train(self.training)
 
-    # --- state_dict: nn.MultiheadAttention's key names ---------------------------------
+    # --- nn.MultiheadAttention's names -------------------------------------------------
+
+    def __getattr__(self, name: str):
+        # in_proj_weight, in_proj_bias and the state_dict's in_proj_<mask state> resolve to
+        # the child's tensors (the dense weight, as SparseLinear.weight is), so code that
+        # reads them, or walks state_dict keys as attribute paths (torch.distributed.checkpoint
+        # does), finds what nn.MultiheadAttention would have.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            child = self.__dict__.get("_modules", {}).get(IN_PROJ)
+            rest = name[len(IN_PROJ) + 1:] if name.startswith(f"{IN_PROJ}_") else None
+            if child is None or rest is None or not hasattr(child, rest):
+                raise
+            return getattr(child, rest)
+
 
     def state_dict(self, *args, **kwargs):
         # Module.state_dict calls each child's state_dict(destination=..., prefix=...), so
