@@ -15,11 +15,13 @@ from .modules import SparseConv2d, SparseLinear
 from .purge import purge_channels
 from .report import SparsityReport, report
 from .sparsify import sparse_modules, sparsify
+from .transformer import SparseTransformerEncoderLayer
 
 __all__ = [
     "SparseLinear",
     "SparseConv2d",
     "SparseMultiheadAttention",
+    "SparseTransformerEncoderLayer",
     "sparsify",
     "sparse_modules",
     "export",

@@ -10,6 +10,10 @@ from torch import nn
 from .purge import purge_channels
 from .attention import SparseMultiheadAttention
 from .modules import SPARSE_TYPES, SparseLinear
+from .transformer import SparseTransformerEncoderLayer
+
+# Modules holding sparse layers that bake() turns back into their torch class.
+PARENTS = (SparseMultiheadAttention, SparseTransformerEncoderLayer)
 
 
 class Exported(NamedTuple):
@@ -109,10 +113,10 @@ def _example(model: nn.Module, example_input) -> torch.Tensor | None:
 def bake(model: nn.Module) -> nn.Module:
     """Replaces every sparse module of `model` in place by its to_dense() (w ⊙ g baked in);
     returns `model`, or the dense module when `model` itself is sparse."""
-    if isinstance(model, SPARSE_TYPES + (SparseMultiheadAttention,)):
-        return model.to_dense()
+    if isinstance(model, SPARSE_TYPES + PARENTS):
+        return bake(model.to_dense())
     # Attention first: its sparse projections are baked into its dense copy, not replaced.
-    for types in ((SparseMultiheadAttention,), SPARSE_TYPES):
+    for types in (PARENTS, SPARSE_TYPES):
         dense: dict[int, nn.Module] = {}
         for name, module in list(model.named_modules(remove_duplicate=False)):
             if name and isinstance(module, types):

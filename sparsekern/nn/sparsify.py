@@ -15,6 +15,7 @@ from .attention import IN_PROJ, SparseMultiheadAttention
 from .attention import supported as attention_supported
 from .masks import make_mask
 from .modules import SPARSE_TYPES, SparseConv2d, SparseLinear
+from .transformer import SparseTransformerEncoderLayer
 
 Pattern = Union[str, "re.Pattern[str]"]
 
@@ -67,7 +68,8 @@ def _bypassed(model: nn.Module, name: str, own_parent: bool = False) -> str | No
     for i in range(len(parts) - own_parent):
         ancestor = model.get_submodule(".".join(parts[:i]))
         rel = ".".join(parts[i:])
-        reads = sorted(r for r in _forward_reads(type(ancestor)) if r.rpartition(".")[0] == rel)
+        cls = RETYPED.get(type(ancestor), type(ancestor))  # what it will be once a layer below is sparse
+        reads = sorted(r for r in _forward_reads(cls) if r.rpartition(".")[0] == rel)
         if reads:
             return f"{type(ancestor).__name__}.forward reads {' and '.join(f'`self.{r}`' for r in reads)}"
     return None
@@ -182,7 +184,22 @@ def sparsify(
                 seeds += 1
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, swapped[id(module)])
+    _retype_parents(model)
     return model
+
+
+# Parents whose forward reads their children's weights itself, given a class that does not
+# once a child is sparse (their other attributes and submodules stay).
+RETYPED = {nn.TransformerEncoderLayer: SparseTransformerEncoderLayer}
+
+
+def _retype_parents(model: nn.Module) -> None:
+    retyped: dict[int, nn.Module] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if name and type(module) in RETYPED and any(isinstance(m, SPARSE_TYPES) for m in module.modules()):
+            retyped.setdefault(id(module), RETYPED[type(module)].from_dense(module))
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, retyped[id(module)])
 
 
 class _Plan(NamedTuple):

@@ -1,0 +1,122 @@
+"""nn.TransformerEncoder / nn.Transformer models sparsify: every Linear and attention inside
+an encoder layer is masked, the layer becomes SparseTransformerEncoderLayer (no inference
+fast path, which would hand the dense weights to a fused kernel), and its masks hold in
+eval mode without gradients too, including nn.TransformerEncoder's nested-tensor path;
+export gives the plain classes back, computing the same."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from methods_helpers import one_thread  # noqa: F401 (fixture)
+from sparsekern import methods as M
+from sparsekern.nn import export, sparse_modules, sparsify
+from sparsekern.nn.transformer import SparseTransformerEncoderLayer
+
+D, HEADS = 8, 2
+# torch's own notice, from nn.TransformerEncoder making its nested tensor.
+pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+
+
+def encoder(batch_first=True, norm_first=False):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(D, HEADS, dim_feedforward=16, dropout=0.0, batch_first=batch_first,
+                                       norm_first=norm_first)
+    # Nested tensors only where torch allows them (it warns otherwise).
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=batch_first and not norm_first)
+
+
+def prune_at_random(model):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, layer in sparse_modules(model):
+            layer.weight_mask.copy_(torch.rand(layer.weight.shape) < 0.5)
+
+
+def data(batch_first):
+    torch.manual_seed(2)
+    x = torch.randn(3, 6, D) if batch_first else torch.randn(6, 3, D)
+    padding = torch.zeros(3, 6, dtype=torch.bool)
+    padding[1, 4:] = padding[2, 2:] = True  # left aligned, so nn.TransformerEncoder nests
+    return x, padding
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_masks_hold_in_inference_and_export_matches(batch_first, norm_first):
+    model = encoder(batch_first, norm_first)
+    keys = list(model.state_dict())
+    sparsify(model)
+    assert all(type(layer) is SparseTransformerEncoderLayer for layer in model.layers)
+    assert [n for n, _ in sparse_modules(model)][:4] == [
+        "layers.0.self_attn.in_proj", "layers.0.self_attn.out_proj", "layers.0.linear1", "layers.0.linear2"]
+    assert [k for k in model.state_dict() if not k.endswith("_mask")] == keys
+    prune_at_random(model)
+    x, padding = data(batch_first)
+    model.eval()
+    # With gradients on, nn.TransformerEncoderLayer itself takes the path through its
+    # submodules: the masked result. Under no_grad it would take the fused fast path.
+    expected = {False: model(x), True: model(x, src_key_padding_mask=padding)}
+    dense = export(model).model.eval()
+    assert all(type(layer) is nn.TransformerEncoderLayer for layer in dense.layers)
+    assert type(dense.layers[0].self_attn) is nn.MultiheadAttention
+    keep = ~padding[..., None] if batch_first else ~padding.T[..., None]
+    with torch.no_grad():
+        for padded in (False, True):
+            kwargs = {"src_key_padding_mask": padding} if padded else {}
+            for m in (model, dense):  # the sparse model, and the exported one on its fast path
+                out = m(x, **kwargs)
+                torch.testing.assert_close(out * keep if padded else out, expected[padded] * keep if padded
+                                           else expected[padded], rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_with_nothing_sparse_keeps_its_class():
+    model = encoder()
+    sparsify(model, exclude=["layers.1"])
+    assert type(model.layers[0]) is SparseTransformerEncoderLayer
+    assert type(model.layers[1]) is nn.TransformerEncoderLayer
+
+
+def test_copies_and_pickles():
+    model = encoder()
+    sparsify(model)
+    prune_at_random(model)
+    model.eval()
+    x, padding = data(True)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    with torch.no_grad():
+        for other in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+            assert type(other.layers[0]) is SparseTransformerEncoderLayer
+            torch.testing.assert_close(other(x), model(x))
+
+
+def test_from_dense_takes_only_the_encoder_layer():
+    with pytest.raises(TypeError, match="nn.TransformerEncoderLayer"):
+        SparseTransformerEncoderLayer.from_dense(nn.TransformerDecoderLayer(D, HEADS))
+    with pytest.raises(TypeError, match="from_dense"):
+        SparseTransformerEncoderLayer(D, HEADS)
+
+
+def test_a_whole_transformer_trains_and_exports(one_thread):  # noqa: F811 (fixture)
+    torch.manual_seed(0)
+    model = nn.Transformer(D, HEADS, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=16,
+                           dropout=0.0, batch_first=True)
+    method = M.ConstrainedL0(model, 0.5)
+    names = [n for n, _ in sparse_modules(model)]
+    assert len(names) == 4 + 6  # encoder: attention (2) + MLP (2); decoder: 2 attentions + MLP
+    opt = torch.optim.SGD(method.param_groups(lr=0.1), momentum=0.9)
+    src, tgt = torch.randn(2, 5, D), torch.randn(2, 4, D)
+    for _ in range(3):
+        loss = model(src, tgt).square().mean() + method.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.step()
+    model.eval()
+    dense = method.export().model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dense(src, tgt), model(src, tgt), rtol=1e-4, atol=1e-5)

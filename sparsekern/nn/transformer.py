@@ -1,0 +1,73 @@
+"""SparseTransformerEncoderLayer: nn.TransformerEncoderLayer that always computes through
+its layers' own forwards, so the sparse layers sparsify puts inside it are applied.
+
+nn.TransformerEncoderLayer has an inference fast path (eval mode, no gradient needed) that
+hands self_attn.in_proj_weight, linear1.weight, ... to one fused kernel itself: a mask on
+any of them would be skipped exactly when the model is deployed. sparsify gives an encoder
+layer holding a sparse layer this class instead (same attributes and submodules, so the
+same state_dict and repr), whose forward is nn.TransformerEncoderLayer's other path; export
+gives the plain class back, fast path included, once the masks are baked in.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _retyped(module: nn.Module, cls: type) -> nn.Module:
+    """A `cls` with `module`'s attributes: the same submodules, parameters and settings
+    (their containers copied, so changing one module's children leaves the other's)."""
+    new = cls.__new__(cls)
+    new.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in module.__dict__.items()})
+    return new
+
+
+class SparseTransformerEncoderLayer(nn.TransformerEncoderLayer):
+    """nn.TransformerEncoderLayer without the inference fast path; build it with from_dense."""
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("build SparseTransformerEncoderLayer with SparseTransformerEncoderLayer.from_dense(layer)")
+
+    @classmethod
+    def from_dense(cls, layer: nn.TransformerEncoderLayer) -> "SparseTransformerEncoderLayer":
+        if type(layer) is not nn.TransformerEncoderLayer:
+            raise TypeError(f"SparseTransformerEncoderLayer.from_dense needs an nn.TransformerEncoderLayer, "
+                            f"got {type(layer).__name__}")
+        return _retyped(layer, cls)
+
+    def to_dense(self) -> nn.TransformerEncoderLayer:
+        """The same layer as a plain nn.TransformerEncoderLayer (its submodules shared)."""
+        return _retyped(self, nn.TransformerEncoderLayer)
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal: bool = False):
+        if src.is_nested:
+            # nn.TransformerEncoder hands its layers a nested tensor (padding dropped) when
+            # it takes its own fast path; the layers' forwards take padded tensors.
+            return self._nested_forward(src, src_mask, is_causal)
+        src_key_padding_mask = F._canonical_mask(
+            mask=src_key_padding_mask, mask_name="src_key_padding_mask", other_type=F._none_or_dtype(src_mask),
+            other_name="src_mask", target_type=src.dtype,
+        )
+        src_mask = F._canonical_mask(
+            mask=src_mask, mask_name="src_mask", other_type=None, other_name="", target_type=src.dtype,
+            check_other=False,
+        )
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+            return x + self._ff_block(self.norm2(x))
+        x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+        return self.norm2(x + self._ff_block(x))
+
+    def _nested_forward(self, src, src_mask, is_causal):
+        rows = src.unbind()
+        lengths = [r.shape[0] for r in rows]
+        padded = torch.nested.to_padded_tensor(src, 0.0)  # [batch, longest, features]
+        positions = torch.arange(padded.shape[1], device=padded.device)
+        padding = positions[None, :] >= torch.tensor(lengths, device=padded.device)[:, None]
+        batch_first = self.self_attn.batch_first  # nn.TransformerEncoder nests only then
+        out = self.forward(padded if batch_first else padded.transpose(0, 1), src_mask, padding, is_causal)
+        if not batch_first:
+            out = out.transpose(0, 1)
+        return torch.nested.nested_tensor([out[i, :n] for i, n in enumerate(lengths)], layout=src.layout)
