@@ -342,3 +342,20 @@ def test_state_dict_keys_are_attribute_paths_to_the_same_tensors():
         assert obj is value, key
     with pytest.raises(AttributeError, match="in_proj_nothing"):
         sparse.in_proj_nothing
+
+
+def test_a_pruning_round_ranks_and_keeps_the_attention_like_any_layer():
+    # The rewind once restored every state_dict entry but the masks it named
+    # "<layer>.weight_mask": the in-projection's is in_proj_weight_mask, so each IMP round
+    # pruned it and the rewind put its unpruned mask back.
+    model = tiny_vit()
+    method = M.IMP(model)
+    before = {n: layer.weight.detach().abs().clone() for n, layer in sparse_modules(model)}
+    method.end_round()
+    pruned = max(float(before[n][~layer.weight_mask].max()) for n, layer in sparse_modules(model)
+                 if not layer.weight_mask.all())
+    kept = min(float(before[n][layer.weight_mask].min()) for n, layer in sparse_modules(model)
+               if layer.weight_mask.any())
+    assert pruned <= kept  # one global magnitude threshold
+    densities = method.density()["layers"]
+    assert 0.8 < densities["encoder.layers.encoder_layer_0.self_attention.in_proj"] < 0.95

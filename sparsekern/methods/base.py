@@ -164,13 +164,18 @@ class PruningMethod:
 
     # ---- rewinding (shared by IMP, CS and the concave regularisers)
     def _mask_keys(self) -> set[str]:
+        """The mask entries of this method's state_dict ("<layer>.<state name>")."""
         return {f"{name}.{s}" for name, layer in self.layers for s in layer.mask.state_names}
 
     def _save_rewind_point(self) -> None:
         """Everything in the model's state_dict but the masks (weights, biases, BN
-        statistics), cloned."""
-        masks = self._mask_keys()
-        self._rewind_state = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k not in masks}
+        statistics), cloned. The masks are told by identity, not by key: a module may name
+        its entries its own way (SparseMultiheadAttention's in_proj_weight_mask; built
+        from the layer name, that key missed, and every rewind restored the in-projection's
+        unpruned mask)."""
+        masks = {id(getattr(layer, s)) for _, layer in self.layers for s in layer.mask.state_names}
+        self._rewind_state = {k: v.detach().clone() for k, v in self.model.state_dict(keep_vars=True).items()
+                              if id(v) not in masks}
 
     @torch.no_grad()
     def rewind(self) -> None:
