@@ -32,7 +32,7 @@ def supported(module: nn.MultiheadAttention) -> bool:
     return module._qkv_same_embed_dim
 
 
-def _weight_and_bias(proj: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+def weight_and_bias(proj: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(proj, SparseLinear):
         return proj.masked_weight(), proj.bias
     return proj.weight, proj.bias
@@ -88,8 +88,8 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
                 average_attn_weights: bool = True, is_causal: bool = False):
-        in_w, in_b = _weight_and_bias(self.in_proj)
-        out_w, out_b = _weight_and_bias(self.out_proj)
+        in_w, in_b = weight_and_bias(self.in_proj)
+        out_w, out_b = weight_and_bias(self.out_proj)
         batched = query.dim() == 3
         if self.batch_first and batched:
             # As nn.MultiheadAttention: keep `query is key` / `key is value`, which the

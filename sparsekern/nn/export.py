@@ -10,10 +10,10 @@ from torch import nn
 from .purge import purge_channels
 from .attention import SparseMultiheadAttention
 from .modules import SPARSE_TYPES, SparseLinear
-from .transformer import SparseTransformerEncoderLayer
+from .transformer import Retyped
 
 # Modules holding sparse layers that bake() turns back into their torch class.
-PARENTS = (SparseMultiheadAttention, SparseTransformerEncoderLayer)
+PARENTS = (SparseMultiheadAttention, Retyped)
 
 
 class Exported(NamedTuple):

@@ -68,7 +68,7 @@ def _bypassed(model: nn.Module, name: str, own_parent: bool = False) -> str | No
     for i in range(len(parts) - own_parent):
         ancestor = model.get_submodule(".".join(parts[:i]))
         rel = ".".join(parts[i:])
-        cls = RETYPED.get(type(ancestor), type(ancestor))  # what it will be once a layer below is sparse
+        cls = _retype_target(type(ancestor)) or type(ancestor)  # what it will be once a layer below is sparse
         reads = sorted(r for r in _forward_reads(cls) if r.rpartition(".")[0] == rel)
         if reads:
             return f"{type(ancestor).__name__}.forward reads {' and '.join(f'`self.{r}`' for r in reads)}"
@@ -188,16 +188,24 @@ def sparsify(
     return model
 
 
-# Parents whose forward reads their children's weights itself, given a class that does not
-# once a child is sparse (their other attributes and submodules stay).
-RETYPED = {nn.TransformerEncoderLayer: SparseTransformerEncoderLayer}
+def _retype_target(cls: type) -> type | None:
+    """The class a parent of this class gets once a layer below it is sparse (its own
+    forward reads that layer's weights itself; see transformer.Retyped), or None."""
+    if cls is nn.TransformerEncoderLayer:
+        return SparseTransformerEncoderLayer
+    if cls.__module__ == "torchvision.models.swin_transformer":
+        from . import swin  # imports torchvision: only for models that have it loaded
+
+        return swin.RETYPED.get(cls)
+    return None
 
 
 def _retype_parents(model: nn.Module) -> None:
     retyped: dict[int, nn.Module] = {}
     for name, module in list(model.named_modules(remove_duplicate=False)):
-        if name and type(module) in RETYPED and any(isinstance(m, SPARSE_TYPES) for m in module.modules()):
-            retyped.setdefault(id(module), RETYPED[type(module)].from_dense(module))
+        target = _retype_target(type(module)) if name else None
+        if target is not None and any(isinstance(m, SPARSE_TYPES) for m in module.modules()):
+            retyped.setdefault(id(module), target.from_dense(module))
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, retyped[id(module)])
 

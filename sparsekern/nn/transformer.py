@@ -15,6 +15,27 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class Retyped:
+    """Base of the parents sparsify gives another class (the same attributes and
+    submodules, so the same state_dict) once a layer below them is sparse, because their
+    own forward reads that layer's weights itself; export gives `dense_type` back."""
+
+    dense_type: type
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError(f"build {type(self).__name__} with {type(self).__name__}.from_dense(module)")
+
+    @classmethod
+    def from_dense(cls, module: nn.Module):
+        if type(module) is not cls.dense_type:
+            raise TypeError(f"{cls.__name__}.from_dense needs a {cls.dense_type.__name__}, got {type(module).__name__}")
+        return _retyped(module, cls)
+
+    def to_dense(self) -> nn.Module:
+        """The same module as a plain `dense_type` (its submodules shared)."""
+        return _retyped(self, self.dense_type)
+
+
 def _retyped(module: nn.Module, cls: type) -> nn.Module:
     """A `cls` with `module`'s attributes: the same submodules, parameters and settings
     (their containers copied, so changing one module's children leaves the other's)."""
@@ -23,22 +44,10 @@ def _retyped(module: nn.Module, cls: type) -> nn.Module:
     return new
 
 
-class SparseTransformerEncoderLayer(nn.TransformerEncoderLayer):
+class SparseTransformerEncoderLayer(Retyped, nn.TransformerEncoderLayer):
     """nn.TransformerEncoderLayer without the inference fast path; build it with from_dense."""
 
-    def __init__(self, *args, **kwargs):
-        raise TypeError("build SparseTransformerEncoderLayer with SparseTransformerEncoderLayer.from_dense(layer)")
-
-    @classmethod
-    def from_dense(cls, layer: nn.TransformerEncoderLayer) -> "SparseTransformerEncoderLayer":
-        if type(layer) is not nn.TransformerEncoderLayer:
-            raise TypeError(f"SparseTransformerEncoderLayer.from_dense needs an nn.TransformerEncoderLayer, "
-                            f"got {type(layer).__name__}")
-        return _retyped(layer, cls)
-
-    def to_dense(self) -> nn.TransformerEncoderLayer:
-        """The same layer as a plain nn.TransformerEncoderLayer (its submodules shared)."""
-        return _retyped(self, nn.TransformerEncoderLayer)
+    dense_type = nn.TransformerEncoderLayer
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal: bool = False):
         if src.is_nested:
