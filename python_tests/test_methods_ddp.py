@@ -13,18 +13,28 @@ import torch.multiprocessing as mp
 WORLD = 2
 
 
-def _train(rank, init_file, method_name, results):
+def _model(name):
+    if name == "vit":  # attention: SparseMultiheadAttention's projections under DDP
+        import torchvision
+
+        return torchvision.models.VisionTransformer(image_size=8, patch_size=4, num_layers=1, num_heads=2,
+                                                    hidden_dim=8, mlp_dim=16, num_classes=10)
+    from sparsekern.models import build_model
+
+    return build_model(name, (3, 8, 8), 10)
+
+
+def _train(rank, init_file, method_name, model_name, results):
     import torch.distributed as dist
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
     from sparsekern import methods as M
-    from sparsekern.models import build_model
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     torch.manual_seed(0)  # the same initial model on both ranks, as DDP requires
-    model = build_model("resnet20", (3, 8, 8), 10)
+    model = _model(model_name)
     method = {"dpf": lambda: M.DPF(model, sparsity=0.8, period=4),
               "l0": lambda: M.ConstrainedL0(model, target_density=0.5)}[method_name]()
     ddp = DistributedDataParallel(model)
@@ -43,12 +53,12 @@ def _train(rank, init_file, method_name, results):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("method_name", ["dpf", "l0"])
-def test_ranks_stay_identical_under_ddp(method_name):
+@pytest.mark.parametrize("method_name, model_name", [("dpf", "resnet20"), ("l0", "resnet20"), ("l0", "vit")])
+def test_ranks_stay_identical_under_ddp(method_name, model_name):
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp, ctx.Manager() as manager:
         results = manager.dict()
-        procs = [ctx.Process(target=_train, args=(r, f"{tmp}/init", method_name, results)) for r in range(WORLD)]
+        procs = [ctx.Process(target=_train, args=(r, f"{tmp}/init", method_name, model_name, results)) for r in range(WORLD)]
         for p in procs:
             p.start()
         for p in procs:
