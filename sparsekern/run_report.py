@@ -36,7 +36,7 @@ from . import __version__
 from . import plots
 from .nn import export as export_model
 from .nn.export import attention_macs, forward_with_layer_hooks
-from .nn.attention import IN_PROJ
+from .nn.attention import FLAT
 from .nn.modules import SPARSE_TYPES
 from .nn.report import layer_stats
 
@@ -83,8 +83,8 @@ def layer_rows(model: nn.Module, exported: nn.Module) -> list[dict]:
                    "nonzero": nz, "density": nz / m.weight.numel()}
         parent, _, child = name.rpartition(".")
         try:
-            if child == IN_PROJ and isinstance(exported.get_submodule(parent), nn.MultiheadAttention):
-                row["exported_shape"] = tuple(exported.get_submodule(parent).in_proj_weight.shape)
+            if child in FLAT and isinstance(exported.get_submodule(parent), nn.MultiheadAttention):
+                row["exported_shape"] = tuple(getattr(exported.get_submodule(parent), f"{child}_weight").shape)
             else:
                 row["exported_shape"] = tuple(exported.get_submodule(name).weight.shape)
         except AttributeError:

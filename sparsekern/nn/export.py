@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .purge import purge_channels
-from .attention import SparseMultiheadAttention
+from .attention import SparseMultiheadAttention, projection_names
 from .modules import SPARSE_TYPES, SparseLinear
 from .transformer import Retyped
 
@@ -55,25 +55,33 @@ def forward_with_layer_hooks(model: nn.Module, example: torch.Tensor, hook) -> N
 
 def attention_macs(m: nn.MultiheadAttention, inputs, nonzero: bool = False) -> int:
     """Multiply-accumulates of one attention call on inputs (query, key): its four
-    projections (q, k and v are the in-projection's three row blocks) and the two
-    weight-free products softmax(q kᵀ) v. nonzero: the projections count only nonzero
-    weights (an exported model's, where masks are baked in)."""
+    projections (q, k and v: the in-projection's three row blocks, or its three weights)
+    and the two weight-free products softmax(q kᵀ) v. nonzero: the projections count only
+    nonzero weights (an exported model's, where masks are baked in)."""
     query, key = inputs
     e = m.embed_dim
     if nonzero:
-        if isinstance(m, SparseMultiheadAttention):
-            w_in, w_out = (p.effective_weight()[0] if isinstance(p, SparseLinear) else p.weight
-                           for p in (m.in_proj, m.out_proj))
-        else:
-            w_in, w_out = m.in_proj_weight, m.out_proj.weight
-        q, k, v = (int(w.ne(0).sum()) for w in w_in.reshape(3, e, -1))
-        out = int(w_out.ne(0).sum())
+        q, k, v, out = (int(w.ne(0).sum()) for w in _attention_weights(m))
     else:
-        q = k = v = out = e * e
-    tokens_q, tokens_k = query.numel() // e, key.numel() // e
+        q, k, v, out = e * e, e * m.kdim, e * m.vdim, e * e
+    tokens_q, tokens_k = query.numel() // e, key.numel() // m.kdim  # value has as many as key
     seq_k = key.shape[1 if m.batch_first and key.dim() == 3 else 0]
     seq_k += (m.bias_k is not None) + bool(m.add_zero_attn)  # the extra key/value rows
     return tokens_q * (q + out) + tokens_k * (k + v) + 2 * tokens_q * seq_k * e
+
+
+def _attention_weights(m: nn.MultiheadAttention) -> list[torch.Tensor]:
+    """The q, k, v and output projection weights as used (masks applied), detached."""
+    if isinstance(m, SparseMultiheadAttention):
+        projections = [getattr(m, n) for n in projection_names(m)]
+        weights = [p.effective_weight()[0] if isinstance(p, SparseLinear) else p.weight for p in projections]
+    elif m._qkv_same_embed_dim:
+        weights = [m.in_proj_weight, m.out_proj.weight]
+    else:
+        weights = [m.q_proj_weight, m.k_proj_weight, m.v_proj_weight, m.out_proj.weight]
+    if len(weights) == 2:  # packed: q, k and v are the row blocks
+        weights = [*weights[0].detach().chunk(3), weights[1]]
+    return [w.detach() for w in weights]
 
 
 @torch.no_grad()

@@ -11,8 +11,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .attention import IN_PROJ, SparseMultiheadAttention
-from .attention import supported as attention_supported
+from .attention import SparseMultiheadAttention, projection_names
 from .masks import make_mask
 from .modules import SPARSE_TYPES, SparseConv2d, SparseLinear
 from .transformer import SparseTransformerEncoderLayer
@@ -33,7 +32,7 @@ def _unsupported(module: nn.Module) -> bool:
 
 
 # `self.<path>.weight` / `.bias` used as a tensor, not only for its metadata.
-_DIRECT_READ = re.compile(r"self\.((?:\w+\.)*\w+)\.(weight|bias|in_proj_weight|in_proj_bias)\b"
+_DIRECT_READ = re.compile(r"self\.((?:\w+\.)*\w+)\.(weight|bias|in_proj_weight|in_proj_bias|[qkv]_proj_weight)\b"
                           r"(?!\s*\.\s*(?:shape|dtype|device|size|ndim|dim|numel|requires_grad)\b)")
 
 
@@ -177,8 +176,8 @@ def sparsify(
                 options["seed"] = mask_options["seed"] + seeds
             if type(module) is nn.MultiheadAttention:
                 which = plan.projections[id(module)]
-                swapped[id(module)] = SparseMultiheadAttention.from_dense(module, mask, **which, **options)
-                seeds += sum(which.values())
+                swapped[id(module)] = SparseMultiheadAttention.from_dense(module, mask, projections=which, **options)
+                seeds += len(which)
             else:
                 swapped[id(module)] = SWAPS[type(module)].from_dense(module, mask, **options)
                 seeds += 1
@@ -212,36 +211,35 @@ def _retype_parents(model: nn.Module) -> None:
 
 class _Plan(NamedTuple):
     targets: list  # (name, module) to swap: every name of each chosen layer or attention
-    projections: dict  # id(attention) -> {"in_proj": bool, "out_proj": bool}
+    projections: dict  # id(attention) -> the names of its projections to mask
     layer_names: list  # the sparse layers' names after the swap, in module order (first names)
     new_layers: int  # how many sparse layers the swap makes
 
 
 def _plan(model: nn.Module, include, exclude) -> _Plan:
     """What sparsify(model, include=..., exclude=...) swaps, checked without changing the
-    model. An nn.MultiheadAttention `a` stands for two layers, `a.in_proj` and
-    `a.out_proj` (the names they get), selected by those names; it is swapped when either is."""
+    model. An nn.MultiheadAttention `a` stands for its projections, `a.in_proj` (or
+    `a.q_proj`, `a.k_proj`, `a.v_proj`) and `a.out_proj` (the names they get), selected by
+    those names; it is swapped when any is."""
     include, exclude = _patterns("include", include), _patterns("exclude", exclude)
     named = list(model.named_modules(remove_duplicate=False))
     attentions = [(n, m) for n, m in named if n and type(m) is nn.MultiheadAttention]
-    names = [n for n, _ in named if n] + [f"{n}.{IN_PROJ}" for n, _ in attentions]
+    names = [n for n, _ in named if n] + [f"{n}.{p}" for n, m in attentions for p in projection_names(m)[:-1]]
     for arg, patterns in (("include", include), ("exclude", exclude)):
         for p in patterns:
             if not any(_matches(p, name) for name in names):
                 shown = p if isinstance(p, str) else p.pattern
                 raise ValueError(f"`{arg}` pattern {shown!r} matches no module of the model")
 
-    projections: dict[int, dict] = {}
+    projections: dict[int, list[str]] = {}  # id(attention) -> the projections to mask, in order
     for n, m in attentions:
-        which = {proj: _selected(f"{n}.{proj}", include, exclude) for proj in (IN_PROJ, "out_proj")}
-        if any(which.values()):
-            old = projections.get(id(m), {})  # shared: selected under any of its names
-            projections[id(m)] = {k: v or old.get(k, False) for k, v in which.items()}
+        old = projections.get(id(m), [])  # shared: selected under any of its names
+        which = [p for p in projection_names(m) if p in old or _selected(f"{n}.{p}", include, exclude)]
+        if which:
+            projections[id(m)] = which
     out_projs = {id(m.out_proj) for _, m in attentions}
     selected = [(n, m) for n, m in named if n and id(m) not in out_projs and _selected(n, include, exclude)]
     refused = [f"{n!r} ({type(m).__name__})" for n, m in selected if _unsupported(m)]
-    refused += [f"{n!r} (MultiheadAttention with kdim or vdim != embed_dim)" for n, m in attentions
-                if id(m) in projections and not attention_supported(m)]
     if refused:
         raise TypeError(
             f"sparsify supports nn.Linear, nn.Conv2d and nn.MultiheadAttention only; cannot sparsify "
@@ -250,13 +248,14 @@ def _plan(model: nn.Module, include, exclude) -> _Plan:
     # Each layer to be masked, by the name it will have.
     layers = [(n, m) for n, m in selected if type(m) in SWAPS]
     for n, m in attentions:
-        layers += [(f"{n}.{proj}", m) for proj, on in projections.get(id(m), {}).items() if on]
+        layers += [(f"{n}.{proj}", m) for proj in projections.get(id(m), [])]
     bypassed: dict[str, list[str]] = {}
     for n, m in layers:
         parent, _, proj = n.rpartition(".")
         if type(m) is nn.MultiheadAttention:
-            # Read as `<attention>.in_proj_weight` / `<attention>.out_proj.weight` above it.
-            why = _bypassed(model, parent) if proj == IN_PROJ else _bypassed(model, n, own_parent=True)
+            # Read as `<attention>.in_proj_weight` (q_proj_weight, ...) or
+            # `<attention>.out_proj.weight` above it.
+            why = _bypassed(model, n, own_parent=True) if proj == "out_proj" else _bypassed(model, parent)
         else:
             why = _bypassed(model, n)
         if why is not None:
@@ -277,10 +276,10 @@ def _plan(model: nn.Module, include, exclude) -> _Plan:
     layer_names = []
     for n, m in model.named_modules():
         if id(m) in projections:
-            layer_names += [f"{n}.{proj}" for proj, on in projections[id(m)].items() if on]
+            layer_names += [f"{n}.{proj}" for proj in projections[id(m)]]
         elif id(m) in chosen or isinstance(m, SPARSE_TYPES):
             layer_names.append(n)
-    new_layers = sum(sum(projections[i].values()) if i in projections else 1 for i in chosen)
+    new_layers = sum(len(projections[i]) if i in projections else 1 for i in chosen)
     return _Plan(targets, projections, layer_names, new_layers)
 
 
