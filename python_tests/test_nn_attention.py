@@ -229,6 +229,11 @@ def test_bad_arguments(call, error, match):
         call()
 
 
+def test_one_projection_by_name():
+    sparse = SparseMultiheadAttention.from_dense(nn.MultiheadAttention(E, HEADS), projections="out_proj")
+    assert type(sparse.in_proj) is nn.Linear and type(sparse.out_proj) is SparseLinear
+
+
 def test_bad_mask_options_leave_the_model_untouched():
     model = Block()
     with pytest.raises(ValueError, match="m0"):

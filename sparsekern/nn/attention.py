@@ -62,6 +62,8 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         if type(module) is not nn.MultiheadAttention:
             raise TypeError(f"SparseMultiheadAttention.from_dense needs an nn.MultiheadAttention, got {type(module).__name__}")
         names = projection_names(module)
+        if isinstance(projections, str):
+            projections = [projections]
         chosen = set(names if projections is None else projections)
         if not chosen or not chosen <= set(names):
             raise ValueError(f"`projections` must name some of {list(names)}, got {sorted(chosen)}")
