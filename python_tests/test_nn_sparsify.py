@@ -193,6 +193,13 @@ def test_an_ancestor_reading_a_nested_path_is_refused():
     assert [n for n, _ in sparse_modules(model)] == ["attn.fc", "head"]
 
 
+@pytest.mark.parametrize("layer, use", [(nn.Linear(3, 2), "SparseLinear"), (nn.Conv2d(3, 2, 1), "SparseConv2d"),
+                                        (nn.MultiheadAttention(4, 2), "SparseMultiheadAttention")])
+def test_a_bare_layer_is_pointed_to_from_dense(layer, use):
+    with pytest.raises(TypeError, match=f"cannot replace the model itself.*{use}.from_dense"):
+        sparsify(layer)
+
+
 def test_not_a_module():
     with pytest.raises(TypeError, match="nn.Module"):
         sparsify(torch.zeros(3))

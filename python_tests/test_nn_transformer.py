@@ -76,6 +76,19 @@ def test_masks_hold_in_inference_and_export_matches(batch_first, norm_first):
                                            else expected[padded], rtol=1e-5, atol=1e-6)
 
 
+def test_an_encoder_layer_sparsified_itself_changes_class_in_place():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(D, HEADS, dim_feedforward=16, dropout=0.0, batch_first=True)
+    assert sparsify(layer) is layer and type(layer) is SparseTransformerEncoderLayer
+    prune_at_random(layer)
+    x, _ = data(True)
+    layer.eval()
+    expected = layer(x)  # gradients on: the path through the submodules
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected)
+        torch.testing.assert_close(export(layer).model(x), expected)
+
+
 def test_a_layer_with_nothing_sparse_keeps_its_class():
     model = encoder()
     sparsify(model, exclude=["layers.1"])

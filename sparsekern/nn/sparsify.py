@@ -202,11 +202,15 @@ def _retype_target(cls: type) -> type | None:
 def _retype_parents(model: nn.Module) -> None:
     retyped: dict[int, nn.Module] = {}
     for name, module in list(model.named_modules(remove_duplicate=False)):
-        target = _retype_target(type(module)) if name else None
-        if target is not None and any(isinstance(m, SPARSE_TYPES) for m in module.modules()):
-            retyped.setdefault(id(module), target.from_dense(module))
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, retyped[id(module)])
+        target = _retype_target(type(module))
+        if target is None or not any(isinstance(m, SPARSE_TYPES) for m in module.modules()):
+            continue
+        if not name:  # the model itself: sparsify works in place, so its class changes
+            model.__class__ = target
+            continue
+        retyped.setdefault(id(module), target.from_dense(module))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, retyped[id(module)])
 
 
 class _Plan(NamedTuple):
@@ -222,6 +226,10 @@ def _plan(model: nn.Module, include, exclude) -> _Plan:
     `a.q_proj`, `a.k_proj`, `a.v_proj`) and `a.out_proj` (the names they get), selected by
     those names; it is swapped when any is."""
     include, exclude = _patterns("include", include), _patterns("exclude", exclude)
+    root = {**{k: v.__name__ for k, v in SWAPS.items()}, nn.MultiheadAttention: "SparseMultiheadAttention"}
+    if type(model) in root:
+        raise TypeError(f"sparsify swaps a model's layers in place and cannot replace the model itself, a "
+                        f"{type(model).__name__}: use {root[type(model)]}.from_dense(model)")
     named = list(model.named_modules(remove_duplicate=False))
     attentions = [(n, m) for n, m in named if n and type(m) is nn.MultiheadAttention]
     names = [n for n, _ in named if n] + [f"{n}.{p}" for n, m in attentions for p in projection_names(m)[:-1]]
