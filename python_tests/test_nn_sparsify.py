@@ -3,6 +3,7 @@ torchvision state_dict compatibility both ways, refusing unsupported layers by n
 layers whose parameters a parent's forward reads directly, and checking every argument
 before the model changes."""
 import re
+import warnings
 
 import pytest
 import torch
@@ -234,3 +235,37 @@ def test_every_torchvision_classifier_sparsifies_whole():
         left = [n for n, m in model.named_modules() if type(m) in plain]
         assert not left, f"{name}: {left[:3]} left dense"
     assert len(names) >= 80  # torchvision 0.29.1 has 80
+
+
+class ReadsInAHelper(nn.Module):
+    """Reads fc's weight in a method sparsify's source check does not look at."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self._mix(x))
+
+    def _mix(self, x):
+        return torch.nn.functional.linear(x, self.fc.weight, self.fc.bias)
+
+
+def test_a_mask_no_forward_applies_is_warned_about_once():
+    from sparsekern import methods as M
+
+    model = ReadsInAHelper()
+    method = M.DPF(model, sparsity=0.5, ignore_classifier=False)  # head applies its mask
+    opt = torch.optim.SGD(method.param_groups(lr=0.1))
+    method.step()  # no forward yet: nothing to say
+    for expected in (1, 0):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(torch.randn(3, 4)).sum().backward()
+            opt.step()
+            method.step()
+        bypassed = [w for w in caught if "did not apply their mask" in str(w.message)]
+        assert len(bypassed) == expected
+        if expected:
+            assert "['fc']" in str(bypassed[0].message) and bypassed[0].filename == __file__

@@ -18,6 +18,7 @@ A method file holds only what is its own: the mask kind, its arguments, and the 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -119,11 +120,33 @@ class PruningMethod:
         keeps binary-masked weights exactly zero (momentum or weight decay could move
         them), runs the method's per-step hook and saves the rewind point when due."""
         self.iteration += 1
+        if not self._checked_masks_applied:
+            self._check_masks_applied()
         project_layers([layer for _, layer in self.layers])
         self._after_step()  # may change masks: zero binary-masked weights after it
         self._zero_binary_masked()
         if self.round_based and self._rewind_state is None and self.iteration == self.rewind_iteration:
             self._save_rewind_point()
+
+    _checked_masks_applied = False
+
+    def _check_masks_applied(self) -> None:
+        """Once, at the first step after a forward applied some layer's mask: warns naming
+        the layers whose mask no forward has applied. sparsify refuses the parents it can see
+        reading a layer's weight themselves (in their forward's source); one that does it
+        elsewhere (a helper method, another module) would train and export a model whose
+        masks were never used, and this is how it shows."""
+        idle = [name for name, layer in self.layers if not getattr(layer, "_mask_applied", False)]
+        if len(idle) == len(self.layers):
+            return  # no forward yet (or one that bypassed every mask: not told apart)
+        self._checked_masks_applied = True
+        if idle:
+            warnings.warn(
+                f"{len(idle)} sparse layer(s) did not apply their mask in any forward so far: {idle[:5]}"
+                f"{' ...' if len(idle) > 5 else ''}. Unused layers are harmless; if the model uses their weights some "
+                "other way (a parent module passing `.weight` to a function), the masks are bypassed: exclude them.",
+                stacklevel=4,  # the caller of step() (through torch.no_grad's wrapper)
+            )
 
     @torch.no_grad()
     def _zero_binary_masked(self) -> None:
