@@ -269,3 +269,16 @@ def test_a_mask_no_forward_applies_is_warned_about_once():
         assert len(bypassed) == expected
         if expected:
             assert "['fc']" in str(bypassed[0].message) and bypassed[0].filename == __file__
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_torch_export_of_a_sparse_model_runs_without_side_effect_warnings(strict):
+    # The layers note that their mask ran (for the warning above), except under
+    # torch.export, whose strict mode warned about side effects in the forward.
+    model = sparsify(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))).eval()
+    x = torch.randn(3, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        program = torch.export.export(model, (x,), strict=strict)
+    assert not [w for w in caught if "side effect" in str(w.message)]
+    torch.testing.assert_close(program.module()(x), model(x))

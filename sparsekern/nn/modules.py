@@ -61,7 +61,10 @@ class _SparseMixin:
         # For PruningMethod's check that every layer's mask took part in a forward (a
         # parent reading the weight itself would bypass it). Eager: set once (a module
         # setattr costs 1.3 us, the read 0.1). Compiled: always set, a side effect dynamo
-        # replays; reading it there would add a guard that fails once it is set.
+        # replays; reading it there would add a guard that fails once it is set. Not in
+        # torch.export, which warns about side effects in the forward.
+        if torch.compiler.is_exporting():
+            return
         if torch.compiler.is_compiling() or not self.__dict__.get("_mask_applied", False):
             self._mask_applied = True
 
