@@ -40,7 +40,7 @@ def _retyped(module: nn.Module, cls: type) -> nn.Module:
     """A `cls` with `module`'s attributes: the same submodules, parameters and settings
     (their containers copied, so changing one module's children leaves the other's)."""
     new = cls.__new__(cls)
-    new.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in module.__dict__.items()})
+    new.__dict__.update({k: v.copy() if isinstance(v, (dict, set)) else v for k, v in module.__dict__.items()})
     return new
 
 
