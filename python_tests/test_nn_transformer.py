@@ -177,3 +177,40 @@ def test_torchvision_swin_attention_applies_its_masks(v2):
     qkv = model.features[1][0].attn.qkv
     torch.testing.assert_close(qkv.weight.grad, qkv.weight.grad * qkv.weight_mask)  # G ⊙ m
     assert bool(qkv.weight.grad.abs().sum() > 0)
+
+
+def test_purge_removes_feed_forward_units_of_encoder_and_decoder_layers():
+    # linear2 ignoring a unit (encoder layer), linear1 giving one a constant (decoder
+    # layer: gelu(bias) moves into linear2's bias). torch.fx sees these layers as leaves.
+    torch.manual_seed(0)
+    model = nn.Transformer(D, HEADS, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=16,
+                           dropout=0.1, activation="gelu", batch_first=True)
+    with torch.no_grad():
+        model.encoder.layers[0].linear2.weight[:, :6] = 0
+        model.decoder.layers[0].linear1.weight[3:12] = 0
+    model.eval()
+    src, tgt = torch.randn(2, 5, D), torch.randn(2, 4, D)
+    with torch.no_grad():
+        expected = model(src, tgt)
+    exported = export(model, purge=True)
+    assert exported.stats["removed_channels"] == {"encoder.layers.0.linear1": 6, "decoder.layers.0.linear1": 9}
+    dense = exported.model.eval()
+    assert dense.encoder.layers[0].linear1.out_features == 10 and dense.decoder.layers[0].linear2.in_features == 7
+    with torch.no_grad():
+        torch.testing.assert_close(dense(src, tgt), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_structured_l0_closes_feed_forward_units_that_purge_then_removes():
+    model = encoder()
+    method = M.ConstrainedL0(model, 0.5, structured=True)
+    with torch.no_grad():  # close half of each linear2's input gates (its hidden units)
+        for layer in model.layers:
+            layer.linear2.weight_log_alpha[..., ::2] = -10.0
+    model.eval()
+    x, _ = data(True)
+    with torch.no_grad():
+        expected = model(x)
+    exported = method.export(purge=True)
+    assert exported.stats["removed_channels"] == {"layers.0.linear1": 8, "layers.1.linear1": 8}
+    with torch.no_grad():
+        torch.testing.assert_close(exported.model.eval()(x), expected, rtol=1e-5, atol=1e-6)

@@ -14,6 +14,9 @@ Channel o of a group is removed when removing it cannot change any consumer's in
   a consumer, or is folded exactly into that consumer's bias (a Linear, or a Conv2d without
   padding; with padding the borders see zeros, not the constant, so the channel stays).
 The result equals the input model in eval mode (BatchNorm with running statistics).
+
+torch.fx sees nn.TransformerEncoderLayer / DecoderLayer as leaves, so their feed-forward
+hidden units get a pass of their own (_purge_transformer_feedforward), by the same rules.
 """
 from __future__ import annotations
 
@@ -310,6 +313,56 @@ def purge_channels(model: nn.Module, example: torch.Tensor | None = None) -> tup
     try:
         model.eval()
         with torch.no_grad():
-            return _Purger(model, example).run()
+            removed = _purge_transformer_feedforward(model)
+            if type(model) in _TRANSFORMERS:
+                # torch's own transformer as the model: fx sees it whole inside a model
+                # (a leaf), and its forward does not trace; nothing for the fx pass.
+                return removed, {}
+            more_removed, kept_zero = _Purger(model, example).run()
+            return {**removed, **more_removed}, kept_zero
     finally:
         model.train(was_training)
+
+
+_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_TRANSFORMERS = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder, *_TRANSFORMER_LAYERS)
+
+
+def _purge_transformer_feedforward(model: nn.Module) -> dict:
+    """The hidden units of every nn.TransformerEncoderLayer / DecoderLayer's feed-forward
+    block, linear2(dropout(activation(linear1(x)))): torch.fx sees these layers as leaves,
+    so they get their own pass. Unit j goes when linear2 ignores it (column j all zero), or
+    when linear1's row j is all zero: it then carries activation(bias1[j]) (dropout is the
+    identity in eval), which moves into linear2's bias. One unit is always kept. Reported
+    under `<layer>.linear1`, as the fx pass reports a producer."""
+    owners = Counter(id(p) for _, m in model.named_modules(remove_duplicate=False) for p in m.parameters(recurse=False))
+    removed = {}
+    for name, layer in model.named_modules():
+        if type(layer) not in _TRANSFORMER_LAYERS:
+            continue
+        first, second = layer.linear1, layer.linear2
+        if type(first) is not nn.Linear or type(second) is not nn.Linear or any(
+                owners[id(p)] > 1 for m in (first, second) for p in m.parameters(recurse=False)):
+            continue  # swapped for something else, or tied: not ours to slice
+        ignored = second.weight.eq(0).all(0)
+        constant = first.weight.eq(0).all(1)
+        bias = first.bias if first.bias is not None else torch.zeros_like(first.weight[:, 0])
+        value = layer.activation(bias)  # each constant unit's output
+        removable = ignored | constant
+        if bool(removable.all()):
+            removable[0] = False
+        fold = removable & ~ignored & (value != 0)
+        if bool(fold.any()):
+            delta = (second.weight[:, fold].double() @ value[fold].double()).to(second.weight.dtype)
+            if second.bias is None:
+                second.bias = nn.Parameter(torch.zeros_like(delta), requires_grad=second.weight.requires_grad)
+            second.bias.add_(delta)
+        key = f"{name}.linear1" if name else "linear1"
+        if bool(removable.any()):
+            keep = ~removable
+            _slice_out(first, keep)
+            _set_param(second, "weight", second.weight[:, keep])
+            second.in_features = int(keep.sum())
+            removed[key] = int(removable.sum())
+    return removed
+
