@@ -36,12 +36,6 @@ DEFAULT_DROPRATE = {True: 0.3, False: 0.1}  # structured / unstructured (METHODS
 GLOBAL = "global"  # the group name of the model-wise constraint
 
 
-def _layer_names(model: nn.Module, include, exclude) -> list[str]:
-    """The names base.__init__'s sparsify() will give the sparse layers, computed without
-    touching the model (so a bad layer name raises first)."""
-    return planned_layer_names(model, include, exclude)
-
-
 class _HardConcreteMethod(PruningMethod):
     """What both L0 methods share: the gates' options, the init rescaling, the expected
     density and the expected-L2 term."""
@@ -180,7 +174,7 @@ class ConstrainedL0(_HardConcreteMethod):
                 if not isinstance(name, str):
                     raise TypeError(f"`target_density` keys must be layer names (str), got {type(name).__name__}")
                 check_real(f"target_density[{name!r}]", eps, low=0.0, high=1.0, low_open=True)
-            names = _layer_names(model, include, exclude)
+            names = planned_layer_names(model, include, exclude)  # before sparsify: a bad name raises first
             unknown = sorted(set(target_density) - set(names))
             if unknown:
                 raise ValueError(f"`target_density` names unknown layers {unknown}; the sparse layers are {names}")

@@ -80,7 +80,7 @@ def _attention_weights(m: nn.MultiheadAttention) -> list[torch.Tensor]:
     else:
         weights = [m.q_proj_weight, m.k_proj_weight, m.v_proj_weight, m.out_proj.weight]
     if len(weights) == 2:  # packed: q, k and v are the row blocks
-        weights = [*weights[0].detach().chunk(3), weights[1]]
+        weights = [*weights[0].chunk(3), weights[1]]
     return [w.detach() for w in weights]
 
 

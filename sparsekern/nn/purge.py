@@ -78,9 +78,7 @@ class _Purger:
         if example is not None:
             ShapeProp(self.gm).propagate(example)
         self.calls = Counter(n.target for n in self.gm.graph.nodes if n.op == "call_module")
-        # Parameters that appear in more than one module are tied; slicing one would untie them.
-        owners = Counter(id(p) for _, m in model.named_modules(remove_duplicate=False) for p in m.parameters(recurse=False))
-        self.tied = {pid for pid, n in owners.items() if n > 1}
+        self.tied = _tied(model)
 
     def _exclusive(self, node: fx.Node) -> bool:
         """Called once in the graph and owning untied parameters: safe to slice."""
@@ -277,6 +275,13 @@ class _Purger:
         return int(removable.sum()), int((dead & keep).sum())
 
 
+def _tied(model: nn.Module) -> set[int]:
+    """ids of the parameters that appear in more than one module: tied, so slicing one
+    would untie them."""
+    owners = Counter(id(p) for _, m in model.named_modules(remove_duplicate=False) for p in m.parameters(recurse=False))
+    return {pid for pid, n in owners.items() if n > 1}
+
+
 def _set_param(m: nn.Module, name: str, value: torch.Tensor) -> None:
     old = getattr(m, name)
     setattr(m, name, nn.Parameter(value.contiguous().clone(), requires_grad=old.requires_grad))
@@ -335,14 +340,14 @@ def _purge_transformer_feedforward(model: nn.Module) -> dict:
     when linear1's row j is all zero: it then carries activation(bias1[j]) (dropout is the
     identity in eval), which moves into linear2's bias. One unit is always kept. Reported
     under `<layer>.linear1`, as the fx pass reports a producer."""
-    owners = Counter(id(p) for _, m in model.named_modules(remove_duplicate=False) for p in m.parameters(recurse=False))
+    tied = _tied(model)
     removed = {}
     for name, layer in model.named_modules():
         if type(layer) not in _TRANSFORMER_LAYERS:
             continue
         first, second = layer.linear1, layer.linear2
         if type(first) is not nn.Linear or type(second) is not nn.Linear or any(
-                owners[id(p)] > 1 for m in (first, second) for p in m.parameters(recurse=False)):
+                id(p) in tied for m in (first, second) for p in m.parameters(recurse=False)):
             continue  # swapped for something else, or tied: not ours to slice
         ignored = second.weight.eq(0).all(0)
         constant = first.weight.eq(0).all(1)
@@ -357,12 +362,11 @@ def _purge_transformer_feedforward(model: nn.Module) -> dict:
             if second.bias is None:
                 second.bias = nn.Parameter(torch.zeros_like(delta), requires_grad=second.weight.requires_grad)
             second.bias.add_(delta)
-        key = f"{name}.linear1" if name else "linear1"
         if bool(removable.any()):
             keep = ~removable
             _slice_out(first, keep)
             _set_param(second, "weight", second.weight[:, keep])
             second.in_features = int(keep.sum())
-            removed[key] = int(removable.sum())
+            removed[f"{name}.linear1" if name else "linear1"] = int(removable.sum())
     return removed
 

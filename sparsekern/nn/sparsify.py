@@ -145,8 +145,11 @@ def sparsify(
 ) -> nn.Module:
     """Replaces every selected nn.Linear and nn.Conv2d of `model` by SparseLinear /
     SparseConv2d with mask kind `mask` and `mask_options`, in place, and returns `model`.
-    An nn.MultiheadAttention counts as two layers, `<name>.in_proj` and `<name>.out_proj`,
-    and becomes a SparseMultiheadAttention masking the ones selected.
+    An nn.MultiheadAttention counts as its projections, `<name>.in_proj` (or `.q_proj`,
+    `.k_proj`, `.v_proj`) and `<name>.out_proj`, and becomes a SparseMultiheadAttention
+    masking the ones selected. A parent whose own forward reads a sparse layer's weight
+    (nn.TransformerEncoderLayer, torchvision's Swin attention) changes class in place to
+    one that applies the mask (transformer.Retyped).
 
     A layer is selected when it matches some `include` pattern (all layers when include is
     None) and no `exclude` pattern; patterns are matched against module names (see
@@ -200,17 +203,11 @@ def _retype_target(cls: type) -> type | None:
 
 
 def _retype_parents(model: nn.Module) -> None:
-    retyped: dict[int, nn.Module] = {}
-    for name, module in list(model.named_modules(remove_duplicate=False)):
+    # In place, like the rest of sparsify: the model itself and shared parents included.
+    for module in model.modules():
         target = _retype_target(type(module))
-        if target is None or not any(isinstance(m, SPARSE_TYPES) for m in module.modules()):
-            continue
-        if not name:  # the model itself: sparsify works in place, so its class changes
-            model.__class__ = target
-            continue
-        retyped.setdefault(id(module), target.from_dense(module))
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, retyped[id(module)])
+        if target is not None and any(isinstance(m, SPARSE_TYPES) for m in module.modules()):
+            module.__class__ = target
 
 
 class _Plan(NamedTuple):

@@ -4,9 +4,9 @@
 torchvision's Swin attention passes self.qkv.weight and self.proj.weight to the attention
 function itself, so a mask on those layers would never apply (before sparsify refused them,
 DPF and concave trained a swin_t whose export differed from the trained model by 0.28 and
-0.13). sparsify gives an attention holding a sparse layer the subclass here (same
-attributes, submodules and state_dict), whose forward differs only in the weights it
-passes; export gives torchvision's class back. Imported only when a model has Swin
+0.13). sparsify changes an attention holding a sparse layer to the subclass here, in
+place (same attributes, submodules and state_dict), whose forward differs only in the
+weights it passes; export gives torchvision's class back. Imported only when a model has Swin
 attention (it imports torchvision).
 """
 from __future__ import annotations

@@ -3,10 +3,11 @@ its layers' own forwards, so the sparse layers sparsify puts inside it are appli
 
 nn.TransformerEncoderLayer has an inference fast path (eval mode, no gradient needed) that
 hands self_attn.in_proj_weight, linear1.weight, ... to one fused kernel itself: a mask on
-any of them would be skipped exactly when the model is deployed. sparsify gives an encoder
-layer holding a sparse layer this class instead (same attributes and submodules, so the
-same state_dict and repr), whose forward is nn.TransformerEncoderLayer's other path; export
-gives the plain class back, fast path included, once the masks are baked in.
+any of them would be skipped exactly when the model is deployed. sparsify changes an
+encoder layer holding a sparse layer to this class, in place (same attributes and
+submodules, so the same state_dict and repr), whose forward is nn.TransformerEncoderLayer's
+other path; export gives the plain class back, fast path included, once the masks are
+baked in.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from torch import nn
 
 
 class Retyped:
-    """Base of the parents sparsify gives another class (the same attributes and
-    submodules, so the same state_dict) once a layer below them is sparse, because their
-    own forward reads that layer's weights itself; export gives `dense_type` back."""
+    """Base of the classes sparsify gives a parent, in place (same attributes and
+    submodules, so the same state_dict), once a layer below it is sparse, because its own
+    forward reads that layer's weights itself; export gives `dense_type` back. from_dense /
+    to_dense make a new module sharing the submodules instead."""
 
     dense_type: type
 
