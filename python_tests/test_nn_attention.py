@@ -223,6 +223,8 @@ def test_attention_whose_parent_reads_its_weights_is_refused():
      ValueError, r"some of \['in_proj', 'out_proj'\], got \['q_proj'\]"),
     (lambda: SparseMultiheadAttention.from_dense(nn.MultiheadAttention(E, HEADS), "relaxed", m0=2.0), ValueError, "m0"),
     (lambda: SparseMultiheadAttention(E, HEADS), TypeError, "from_dense"),
+    (lambda: SparseMultiheadAttention.from_dense(nn.MultiheadAttention(E, HEADS), projections=3), TypeError,
+     "`projections` must be"),
 ])
 def test_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):

@@ -64,6 +64,9 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         names = projection_names(module)
         if isinstance(projections, str):
             projections = [projections]
+        if projections is not None and not (
+                isinstance(projections, (list, tuple, set, frozenset)) and all(isinstance(p, str) for p in projections)):
+            raise TypeError(f"`projections` must be a projection name or a list of them, got {projections!r}")
         chosen = set(names if projections is None else projections)
         if not chosen or not chosen <= set(names):
             raise ValueError(f"`projections` must name some of {list(names)}, got {sorted(chosen)}")
