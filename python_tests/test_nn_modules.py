@@ -72,7 +72,8 @@ def reference_gate(layer, state, offset_before):
     if layer.training:
         u = ops.reference.hard_concrete_uniform(x.shape, m.seed, offset_before, x.dtype, x.device)
         x = x + torch.log(u) - torch.log(1 - u)
-    return (torch.sigmoid(x / HC["beta"]) * (HC["zeta"] - HC["gamma"]) + HC["gamma"]).clamp(0, 1)
+    g = (torch.sigmoid(x / HC["beta"]) * (HC["zeta"] - HC["gamma"]) + HC["gamma"]).clamp(0, 1)
+    return g.repeat_interleave(m.inputs_per_gate, dim=1)  # a gate per block of inputs (attention heads)
 
 
 def state_name(layer):

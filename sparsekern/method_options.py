@@ -62,7 +62,8 @@ METHODS: dict[str, tuple[str | None, str | None, str]] = {
            "Constrained L0 with hard-concrete gates (Gallego-Posada et al., NeurIPS 2022; Louizos "
            "et al. 2018): expected density <= target enforced by Lagrange multipliers "
            "(simultaneous GDA with dual restarts), gates beta=2/3, gamma=-0.1, zeta=1.1; "
-           "structured gates (one per conv channel / linear input) make the export purged."),
+           "structured gates (one per conv channel / linear input / attention head) make the export "
+           "purged."),
     "l0-penalized": ("l0", "PenalizedL0",
                      "Penalised L0 (Louizos et al. 2018), the constrained paper's foil: loss + "
                      "lam * sum E[L0] with hard-concrete gates; the achieved density follows lam."),
@@ -96,8 +97,8 @@ FALLBACK_HELP = {
     "initial_sparsity": "sparsity at start_iteration",
     "period": "steps between two mask recomputations",
     "mode": "how the mask is chosen",
-    "structured": "one gate per conv output channel / linear input neuron instead of per weight "
-                  "(the export is purged)",
+    "structured": "one gate per conv output channel / linear input neuron (attention out_proj: "
+                  "per head) instead of per weight (the export is purged)",
     "layerwise": "one density constraint per layer instead of one for the whole model",
 }
 

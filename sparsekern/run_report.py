@@ -16,7 +16,7 @@ binary ticket. It is saved twice:
 Both are checked: the .pt2 is loaded back and compared with the exported module, and the
 exported module with the masked model, on test inputs.
 
-Model size, dense vs exported: params and MACs (Conv2d/Linear/MultiheadAttention
+Model size, dense vs exported: params and MACs (Conv2d/Linear/attention
 multiply-accumulates for one input, sparsekern.nn.count_macs) of the dense architecture and of the exported model, and
 the exported model's nonzero params and "nonzero MACs" (each layer's MACs counting only
 its nonzero weights: what a kernel that skips zeros would do).
@@ -35,7 +35,7 @@ from torch import nn
 from . import __version__
 from . import plots
 from .nn import export as export_model
-from .nn.export import attention_macs, forward_with_layer_hooks
+from .nn.export import ATTENTION, attention_macs, forward_with_layer_hooks
 from .nn.attention import FLAT
 from .nn.modules import SPARSE_TYPES
 from .nn.report import layer_stats
@@ -54,7 +54,7 @@ def nonzero_macs(model: nn.Module, example: torch.Tensor) -> int:
 
     def hook(m, inputs, out):
         nonlocal total
-        if isinstance(m, nn.MultiheadAttention):
+        if isinstance(m, ATTENTION):
             total += attention_macs(m, inputs, nonzero=True)
             return
         rows = m.weight.reshape(m.weight.shape[0], -1).ne(0).sum(1)  # nonzero weights per output channel
@@ -83,7 +83,7 @@ def layer_rows(model: nn.Module, exported: nn.Module) -> list[dict]:
                    "nonzero": nz, "density": nz / m.weight.numel()}
         parent, _, child = name.rpartition(".")
         try:
-            if child in FLAT and isinstance(exported.get_submodule(parent), nn.MultiheadAttention):
+            if child in FLAT and isinstance(exported.get_submodule(parent), ATTENTION):
                 row["exported_shape"] = tuple(getattr(exported.get_submodule(parent), f"{child}_weight").shape)
             else:
                 row["exported_shape"] = tuple(exported.get_submodule(name).weight.shape)

@@ -2,7 +2,7 @@
 penalised baseline (Louizos et al., 2018); METHODS.md.
 
 Every group of weights (one weight, or a conv output channel / linear input neuron when
-structured) gets a gate z ~ HardConcrete(log α), sampled once per forward in training
+structured; an attention's out_proj: the inputs of one head) gets a gate z ~ HardConcrete(log α), sampled once per forward in training
 and the median gate in eval. The expected density of a set of layers is
 Σ_j size_j·P(z_j ≠ 0) / Σ_j size_j, differentiable in log α.
 
@@ -94,7 +94,7 @@ class _HardConcreteMethod(PruningMethod):
         for _, layer in self.layers:
             mask = layer.mask
             p = torch.sigmoid(layer.weight_log_alpha.detach() - mask.beta * math.log(-mask.gamma / mask.zeta))
-            total = total + (p * layer.weight.square()).sum()  # p broadcasts over a group
+            total = total + (mask.expand_gate(p) * layer.weight.square()).sum()  # p broadcasts over a group
         return 0.5 * self.l2_weight * total
 
     @torch.no_grad()

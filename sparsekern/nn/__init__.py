@@ -1,6 +1,7 @@
 """The module layer: sparse layers, mask kinds, sparsify(), export()/purge and report()."""
 from .attention import SparseMultiheadAttention
 from .export import Exported, count_macs, count_params, export
+from .heads import PrunedMultiheadAttention
 from .masks import (
     MASK_KINDS,
     BinaryMask,
@@ -22,6 +23,7 @@ __all__ = [
     "SparseConv2d",
     "SparseMultiheadAttention",
     "SparseTransformerEncoderLayer",
+    "PrunedMultiheadAttention",
     "sparsify",
     "sparse_modules",
     "export",

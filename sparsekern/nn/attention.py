@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .masks import HardConcreteMask, mask_kind_class
 from .modules import SparseLinear
 
 # The in-projection children, named as nn.MultiheadAttention names the parameters they
@@ -40,6 +41,11 @@ def weight_and_bias(proj: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]
     if isinstance(proj, SparseLinear):
         return proj.masked_weight(), proj.bias
     return proj.weight, proj.bias
+
+
+def _per_input_gates(mask, options: dict) -> bool:
+    """Whether `mask` with `options` gates a Linear per input neuron (structured L0)."""
+    return isinstance(mask, str) and mask_kind_class(mask) is HardConcreteMask and bool(options.get("structured"))
 
 
 class SparseMultiheadAttention(nn.MultiheadAttention):
@@ -84,6 +90,10 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
             dense.train(module.training)
             if name in chosen:
                 options = dict(mask_options) if seeds is None else {**mask_options, "seed": next(seeds)}
+                if name == "out_proj" and _per_input_gates(mask, options):
+                    # Its inputs are the heads' outputs, head_dim each: one gate per head
+                    # closes a whole head, which purge then removes (q, k, v rows too).
+                    options.setdefault("inputs_per_gate", module.head_dim)
                 dense = SparseLinear.from_dense(dense, mask, **options)
             children[name] = dense
         new = cls.__new__(cls)

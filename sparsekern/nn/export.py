@@ -9,11 +9,14 @@ from torch import nn
 
 from .purge import purge_channels
 from .attention import SparseMultiheadAttention, projection_names
+from .heads import PrunedMultiheadAttention
 from .modules import SPARSE_TYPES, SparseLinear
 from .transformer import Retyped
 
 # Modules holding sparse layers that bake() turns back into their torch class.
 PARENTS = (SparseMultiheadAttention, Retyped)
+# Attention modules: their projections' weights are used by the module itself, not called.
+ATTENTION = (nn.MultiheadAttention, PrunedMultiheadAttention)
 
 
 class Exported(NamedTuple):
@@ -31,7 +34,7 @@ def count_params(model: nn.Module) -> int:
 @torch.no_grad()
 def forward_with_layer_hooks(model: nn.Module, example: torch.Tensor, hook) -> None:
     """One eval-mode forward of `example` with hook(module, inputs, output) on every
-    Conv2d / Linear / MultiheadAttention (inputs: its (query, key) however they were
+    Conv2d / Linear / attention (ATTENTION; inputs: its (query, key) however they were
     passed); the model's mode is restored and the hooks removed afterwards."""
     def attention_hook(m, args, kwargs, out):
         inputs = list(args[:2]) + [kwargs.get(name) for name in ("query", "key")[len(args):]]
@@ -39,7 +42,7 @@ def forward_with_layer_hooks(model: nn.Module, example: torch.Tensor, hook) -> N
 
     handles = []
     for m in model.modules():
-        if isinstance(m, nn.MultiheadAttention):
+        if isinstance(m, ATTENTION):
             handles.append(m.register_forward_hook(attention_hook, with_kwargs=True))
         elif isinstance(m, (nn.Conv2d, nn.Linear)):
             handles.append(m.register_forward_hook(hook))
@@ -53,26 +56,27 @@ def forward_with_layer_hooks(model: nn.Module, example: torch.Tensor, hook) -> N
             h.remove()
 
 
-def attention_macs(m: nn.MultiheadAttention, inputs, nonzero: bool = False) -> int:
-    """Multiply-accumulates of one attention call on inputs (query, key): its four
-    projections (q, k and v: the in-projection's three row blocks, or its three weights)
-    and the two weight-free products softmax(q kᵀ) v. nonzero: the projections count only
-    nonzero weights (an exported model's, where masks are baked in)."""
+def attention_macs(m: nn.Module, inputs, nonzero: bool = False) -> int:
+    """Multiply-accumulates of one attention call (ATTENTION) on inputs (query, key): its
+    four projections (q, k and v: the in-projection's three row blocks, or its three
+    weights) and the two weight-free products softmax(q kᵀ) v over the heads' inner
+    features (embed_dim, or a pruned attention's kept heads'). nonzero: the projections
+    count only nonzero weights (an exported model's, where masks are baked in)."""
     query, key = inputs
-    e = m.embed_dim
-    if nonzero:
-        q, k, v, out = (int(w.ne(0).sum()) for w in _attention_weights(m))
-    else:
-        q, k, v, out = e * e, e * m.kdim, e * m.vdim, e * e
-    tokens_q, tokens_k = query.numel() // e, key.numel() // m.kdim  # value has as many as key
+    weights = _attention_weights(m)
+    q, k, v, out = (int(w.ne(0).sum()) if nonzero else w.numel() for w in weights)
+    inner = weights[0].shape[0]
+    tokens_q, tokens_k = query.numel() // m.embed_dim, key.numel() // m.kdim  # value has as many as key
     seq_k = key.shape[1 if m.batch_first and key.dim() == 3 else 0]
     seq_k += (m.bias_k is not None) + bool(m.add_zero_attn)  # the extra key/value rows
-    return tokens_q * (q + out) + tokens_k * (k + v) + 2 * tokens_q * seq_k * e
+    return tokens_q * (q + out) + tokens_k * (k + v) + 2 * tokens_q * seq_k * inner
 
 
-def _attention_weights(m: nn.MultiheadAttention) -> list[torch.Tensor]:
+def _attention_weights(m: nn.Module) -> list[torch.Tensor]:
     """The q, k, v and output projection weights as used (masks applied), detached."""
-    if isinstance(m, SparseMultiheadAttention):
+    if isinstance(m, PrunedMultiheadAttention):
+        weights = m.projection_weights()
+    elif isinstance(m, SparseMultiheadAttention):
         projections = [getattr(m, n) for n in projection_names(m)]
         weights = [p.effective_weight()[0] if isinstance(p, SparseLinear) else p.weight for p in projections]
     elif m._qkv_same_embed_dim:
@@ -95,7 +99,7 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
 
     def hook(m, inputs, out):
         nonlocal total
-        if isinstance(m, nn.MultiheadAttention):
+        if isinstance(m, ATTENTION):
             total += attention_macs(m, inputs)
         elif isinstance(m, nn.Conv2d):
             kh, kw = m.kernel_size
@@ -144,7 +148,8 @@ def export(model: nn.Module, purge: bool = False, example_input=None) -> Exporte
     purge=True also removes structured zero channels (see sparsekern.nn.purge): conv output
     channels / linear neurons that are all zero, or that no later layer reads, with the
     next layer's inputs and the BatchNorm in between sliced, and residual blocks'
-    output channels kept. Needs a torch.fx-traceable model.
+    output channels kept; and attention heads whose out_proj columns are all zero
+    (sparsekern.nn.heads). Needs a torch.fx-traceable model.
 
     example_input: a tensor or a shape; used to count MACs (before/after) and, when
     purging, to learn the spatial size behind a flatten → Linear step.
@@ -152,7 +157,8 @@ def export(model: nn.Module, purge: bool = False, example_input=None) -> Exporte
     Returns Exported(model, stats), stats = {"params_before", "params_after",
     "macs_before", "macs_after" (None without example_input), "removed_channels" and
     "kept_zero_channels" ({layer: count}; kept = all-zero channels whose constant output
-    could not be removed exactly)}.
+    could not be removed exactly; "<attention>.heads": attention heads removed, see
+    sparsekern.nn.heads)}.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")

@@ -369,7 +369,10 @@ class HardConcreteMask(MaskKind):
 
     structured: one gate per conv output channel (the bias is gated with it) or per
     linear input neuron; log α is stored broadcastable to the weight ([out,1,1,1] /
-    [1,in]). Unstructured: one gate per weight. Init log α ~ N(log((1−p)/p), 0.01²) with
+    [1,in]). inputs_per_gate=k (structured Linear only): one gate per k consecutive input
+    neurons, log α [1, in/k], the gate repeated k times along the inputs — an attention
+    head's inputs to the output projection (SparseMultiheadAttention sets k = head_dim:
+    one gate per head, which purge then removes whole). Unstructured: one gate per weight. Init log α ~ N(log((1−p)/p), 0.01²) with
     p = droprate_init. In training each forward samples one z per gate from the Philox
     stream at (seed, offset) and then advances offset by one (the op's counter is
     (flat index, offset), so a new offset is fresh noise for every gate); the backward
@@ -398,8 +401,12 @@ class HardConcreteMask(MaskKind):
         gamma: float = HC_GAMMA,
         zeta: float = HC_ZETA,
         seed: int | None = None,
+        inputs_per_gate: int = 1,
     ):
         self.structured = _bool("structured", structured)
+        self.inputs_per_gate = _checks.integer("mask option `inputs_per_gate`", inputs_per_gate, low=1)
+        if self.inputs_per_gate > 1 and not self.structured:
+            raise ValueError("mask option `inputs_per_gate` > 1 needs structured=True (it groups a Linear's input gates)")
         self.droprate_init = _real("droprate_init", droprate_init, low=0.0, high=1.0, low_open=True, high_open=True)
         self.beta, self.gamma, self.zeta = beta, gamma, zeta  # validated by __setattr__
         if seed is None:
@@ -427,6 +434,7 @@ class HardConcreteMask(MaskKind):
         if "offset" in state:
             state["_counter"] = torch.tensor(state.pop("offset"), dtype=torch.int64)
         state.setdefault("_last_offset", None)
+        state.setdefault("inputs_per_gate", 1)
         self.__dict__.update(state)
 
     def __setattr__(self, name, value):
@@ -451,10 +459,18 @@ class HardConcreteMask(MaskKind):
             return tuple(weight.shape)
         if weight.dim() == 4:  # conv: [out, in/groups, kh, kw] -> one gate per output channel
             return (weight.shape[0], 1, 1, 1)
-        return (1, weight.shape[1])  # linear: [out, in] -> one gate per input neuron
+        return (1, weight.shape[1] // self.inputs_per_gate)  # linear: [out, in] -> one gate per input neuron (or block)
+
+    def expand_gate(self, gate: torch.Tensor) -> torch.Tensor:
+        """A per-block gate [1, in/k] repeated to [1, in], broadcastable to the weight."""
+        return gate if self.inputs_per_gate == 1 else gate.repeat_interleave(self.inputs_per_gate, dim=1)
 
     def attach(self, layer):
         w = layer.weight
+        k = self.inputs_per_gate
+        if k > 1 and (w.dim() != 2 or w.shape[1] % k):
+            raise ValueError(f"mask option `inputs_per_gate`={k} needs a Linear whose in_features it divides, "
+                             f"got weight shape {tuple(w.shape)}")
         mean = math.log((1.0 - self.droprate_init) / self.droprate_init)
         log_alpha = torch.empty(self.gate_shape(w), dtype=w.dtype, device=w.device).normal_(mean, 0.01)
         layer.weight_log_alpha = nn.Parameter(log_alpha)
@@ -473,7 +489,7 @@ class HardConcreteMask(MaskKind):
         )
         if not recompute:
             self._keep_forward_l0(layer, l0, offset)
-        return z
+        return self.expand_gate(z)
 
     def masked_weight(self, layer: nn.Module) -> torch.Tensor | None:
         """Unstructured gates: w ⊙ z and the expected L0 from one fused op that stores no z
@@ -530,7 +546,7 @@ class HardConcreteMask(MaskKind):
 
     def gate(self, layer):
         s = torch.sigmoid(layer.weight_log_alpha.detach() / self.beta)
-        return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0).to(layer.weight.dtype)
+        return self.expand_gate((s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0).to(layer.weight.dtype))
 
     def group_size(self, layer: nn.Module) -> int:
         """Weights per gate."""
@@ -561,6 +577,7 @@ class HardConcreteMask(MaskKind):
             "gamma": self.gamma,
             "zeta": self.zeta,
             "seed": self.seed,
+            **({"inputs_per_gate": self.inputs_per_gate} if self.inputs_per_gate > 1 else {}),
         }
 
 

@@ -16,7 +16,11 @@ Channel o of a group is removed when removing it cannot change any consumer's in
 The result equals the input model in eval mode (BatchNorm with running statistics).
 
 torch.fx sees nn.TransformerEncoderLayer / DecoderLayer as leaves, so their feed-forward
-hidden units get a pass of their own (_purge_transformer_feedforward), by the same rules.
+hidden units get a pass of their own (_purge_transformer_layers), by the same rules.
+
+Attention heads whose out_proj columns are all zero go too (sparsekern.nn.heads): the
+nn.MultiheadAttention becomes a PrunedMultiheadAttention, inside torch's transformer layers
+and wherever the fx graph calls one without reading its attention weights.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+
+from .heads import prune_heads, weights_unused
 
 # Per-channel modules a group may pass through, by what they do to a constant channel.
 _ELEMENTWISE = (
@@ -210,6 +216,16 @@ class _Purger:
             return True
         return m.padding == "valid" or (not isinstance(m.padding, str) and all(p == 0 for p in m.padding))
 
+    def attention_heads(self) -> dict:
+        """Removes the closed heads of every nn.MultiheadAttention the graph calls once
+        without reading its attention weights; {"<attention>.heads": heads removed}."""
+        removed = {}
+        for node in self.gm.graph.nodes:
+            m = _module(self.model, node)
+            if type(m) is nn.MultiheadAttention and self.calls[node.target] == 1 and weights_unused(node):
+                removed.update(_replace_heads(self.model, str(node.target), self.tied))
+        return removed
+
     def run(self) -> tuple[dict, dict]:
         removed, kept_zero = {}, {}
         for producer in list(self.gm.graph.nodes):
@@ -318,13 +334,14 @@ def purge_channels(model: nn.Module, example: torch.Tensor | None = None) -> tup
     try:
         model.eval()
         with torch.no_grad():
-            removed = _purge_transformer_feedforward(model)
+            removed = _purge_transformer_layers(model)
             if type(model) in _TRANSFORMERS:
                 # torch's own transformer as the model: fx sees it whole inside a model
                 # (a leaf), and its forward does not trace; nothing for the fx pass.
                 return removed, {}
-            more_removed, kept_zero = _Purger(model, example).run()
-            return {**removed, **more_removed}, kept_zero
+            purger = _Purger(model, example)
+            more_removed, kept_zero = purger.run()
+            return {**removed, **more_removed, **purger.attention_heads()}, kept_zero
     finally:
         model.train(was_training)
 
@@ -333,40 +350,59 @@ _TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 _TRANSFORMERS = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder, *_TRANSFORMER_LAYERS)
 
 
-def _purge_transformer_feedforward(model: nn.Module) -> dict:
-    """The hidden units of every nn.TransformerEncoderLayer / DecoderLayer's feed-forward
-    block, linear2(dropout(activation(linear1(x)))): torch.fx sees these layers as leaves,
-    so they get their own pass. Unit j goes when linear2 ignores it (column j all zero), or
-    when linear1's row j is all zero: it then carries activation(bias1[j]) (dropout is the
-    identity in eval), which moves into linear2's bias. One unit is always kept. Reported
-    under `<layer>.linear1`, as the fx pass reports a producer."""
+def _replace_heads(model: nn.Module, name: str, tied: set[int]) -> dict:
+    """Prunes the closed heads of the attention at `name`; {"<name>.heads": count} or {}."""
+    new, n = prune_heads(model.get_submodule(name), tied)
+    if not n:
+        return {}
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+    return {f"{name}.heads": n}
+
+
+def _purge_transformer_layers(model: nn.Module) -> dict:
+    """Every nn.TransformerEncoderLayer / DecoderLayer (torch.fx sees them as leaves): the
+    closed heads of its attentions (they are called with need_weights=False) and its
+    feed-forward hidden units."""
     tied = _tied(model)
     removed = {}
-    for name, layer in model.named_modules():
-        if type(layer) not in _TRANSFORMER_LAYERS:
-            continue
-        first, second = layer.linear1, layer.linear2
-        if type(first) is not nn.Linear or type(second) is not nn.Linear or any(
-                id(p) in tied for m in (first, second) for p in m.parameters(recurse=False)):
-            continue  # swapped for something else, or tied: not ours to slice
-        ignored = second.weight.eq(0).all(0)
-        constant = first.weight.eq(0).all(1)
-        bias = first.bias if first.bias is not None else torch.zeros_like(first.weight[:, 0])
-        value = layer.activation(bias)  # each constant unit's output
-        removable = ignored | constant
-        if bool(removable.all()):
-            removable[0] = False
-        fold = removable & ~ignored & (value != 0)
-        if bool(fold.any()):
-            delta = (second.weight[:, fold].double() @ value[fold].double()).to(second.weight.dtype)
-            if second.bias is None:
-                second.bias = nn.Parameter(torch.zeros_like(delta), requires_grad=second.weight.requires_grad)
-            second.bias.add_(delta)
-        if bool(removable.any()):
-            keep = ~removable
-            _slice_out(first, keep)
-            _set_param(second, "weight", second.weight[:, keep])
-            second.in_features = int(keep.sum())
-            removed[f"{name}.linear1" if name else "linear1"] = int(removable.sum())
+    layers = [(name, layer) for name, layer in model.named_modules() if type(layer) in _TRANSFORMER_LAYERS]
+    for name, layer in layers:
+        prefix = f"{name}." if name else ""
+        for attention in ("self_attn", "multihead_attn"):
+            if hasattr(layer, attention):
+                removed.update(_replace_heads(model, prefix + attention, tied))
+        removed.update(_purge_feedforward(prefix, layer, tied))
     return removed
 
+
+def _purge_feedforward(prefix: str, layer: nn.Module, tied: set[int]) -> dict:
+    """The hidden units of a transformer layer's feed-forward block,
+    linear2(dropout(activation(linear1(x)))). Unit j goes when linear2 ignores it (column
+    j all zero), or when linear1's row j is all zero: it then carries activation(bias1[j])
+    (dropout is the identity in eval), which moves into linear2's bias. One unit is always
+    kept. Reported under `<layer>.linear1`, as the fx pass reports a producer."""
+    first, second = layer.linear1, layer.linear2
+    if type(first) is not nn.Linear or type(second) is not nn.Linear or any(
+            id(p) in tied for m in (first, second) for p in m.parameters(recurse=False)):
+        return {}  # swapped for something else, or tied: not ours to slice
+    ignored = second.weight.eq(0).all(0)
+    constant = first.weight.eq(0).all(1)
+    bias = first.bias if first.bias is not None else torch.zeros_like(first.weight[:, 0])
+    value = layer.activation(bias)  # each constant unit's output
+    removable = ignored | constant
+    if bool(removable.all()):
+        removable[0] = False
+    fold = removable & ~ignored & (value != 0)
+    if bool(fold.any()):
+        delta = (second.weight[:, fold].double() @ value[fold].double()).to(second.weight.dtype)
+        if second.bias is None:
+            second.bias = nn.Parameter(torch.zeros_like(delta), requires_grad=second.weight.requires_grad)
+        second.bias.add_(delta)
+    if not bool(removable.any()):
+        return {}
+    keep = ~removable
+    _slice_out(first, keep)
+    _set_param(second, "weight", second.weight[:, keep])
+    second.in_features = int(keep.sum())
+    return {f"{prefix}linear1": int(removable.sum())}

@@ -72,13 +72,21 @@ class SparseTransformerEncoderLayer(Retyped, nn.TransformerEncoderLayer):
         return self.norm2(x + self._ff_block(x))
 
     def _nested_forward(self, src, src_mask, is_causal):
-        rows = src.unbind()
-        lengths = [r.shape[0] for r in rows]
-        padded = torch.nested.to_padded_tensor(src, 0.0)  # [batch, longest, features]
-        positions = torch.arange(padded.shape[1], device=padded.device)
-        padding = positions[None, :] >= torch.tensor(lengths, device=padded.device)[:, None]
+        padded, padding, lengths = unnested(src)
         batch_first = self.self_attn.batch_first  # nn.TransformerEncoder nests only then
         out = self.forward(padded if batch_first else padded.transpose(0, 1), src_mask, padding, is_causal)
-        if not batch_first:
-            out = out.transpose(0, 1)
-        return torch.nested.nested_tensor([out[i, :n] for i, n in enumerate(lengths)], layout=src.layout)
+        return renested(out if batch_first else out.transpose(0, 1), lengths, src.layout)
+
+
+def unnested(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """A nested [batch, (length), features] tensor as (zero-padded [batch, longest,
+    features], key padding mask [batch, longest] (True: padding), lengths)."""
+    lengths = [r.shape[0] for r in x.unbind()]
+    padded = torch.nested.to_padded_tensor(x, 0.0)
+    positions = torch.arange(padded.shape[1], device=padded.device)
+    return padded, positions[None, :] >= torch.tensor(lengths, device=padded.device)[:, None], lengths
+
+
+def renested(padded: torch.Tensor, lengths: list[int], layout) -> torch.Tensor:
+    """unnested's inverse: the first lengths[i] rows of each padded[i], nested."""
+    return torch.nested.nested_tensor([padded[i, :n] for i, n in enumerate(lengths)], layout=layout)
