@@ -8,7 +8,7 @@ from run_helpers import one_thread  # noqa: F401  (fixture)
 from torch import nn
 
 from sparsekern import plots, train
-from sparsekern.run_report import layer_rows, markdown, nonzero_macs, nonzero_params, save_exported, write_report
+from sparsekern.run_report import layer_rows, markdown, removed_text, nonzero_macs, nonzero_params, save_exported, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -76,10 +76,14 @@ def test_report_json_and_markdown(structured_run):
         assert heading in md
     assert "| fc1 | hard_concrete | 300x64 | 150x64 |" in md
     assert "| params | 50,610 | 25,860 | 0.511 |" in md
-    assert "![l0.png](l0.png)" in md and "Purged (structured channels removed): yes" in md
+    assert "![l0.png](l0.png)" in md and "Purged (structured channels and heads removed): yes; removed: fc1: 150 channels" in md
     for name in on_disk["plots"]:
         assert (out / name).read_bytes()[:8] == PNG
     assert set(on_disk["plots"]) == {"density_layers.png", "training.png", "l0.png"}
+
+
+def test_removed_text_names_channels_and_heads():
+    assert removed_text({"fc1": 3, "enc.layers.0.self_attn.heads": 2}) == "fc1: 3 channels, enc.layers.0.self_attn: 2 heads"
 
 
 def test_layer_rows_cover_dense_layers_too():

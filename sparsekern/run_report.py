@@ -93,6 +93,13 @@ def layer_rows(model: nn.Module, exported: nn.Module) -> list[dict]:
     return rows
 
 
+def removed_text(removed: dict[str, int]) -> str:
+    """export stats' removed_channels as a sentence: "<layer>: N channels" per layer,
+    "<attention>: N heads" for its "<attention>.heads" entries."""
+    return ", ".join(f"{name[:-len('.heads')]}: {n} heads" if name.endswith(".heads") else f"{name}: {n} channels"
+                     for name, n in removed.items())
+
+
 def _cs_ticket_needed(method) -> bool:
     return hasattr(method, "export_ticket") and not getattr(method, "ticket", True)
 
@@ -282,8 +289,8 @@ def markdown(report: dict) -> str:
             ["nonzero MACs", f"{dense['macs']:,}", f"{exp['nonzero_macs']:,}",
              f"{exp['nonzero_macs'] / dense['macs']:.3f}"],
         ]), "",
-        f"Purged (structured channels removed): {'yes' if size['purged'] else 'no'}"
-        + (f"; removed channels: {size['removed_channels']}" if size["removed_channels"] else "")
+        f"Purged (structured channels and heads removed): {'yes' if size['purged'] else 'no'}"
+        + (f"; removed: {removed_text(size['removed_channels'])}" if size["removed_channels"] else "")
         + (f"; all-zero channels kept: {size['kept_zero_channels']}" if size["kept_zero_channels"] else "")
         + (f". {size['note']}" if "note" in size else "") + ".", "",
         "## Per-layer density", "",
