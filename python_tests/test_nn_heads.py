@@ -178,8 +178,10 @@ def test_pruned_attention_rejects_bad_input():
         PrunedMultiheadAttention(nn.Linear(E, E), KEEP)
     with pytest.raises(ValueError, match="keep"):
         PrunedMultiheadAttention(dense, KEEP[:3])
-    with pytest.raises(ValueError, match="keep"):
+    with pytest.raises(TypeError, match="keep.*int32"):
         PrunedMultiheadAttention(dense, KEEP.int())
+    with pytest.raises(TypeError, match="keep.*list"):
+        PrunedMultiheadAttention(dense, KEEP.tolist())
     with pytest.raises(ValueError, match="at least one"):
         PrunedMultiheadAttention(dense, torch.zeros(HEADS, dtype=torch.bool))
     pruned = PrunedMultiheadAttention(dense, KEEP)

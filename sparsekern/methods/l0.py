@@ -94,7 +94,7 @@ class _HardConcreteMethod(PruningMethod):
         for _, layer in self.layers:
             mask = layer.mask
             p = torch.sigmoid(layer.weight_log_alpha.detach() - mask.beta * math.log(-mask.gamma / mask.zeta))
-            total = total + (mask.expand_gate(p) * layer.weight.square()).sum()  # p broadcasts over a group
+            total = total + (mask.expand_gate(p) * layer.weight.square()).sum()  # p (per group) broadcasts over its weights
         return 0.5 * self.l2_weight * total
 
     @torch.no_grad()

@@ -46,8 +46,11 @@ class PrunedMultiheadAttention(nn.Module):
         super().__init__()
         if type(attention) is not nn.MultiheadAttention:
             raise TypeError(f"`attention` must be an nn.MultiheadAttention, got {type(attention).__name__}")
-        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != (attention.num_heads,):
-            raise ValueError(f"`keep` must be a bool tensor of shape ({attention.num_heads},)")
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+            raise TypeError(f"`keep` must be a bool tensor, got {type(keep).__name__}"
+                            + (f" of dtype {keep.dtype}" if isinstance(keep, torch.Tensor) else ""))
+        if keep.shape != (attention.num_heads,):
+            raise ValueError(f"`keep` must have shape ({attention.num_heads},) (one flag per head), got {tuple(keep.shape)}")
         if not bool(keep.any()):
             raise ValueError("`keep` must keep at least one head")
         d = attention.head_dim
@@ -86,11 +89,11 @@ class PrunedMultiheadAttention(nn.Module):
         return [self.q_proj_weight, self.k_proj_weight, self.v_proj_weight, self.out_proj.weight]
 
     def _project(self, query, key, value):
+        if self.packed and query is key and key is value:  # self-attention: one GEMM, as torch's
+            return F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         b_q = b_k = b_v = None
         if self.in_proj_bias is not None:
             b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        if self.packed and query is key and key is value:  # self-attention: one GEMM, as torch's
-            return F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         w_q, w_k, w_v = self.projection_weights()[:3]
         return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
 

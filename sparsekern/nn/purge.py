@@ -355,8 +355,7 @@ def _replace_heads(model: nn.Module, name: str, tied: set[int]) -> dict:
     new, n = prune_heads(model.get_submodule(name), tied)
     if not n:
         return {}
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
+    model.set_submodule(name, new)
     return {f"{name}.heads": n}
 
 
