@@ -61,6 +61,11 @@ def purged(dense: nn.Module, units: float, heads: float) -> tuple[nn.Module, nn.
     return model.eval(), exported.model.eval(), exported.stats
 
 
+def speed_up(pairs: list[tuple[float, float]]) -> float:
+    """Median dense time over median model time, for rounds of (dense, model) seconds."""
+    return statistics.median(a for a, _ in pairs) / statistics.median(b for _, b in pairs)
+
+
 def _name(units: float, heads: float) -> str:
     kept = [f"{round(100 * (1 - units))}% units" if units else "", f"{round(HEADS * (1 - heads))}/{HEADS} heads" if heads else ""]
     return ", ".join(k for k in kept if k)
@@ -94,10 +99,9 @@ def main() -> int:
                 row = [f"{batch} x {tokens}", name, f"{kept / params:.3f}"]
                 for call in (1, 0):  # warm, then cold
                     dense_t, t = ([turn[call] for turn in turns[n]] for n in ("dense", name))
-                    low, high = bootstrap_interval(list(zip(dense_t, t)), lambda r: statistics.median(a for a, _ in r)
-                                                   / statistics.median(b for _, b in r))
-                    ratio = statistics.median(dense_t) / statistics.median(t)
-                    row += [f"{1e3 * statistics.median(t):.2f}", f"{ratio:.2f}x ({low:.2f}–{high:.2f})"]
+                    pairs = list(zip(dense_t, t))
+                    low, high = bootstrap_interval(pairs, speed_up)
+                    row += [f"{1e3 * statistics.median(t):.2f}", f"{speed_up(pairs):.2f}x ({low:.2f}–{high:.2f})"]
                 rows.append(row)
     doc = __doc__.split("\n\n", 1)[1].strip()
     text = "\n\n".join([
