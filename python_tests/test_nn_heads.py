@@ -375,3 +375,5 @@ def test_sparsify_refuses_a_pruned_attention_s_out_proj():
 def test_closed_heads_reads_out_proj_columns():
     attention = zeroed(nn.MultiheadAttention(E, HEADS), KEEP)
     assert closed_heads(attention).tolist() == (~KEEP).tolist()
+    with pytest.raises(TypeError, match="attention.*SparseMultiheadAttention"):
+        closed_heads(SparseMultiheadAttention.from_dense(attention, "binary"))

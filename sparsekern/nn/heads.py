@@ -212,7 +212,11 @@ def _pad_key(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def closed_heads(attention: nn.MultiheadAttention) -> torch.Tensor:
-    """bool [num_heads]: the heads whose out_proj columns are all zero (they add nothing)."""
+    """bool [num_heads]: the heads whose out_proj columns are all zero (they add nothing).
+    A plain nn.MultiheadAttention only: a SparseMultiheadAttention's out_proj.weight is
+    the dense weight, not what its mask leaves (export it first)."""
+    if type(attention) is not nn.MultiheadAttention:
+        raise TypeError(f"`attention` must be a plain nn.MultiheadAttention, got {type(attention).__name__}")
     w = attention.out_proj.weight.detach()
     return w.reshape(w.shape[0], attention.num_heads, attention.head_dim).eq(0).all(2).all(0)
 
