@@ -166,8 +166,7 @@ def _replace_stem(model: nn.Module, channels: int) -> None:
         if type(m) is nn.Conv2d and m.in_channels == 3:
             new = nn.Conv2d(channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
                             m.bias is not None, m.padding_mode)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
+            model.set_submodule(name, new)
             return
     raise ValueError("found no 3-channel Conv2d stem to adapt to the dataset's channels")
 

@@ -133,8 +133,7 @@ def bake(model: nn.Module) -> nn.Module:
         for name, module in list(model.named_modules(remove_duplicate=False)):
             if name and isinstance(module, types):
                 dense.setdefault(id(module), module.to_dense())
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, dense[id(module)])
+                model.set_submodule(name, dense[id(module)])
     return model
 
 

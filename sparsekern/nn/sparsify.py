@@ -184,8 +184,7 @@ def sparsify(
             else:
                 swapped[id(module)] = SWAPS[type(module)].from_dense(module, mask, **options)
                 seeds += 1
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, swapped[id(module)])
+        model.set_submodule(name, swapped[id(module)])
     _retype_parents(model)
     return model
 
