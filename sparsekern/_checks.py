@@ -7,13 +7,13 @@ import numbers
 
 
 def real(label: str, value, *, low=-math.inf, high=math.inf, low_open=False, high_open=False) -> float:
-    """`value` as a float within the bounds (NaN never is)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{label} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    """`value` as a finite float within the bounds. No argument of this library means
+    anything at ±inf (an infinite lr or λ was accepted, then turned the first step's
+    weights or multipliers into inf / NaN), and NaN is never within bounds."""
+    value = finite(label, value)
     below = value <= low if low_open else value < low
     above = value >= high if high_open else value > high
-    if math.isnan(value) or below or above:
+    if below or above:
         lo = ("(" if low_open else "[") + f"{low:g}"
         hi = f"{high:g}" + (")" if high_open else "]")
         raise ValueError(f"{label} must be in {lo}, {hi}, got {value}")
@@ -24,9 +24,13 @@ def finite(label: str, value) -> float:
     """`value` as a float; any finite real number."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{label} must be a real number, got {type(value).__name__}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float's range
+        raise ValueError(f"{label} must be finite, got an int of {int(value).bit_length()} bits") from None
     if not math.isfinite(value):
         raise ValueError(f"{label} must be finite, got {value}")
-    return float(value)
+    return value
 
 
 def integer(label: str, value, *, low: int = 0) -> int:

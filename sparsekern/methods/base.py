@@ -28,6 +28,7 @@ from .. import _checks, ops
 from ..nn import export as export_model
 from ..nn import sparse_modules, sparsify
 from ..nn.masks import HardConcreteMask, project_layers
+from ._state import check_state
 
 
 # ---- argument checks shared by every method: TypeError / ValueError naming the argument
@@ -87,19 +88,21 @@ class PruningMethod:
     def mask_parameters(self) -> list[nn.Parameter]:
         return [p for _, layer in self.layers for p in layer.mask_parameters()]
 
-    def param_groups(self, lr: float, weight_decay: float = 0.0, mask_lr: float | None = None,
+    def param_groups(self, lr: float, weight_decay: float | None = None, mask_lr: float | None = None,
                      **options) -> list[dict]:
         """Two groups: the model's parameters (lr, weight_decay, options) and the mask
         parameters (own lr — `mask_lr`, else the method's default, else lr — and never
-        weight decay). The mask group is left out when the method has none."""
+        weight decay). The mask group is left out when the method has none.
+        weight_decay None: the weights group takes the optimiser's own (its weight_decay
+        argument); a 0.0 default here silently overrode SGD(..., weight_decay=1e-4)."""
         lr = check_real("lr", lr, low=0.0, low_open=True)
-        weight_decay = check_real("weight_decay", weight_decay, low=0.0)
+        decay = {} if weight_decay is None else {"weight_decay": check_real("weight_decay", weight_decay, low=0.0)}
         if mask_lr is not None:
             mask_lr = check_real("mask_lr", mask_lr, low=0.0, low_open=True)
         masks = self.mask_parameters()
         mask_ids = {id(p) for p in masks}
         groups = [{"params": [p for p in self.model.parameters() if id(p) not in mask_ids],
-                   "lr": lr, "weight_decay": weight_decay, "name": "weights", **options}]
+                   "lr": lr, **decay, "name": "weights", **options}]
         if masks:
             groups.append({"params": masks, "lr": mask_lr or self.default_mask_lr or lr,
                            "weight_decay": 0.0, "name": "masks", **options})
@@ -186,19 +189,21 @@ class PruningMethod:
         raise NotImplementedError
 
     # ---- rewinding (shared by IMP, CS and the concave regularisers)
-    def _mask_keys(self) -> set[str]:
-        """The mask entries of this method's state_dict ("<layer>.<state name>")."""
-        return {f"{name}.{s}" for name, layer in self.layers for s in layer.mask.state_names}
-
     def _save_rewind_point(self) -> None:
         """Everything in the model's state_dict but the masks (weights, biases, BN
         statistics), cloned. The masks are told by identity, not by key: a module may name
         its entries its own way (SparseMultiheadAttention's in_proj_weight_mask; built
         from the layer name, that key missed, and every rewind restored the in-projection's
         unpruned mask)."""
+        self._rewind_state = {k: v.detach().clone() for k, v in self._rewound().items()}
+
+    def _rewound(self) -> dict[str, torch.Tensor]:
+        """The model's state_dict entries a rewind restores: all but the masks."""
         masks = {id(getattr(layer, s)) for _, layer in self.layers for s in layer.mask.state_names}
-        self._rewind_state = {k: v.detach().clone() for k, v in self.model.state_dict(keep_vars=True).items()
-                              if id(v) not in masks}
+        return {k: v for k, v in self.model.state_dict(keep_vars=True).items() if id(v) not in masks}
+
+    def _rewind_shapes(self) -> dict[str, torch.Size]:
+        return {k: v.shape for k, v in self._rewound().items()}
 
     @torch.no_grad()
     def rewind(self) -> None:
@@ -238,19 +243,15 @@ class PruningMethod:
             "iteration": self.iteration, "epoch": self.epoch, "round": self.round,
             "rewind_iteration": self.rewind_iteration,
             "masks": masks, "noise": offsets,
-            "rewind_state": self._rewind_state,
+            "rewind_state": None if self._rewind_state is None else {k: v.clone() for k, v in self._rewind_state.items()},
             "extra": self._extra_state(),
         }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get("method") != type(self).__name__:
-            got = state.get("method") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"state is not a {type(self).__name__} state_dict (got {got!r})")
-        expected = self._mask_keys()
-        if set(state["masks"]) != expected:
-            raise ValueError(f"mask entries differ: missing {sorted(expected - set(state['masks']))}, "
-                             f"unexpected {sorted(set(state['masks']) - expected)}")
+        """Continues from `state` (see state_dict). Every entry is checked first: a state
+        that does not fit this method and model raises, and nothing has changed."""
+        self._check_state(state)
         for name, layer in self.layers:
             for s in layer.mask.state_names:
                 getattr(layer, s).copy_(state["masks"][f"{name}.{s}"])
@@ -262,8 +263,16 @@ class PruningMethod:
         self._rewind_state = None if rewind is None else {k: v.clone() for k, v in rewind.items()}
         self._load_extra_state(state["extra"])
 
+    def _check_state(self, state: Any) -> None:
+        masks = {f"{name}.{s}": getattr(layer, s).shape for name, layer in self.layers for s in layer.mask.state_names}
+        noisy = {name for name, layer in self.layers if isinstance(layer.mask, HardConcreteMask)}
+        check_state(self, state, masks, noisy)
+
     def _extra_state(self) -> dict[str, Any]:
         return {}
+
+    def _check_extra_state(self, extra: dict[str, Any]) -> None:
+        """Raises if `extra` (keys already checked) does not fit this method; changes nothing."""
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         pass

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ._state import check_tensors
 from .base import PruningMethod, check_choice, check_real, sum_terms
 
 REGULARIZERS = ("l1", "log")
@@ -133,9 +134,10 @@ class ConcaveRegularization(PruningMethod):
     def _extra_state(self) -> dict[str, Any]:
         return {"alive": {name: a.clone() for name, a in self.alive.items()}}
 
+    def _check_extra_state(self, extra: dict[str, Any]) -> None:
+        check_tensors("['extra']['alive']", extra["alive"], {name: a.shape for name, a in self.alive.items()})
+
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
-        if set(extra["alive"]) != set(self.alive):
-            raise ValueError(f"alive masks name layers {sorted(extra['alive'])}, expected {sorted(self.alive)}")
         for name, a in self.alive.items():
             a.copy_(extra["alive"][name])  # in place: the layers' masks hold these tensors
         self._sync_alive()

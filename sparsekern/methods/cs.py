@@ -34,8 +34,9 @@ from torch import nn
 from ..nn import export as export_model
 from ..nn import sparse_modules
 from ..nn.export import Exported
-from ..nn.masks import BinaryMask
+from ..nn.masks import S0_MIN, BinaryMask
 from . import schedules
+from ._state import check_state
 from .base import PruningMethod, check_bool, check_choice, check_int, check_real, sum_terms
 
 SOFT_RESETS = ("paper", "code")
@@ -80,7 +81,7 @@ class ContinuousSparsification(PruningMethod):
                  beta_final: float = 200.0, soft_reset: str = "paper", scale_init: bool = True,
                  mask_lr: float = 0.1, rewind_iteration: int = 0, include=None, exclude=None):
         self.lam = check_real("lam", lam, low=0.0)
-        s0 = check_real("s0", s0)
+        s0 = check_real("s0", s0, low=S0_MIN)
         # β_T < 1 would soften the mask over a round: the opposite of the continuation path.
         self.beta_final = check_real("beta_final", beta_final, low=1.0)
         self.epochs_per_round = check_int("epochs_per_round", epochs_per_round, low=1)
@@ -186,14 +187,33 @@ class ContinuousSparsification(PruningMethod):
     def _extra_state(self) -> dict[str, Any]:
         return {"beta": self.beta, "ticket": self.ticket}
 
+    def _check_extra_state(self, extra: dict[str, Any]) -> None:
+        check_real("state['extra']['beta']", extra["beta"], low=1.0)
+        check_bool("state['extra']['ticket']", extra["ticket"])
+        if self.ticket and not extra["ticket"]:
+            raise ValueError("state is from the search phase, this method is in the ticket phase")
+
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         self._set_beta(extra["beta"])
 
+    def _check_state(self, state: Any) -> None:
+        if not self._ticket_state(state):
+            return super()._check_state(state)
+        # The layers will be binarized first: the state holds a binary mask per layer.
+        masks = {f"{name}.weight_mask": layer.weight.shape for name, layer in self.layers}
+        check_state(self, state, masks, noisy=set())
+
+    def _ticket_state(self, state: Any) -> bool:
+        """A ticket-phase state for this search-phase method."""
+        return (not self.ticket and isinstance(state, dict) and isinstance(state.get("extra"), dict)
+                and state["extra"].get("ticket") is True)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # A ticket-phase checkpoint holds binary masks: convert the fresh search-phase
-        # layers first so the mask entries line up (their values are then copied in).
-        if (isinstance(state, dict) and state.get("method") == type(self).__name__
-                and state.get("extra", {}).get("ticket") and not self.ticket):
+        # layers first (once the whole state has passed its checks) so the mask entries
+        # line up (their values are then copied in).
+        self._check_state(state)
+        if self._ticket_state(state):
             for _, layer in self.layers:
                 _binarize(layer)
             self.ticket = True

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..nn.sparsify import planned_layer_names
+from ._state import check_tensor
 from .base import PruningMethod, check_bool, check_real, sum_terms
 
 DEFAULT_DROPRATE = {True: 0.3, False: 0.1}  # structured / unstructured (METHODS.md)
@@ -238,9 +239,14 @@ class ConstrainedL0(_HardConcreteMethod):
         return {"groups": list(self.group_names), "multipliers": self._lambda.clone(),
                 "defect": None if self._defect is None else self._defect.clone()}
 
-    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+    def _check_extra_state(self, extra: dict[str, Any]) -> None:
         if extra["groups"] != self.group_names:
             raise ValueError(f"state has constraints {extra['groups']}, this method {self.group_names}")
+        check_tensor("['extra']['multipliers']", extra["multipliers"], self._lambda.shape)
+        if extra["defect"] is not None:
+            check_tensor("['extra']['defect']", extra["defect"], self._lambda.shape)
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
         self._lambda = extra["multipliers"].clone().to(self._targets.device)
         self._defect = None if extra["defect"] is None else extra["defect"].clone().to(self._targets.device)
 

@@ -247,6 +247,12 @@ class StraightThroughMask(BinaryMask):
         return None  # the pruned weights keep training: they are not zero
 
 
+# The lowest initial score: 1/σ(s0) (the gate's scale) stays finite in float32 (e^80 ≈
+# 5.5e34 < 3.4e38) and σ(s0) a normal float32 (σ(−80) ≈ 1.8e−35 > 1.2e−38). At s0 = −1000
+# the scale overflowed (OverflowError in the first forward); at −inf every gate was 0.
+S0_MIN = -80.0
+
+
 class SigmoidMask(MaskKind):
     """Continuous Sparsification: learnable score s (init s0), g = scale·σ(β·s) with
     scale = 1/σ(s0) when scale_init (so g = 1 at init) and 1 otherwise. β is a plain
@@ -256,7 +262,7 @@ class SigmoidMask(MaskKind):
     state_names = ("weight_score",)
 
     def __init__(self, *, s0: float = 0.0, beta: float = 1.0, scale_init: bool = True):
-        self.s0 = _real("s0", s0)
+        self.s0 = _real("s0", s0, low=S0_MIN)
         self._beta = _real("beta", beta, low=0.0, low_open=True)
         self.scale_init = _bool("scale_init", scale_init)
 

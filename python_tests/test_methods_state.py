@@ -1,0 +1,203 @@
+"""What every method's state_dict / load_state_dict and argument checks share: a state
+that does not fit is refused before anything changes, state_dict() hands out copies, and
+no argument accepts ±inf."""
+import math
+
+import pytest
+import torch
+
+from methods_helpers import _reload, mlp, one_thread, sgd, small_batches, small_mlp, train  # noqa: F401
+from sparsekern.methods import (DPF, IMP, ConcaveRegularization, ConstrainedL0, ContinuousSparsification,
+                                GradualMagnitude, OneShot, PenalizedL0)
+
+METHODS = {
+    "imp": lambda m: IMP(m),
+    "oneshot": lambda m: OneShot(m, sparsity=0.5),
+    "gmp": lambda m: GradualMagnitude(m, sparsity=0.5, end_iteration=10, frequency=2),
+    "dpf": lambda m: DPF(m, sparsity=0.5, end_iteration=10, period=2),
+    "cs": lambda m: ContinuousSparsification(m, epochs_per_round=2),
+    "concave": lambda m: ConcaveRegularization(m),
+    "l0": lambda m: ConstrainedL0(m, target_density=0.5),
+    "l0-layerwise": lambda m: ConstrainedL0(m, target_density={"0": 0.5, "2": 0.5}),
+    "l0-structured": lambda m: ConstrainedL0(m, target_density=0.5, structured=True),
+    "l0-penalized": lambda m: PenalizedL0(m, lam=1e-3),
+}
+
+
+def trained(name, seed=0):
+    model = small_mlp(seed)
+    method = METHODS[name](model)
+    train(model, method, sgd(method), small_batches(3))
+    return model, method
+
+
+def everything(model, method):
+    """The model's tensors and the method's whole state, cloned (state_dict copies)."""
+    return {k: v.clone() for k, v in model.state_dict().items()}, _reload(method.state_dict())
+
+
+def assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def damaged(state, where, value):
+    """A deep copy of `state` with the entry at path `where` set to `value`."""
+    state = _reload(state)
+    node = state
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value(node[where[-1]]) if callable(value) else value
+    return state
+
+
+def first_mask_key(state):
+    return sorted(state["masks"])[0]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_round_trip_through_a_checkpoint_restores_everything(name):
+    model, method = trained(name)
+    state = _reload(method.state_dict())
+    fresh_model, fresh = trained(name, seed=1)
+    fresh_model.load_state_dict(model.state_dict())
+    fresh.load_state_dict(state)
+    assert_same(everything(model, method), everything(fresh_model, fresh))
+
+
+def shrink(t):
+    return t[..., :-1].clone() if t.dim() else t.reshape(1).clone()
+
+
+# (name of the method, path into the state, replacement, error, words of the message)
+DAMAGE = [
+    ("imp", ("masks", "KEY"), shrink, ValueError, "shape"),
+    ("imp", ("masks", "KEY"), lambda t: t.tolist(), TypeError, "tensor"),
+    ("imp", ("masks", "2.weight_mask"), None, ValueError, "missing"),
+    ("imp", ("iteration",), -1, ValueError, "iteration"),
+    ("imp", ("round",), 1.5, ValueError, "round"),
+    ("imp", ("rewind_state", "0.weight"), shrink, ValueError, "rewind_state"),
+    ("imp", ("rewind_state", "extra.weight"), lambda _: torch.zeros(1), ValueError, "unexpected"),
+    ("imp", ("extra", "history"), None, ValueError, "extra"),
+    ("gmp", ("masks", "KEY"), shrink, ValueError, "shape"),
+    ("dpf", ("masks", "KEY"), shrink, ValueError, "shape"),
+    ("cs", ("extra", "beta"), math.inf, ValueError, "beta"),
+    ("cs", ("extra", "beta"), 0.5, ValueError, "beta"),
+    ("cs", ("extra", "ticket"), 1, TypeError, "ticket"),
+    ("cs", ("masks", "KEY"), shrink, ValueError, "shape"),
+    ("concave", ("extra", "alive", "0"), shrink, ValueError, "alive"),
+    ("concave", ("extra", "alive"), lambda a: {"zzz": a["0"], "2": a["2"]}, ValueError, "alive"),
+    ("l0", ("extra", "multipliers"), lambda t: torch.zeros(2), ValueError, "multipliers"),
+    ("l0", ("extra", "defect"), lambda t: torch.zeros(3), ValueError, "defect"),
+    ("l0", ("noise",), {}, ValueError, "noise"),
+    ("l0", ("noise", "0"), (1, 2.5), ValueError, "noise"),
+    ("l0-structured", ("masks", "KEY"), lambda t: torch.zeros(16, 8), ValueError, "shape"),
+]
+
+
+@pytest.mark.parametrize("name, where, value, error, words", DAMAGE)
+def test_a_state_that_does_not_fit_changes_nothing(name, where, value, error, words):
+    model, method = trained(name)
+    state = method.state_dict()
+    where = tuple(first_mask_key(state) if k == "KEY" else k for k in where)
+    if value is None:  # remove the entry
+        state = _reload(state)
+        node = state
+        for key in where[:-1]:
+            node = node[key]
+        del node[where[-1]]
+    else:
+        if where[0] == "rewind_state" and state["rewind_state"] is not None and where[1] not in state["rewind_state"]:
+            state["rewind_state"][where[1]] = torch.zeros(1)
+        state = damaged(state, where, value)
+    train(model, method, sgd(method), small_batches(2, seed=5))  # state now differs from `state`
+    before = everything(model, method)
+    with pytest.raises(error, match=words):
+        method.load_state_dict(state)
+    assert_same(before, everything(model, method))
+
+
+def test_a_constraint_set_that_differs_changes_nothing():
+    # A model-wise L0 state into a layer-wise method: the groups differ; the masks fit.
+    _, modelwise = trained("l0")
+    model, layerwise = trained("l0-layerwise", seed=1)
+    before = everything(model, layerwise)
+    with pytest.raises(ValueError, match="constraints"):
+        layerwise.load_state_dict(modelwise.state_dict())
+    assert_same(before, everything(model, layerwise))
+
+
+def test_a_ticket_state_of_the_wrong_shape_leaves_the_search_phase_as_it_was():
+    # A ticket-phase state makes a search-phase CS binarize its layers first: only after
+    # the whole state has passed its checks.
+    model, cs = trained("cs")
+    cs.to_ticket()
+    state = damaged(cs.state_dict(), ("masks", "0.weight_mask"), shrink)
+    fresh_model, fresh = trained("cs", seed=1)
+    before = everything(fresh_model, fresh)
+    with pytest.raises(ValueError, match="shape"):
+        fresh.load_state_dict(state)
+    assert not fresh.ticket and all(layer.mask.name == "sigmoid" for _, layer in fresh.layers)
+    assert_same(before, everything(fresh_model, fresh))
+
+
+@pytest.mark.parametrize("name", ["imp", "cs", "concave"])
+def test_state_dict_hands_out_a_copy_of_the_rewind_point(name):
+    model, method = trained(name)
+    saved = {k: v.clone() for k, v in method._rewind_state.items()}
+    for v in method.state_dict()["rewind_state"].values():
+        v.zero_()  # a caller editing its checkpoint dict
+    assert_same(saved, method._rewind_state)
+
+
+def test_param_groups_leave_weight_decay_to_the_optimiser_unless_given():
+    method = IMP(mlp())
+    opt = torch.optim.SGD(method.param_groups(lr=0.1), weight_decay=1e-4)
+    assert opt.param_groups[0]["weight_decay"] == 1e-4
+    opt = torch.optim.SGD(method.param_groups(lr=0.1, weight_decay=0.0), weight_decay=1e-4)
+    assert opt.param_groups[0]["weight_decay"] == 0.0
+    cs = ContinuousSparsification(mlp(), epochs_per_round=2)
+    opt = torch.optim.SGD(cs.param_groups(lr=0.1), weight_decay=1e-4)
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]  # masks: never decayed
+
+
+INFINITE = [
+    (ContinuousSparsification, {"epochs_per_round": 2, "lam": math.inf}, "lam"),
+    (ContinuousSparsification, {"epochs_per_round": 2, "s0": -math.inf}, "s0"),
+    (ContinuousSparsification, {"epochs_per_round": 2, "s0": -1000.0}, "s0"),
+    (ContinuousSparsification, {"epochs_per_round": 2, "beta_final": math.inf}, "beta_final"),
+    (ContinuousSparsification, {"epochs_per_round": 2, "mask_lr": math.inf}, "mask_lr"),
+    (ConcaveRegularization, {"eps": math.inf}, "eps"),
+    (ConcaveRegularization, {"lam": math.inf}, "lam"),
+    (ConstrainedL0, {"target_density": 0.5, "dual_lr": math.inf}, "dual_lr"),
+    (ConstrainedL0, {"target_density": 0.5, "gate_lr": math.inf}, "gate_lr"),
+    (ConstrainedL0, {"target_density": 0.5, "l2_weight": math.inf}, "l2_weight"),
+    (PenalizedL0, {"lam": math.inf}, "lam"),
+    (PenalizedL0, {"lam": 10 ** 400}, "lam"),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs, words", INFINITE)
+def test_infinite_arguments_are_refused_before_the_model_changes(cls, kwargs, words):
+    model = mlp()
+    types = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=words):
+        cls(model, **kwargs)
+    assert [type(m) for m in model.modules()] == types
+
+
+@pytest.mark.parametrize("kwargs", [{"lr": math.inf}, {"lr": 0.1, "weight_decay": math.inf},
+                                    {"lr": 0.1, "mask_lr": -math.inf}])
+def test_param_groups_refuse_infinite_rates(kwargs):
+    with pytest.raises(ValueError, match=next(k for k, v in kwargs.items() if math.isinf(v))):
+        ConstrainedL0(mlp(), target_density=0.5).param_groups(**kwargs)
