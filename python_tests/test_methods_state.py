@@ -17,6 +17,7 @@ METHODS = {
     "dpf": lambda m: DPF(m, sparsity=0.5, end_iteration=10, period=2),
     "cs": lambda m: ContinuousSparsification(m, epochs_per_round=2),
     "concave": lambda m: ConcaveRegularization(m),
+    "concave-sigmoid": lambda m: ConcaveRegularization(m, reparameterization="sigmoid", epochs_per_round=2),
     "l0": lambda m: ConstrainedL0(m, target_density=0.5),
     "l0-layerwise": lambda m: ConstrainedL0(m, target_density={"0": 0.5, "2": 0.5}),
     "l0-structured": lambda m: ConstrainedL0(m, target_density=0.5, structured=True),

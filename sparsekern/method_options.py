@@ -57,7 +57,9 @@ METHODS: dict[str, tuple[str | None, str | None, str]] = {
                 "Concave regularisers on a relaxed mask m in [0,1] (Fracastoro et al.): loss + "
                 "lam*sum r(m), r = l1 (lam 3e-6) or log (lam 1e-6, eps 0.1), m0=1/2, projected "
                 "gradient; each round ends with m < alpha=0.01 pruned for good and the weights "
-                "rewound (paper: 3 rounds)."),
+                "rewound (paper: 3 rounds). The paper's ablations: --prune-fraction (a fixed "
+                "percentage per round) and --reparameterization sigmoid (m = sigma(beta*s), beta "
+                "raised to beta_final=200 over each round as in CS)."),
     "l0": ("l0", "ConstrainedL0",
            "Constrained L0 with hard-concrete gates (Gallego-Posada et al., NeurIPS 2022; Louizos "
            "et al. 2018): expected density <= target enforced by Lagrange multipliers "

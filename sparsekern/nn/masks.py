@@ -261,10 +261,16 @@ class SigmoidMask(MaskKind):
     name = "sigmoid"
     state_names = ("weight_score",)
 
-    def __init__(self, *, s0: float = 0.0, beta: float = 1.0, scale_init: bool = True):
+    SUPPORTS = ("positive", "nonzero")
+
+    def __init__(self, *, s0: float = 0.0, beta: float = 1.0, scale_init: bool = True, support: str = "positive"):
         self.s0 = _real("s0", s0, low=S0_MIN)
         self._beta = _real("beta", beta, low=0.0, low_open=True)
         self.scale_init = _bool("scale_init", scale_init)
+        # Which weights count as kept: "positive" s > 0 (CS's ticket rule), or "nonzero"
+        # g ≠ 0, the weights the export keeps (the concave method's sigmoid ablation, where
+        # a pruned entry has s = −inf).
+        self.support = _checks.choice("mask option `support`", support, self.SUPPORTS)
 
     @property
     def beta(self) -> float:
@@ -320,10 +326,12 @@ class SigmoidMask(MaskKind):
         return ops.sigmoid_mask_l1(scores, kw["beta"], kw["scale"])
 
     def keep(self, layer):
+        if self.support == "nonzero":
+            return super().keep(layer)
         return layer.weight_score.detach() > 0
 
     def options(self):
-        return {"s0": self.s0, "beta": self._beta, "scale_init": self.scale_init}
+        return {"s0": self.s0, "beta": self._beta, "scale_init": self.scale_init, "support": self.support}
 
 
 class RelaxedMask(MaskKind):
