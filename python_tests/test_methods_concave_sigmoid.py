@@ -143,6 +143,7 @@ def test_fixed_fraction_ablation_composes_with_the_sigmoid():
     ({"reparameterization": "tanh"}, ValueError, "reparameterization"),
     ({"epochs_per_round": None}, ValueError, "epochs_per_round"),
     ({"epochs_per_round": 0}, ValueError, "epochs_per_round"),
+    ({"epochs_per_round": 1}, ValueError, "epochs_per_round"),
     ({"m0": 0.0}, ValueError, "m0"),
     ({"m0": 1.0}, ValueError, "m0"),
     ({"beta_final": 0.5}, ValueError, "beta_final"),

@@ -204,6 +204,7 @@ def assert_unchanged(model, snap):
     ({"lam": -1e-8}, ValueError),
     ({"lam": "big"}, TypeError),
     ({"epochs_per_round": 0}, ValueError),
+    ({"epochs_per_round": 1}, ValueError),  # β would never leave 1 (T = 0)
     ({"epochs_per_round": 2.5}, TypeError),
     ({"beta_final": 0.5}, ValueError),
     ({"soft_reset": "hard"}, ValueError),

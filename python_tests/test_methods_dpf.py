@@ -58,6 +58,19 @@ def test_mask_recomputed_every_period_to_the_schedule_count():
         schedules.zhu_gupta(t, final_sparsity=0.8, end=24) for t in range(0, 31, 4)]
 
 
+@pytest.mark.parametrize("end, period, steps", [(11, 16, 15), (10, 4, 14)])
+def test_target_reached_at_end_iteration_whatever_the_period(end, period, steps):
+    # "p | t" alone reached the target only when p divided end_iteration: (11, 16) pruned
+    # nothing at all (its only update was t = 0, at s_0 = 0).
+    model = cnn()
+    method = DPF(model, sparsity=0.8, end_iteration=end, period=period, ignore_classifier=False)
+    train(model, method, sgd(method), batches(model, steps))
+    expected = sorted({t for t in range(0, steps + 1, period)} | {end})
+    assert [h["iteration"] for h in method.history] == expected
+    assert method.history[expected.index(end)]["sparsity"] == 0.8
+    assert pruned(method) == round(0.8 * total(method))
+
+
 def test_straight_through_gradient_brings_a_pruned_weight_back():
     # One weight of four pruned; the loss only rewards the pruned one, so only the
     # straight-through gradient can grow it past the smallest kept weight.
@@ -203,5 +216,5 @@ def test_state_dict_round_trip_continues_identically(mode):
 
     a, b = assert_roundtrip(cnn, lambda m: DPF(m, 0.7, end_iteration=10, period=3, mode=mode), data[:5],
                             continue_run)
-    assert [h["iteration"] for h in b.history] == [0, 3, 6, 9, 12]
+    assert [h["iteration"] for h in b.history] == [0, 3, 6, 9, 10, 12]  # 10: end_iteration
     assert b.history == a.history

@@ -18,7 +18,7 @@ RESUMABLE = {
     # hard-concrete noise offsets and the dual variable; the last epoch at a smaller lr
     "l0": ["--density", "0.3", "--milestones", "1"],
     # rounds, the soft reset, the ticket conversion (checkpointed after to_ticket)
-    "cs": ["--rounds", "2", "--epochs", "1", "--ticket-epochs", "1"],
+    "cs": ["--rounds", "2", "--epochs", "2", "--ticket-epochs", "1"],
     # the method is built between the two epochs
     "oneshot": ["--sparsity", "0.7", "--pretrain-epochs", "1", "--epochs", "1"],
     # momentum state, mask recomputations every step

@@ -30,7 +30,7 @@ from .. import ops
 from ..nn.masks import S0_MIN
 from . import schedules
 from ._state import check_tensors
-from .base import PruningMethod, check_choice, check_int, check_real, sum_terms
+from .base import PruningMethod, check_choice, check_epochs_per_round, check_int, check_real, sum_terms
 
 REGULARIZERS = ("l1", "log")
 DEFAULT_LAM = {"l1": 3e-6, "log": 1e-6}  # the paper's CIFAR runs
@@ -81,8 +81,11 @@ class ConcaveRegularization(PruningMethod):
             "prune_fraction", prune_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
         self.reparameterization = check_choice("reparameterization", reparameterization, REPARAMETERIZATIONS)
         self.sigmoid = self.reparameterization == "sigmoid"
-        self.epochs_per_round = None if epochs_per_round is None else check_int(
-            "epochs_per_round", epochs_per_round, low=1)
+        # Unused by the relaxed m (sparsekern train passes --epochs to every round-based method).
+        if epochs_per_round is not None:
+            epochs_per_round = (check_epochs_per_round(epochs_per_round) if self.sigmoid
+                                else check_int("epochs_per_round", epochs_per_round, low=1))
+        self.epochs_per_round = epochs_per_round
         self.beta_final = check_real("beta_final", beta_final, low=1.0)
         if self.sigmoid:
             if self.epochs_per_round is None:

@@ -37,7 +37,7 @@ from ..nn.export import Exported
 from ..nn.masks import S0_MIN, BinaryMask
 from . import schedules
 from ._state import check_state
-from .base import PruningMethod, check_bool, check_choice, check_int, check_real, sum_terms
+from .base import PruningMethod, check_bool, check_choice, check_epochs_per_round, check_real, sum_terms
 
 SOFT_RESETS = ("paper", "code")
 
@@ -84,7 +84,7 @@ class ContinuousSparsification(PruningMethod):
         s0 = check_real("s0", s0, low=S0_MIN)
         # β_T < 1 would soften the mask over a round: the opposite of the continuation path.
         self.beta_final = check_real("beta_final", beta_final, low=1.0)
-        self.epochs_per_round = check_int("epochs_per_round", epochs_per_round, low=1)
+        self.epochs_per_round = check_epochs_per_round(epochs_per_round)
         self.soft_reset = check_choice("soft_reset", soft_reset, SOFT_RESETS)
         scale_init = check_bool("scale_init", scale_init)
         self.default_mask_lr = check_real("mask_lr", mask_lr, low=0.0, low_open=True)
