@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         + markdown_table(["case", "two ops ms", "fused ms", "speed-up"], masked_rows) + "\n"
     )
     print(report)
-    print(f"written to {write_result('hard_concrete.md', report)}")
+    print(f"written to {write_result('hard_concrete.md', report, args.quick)}")
     return 0 if met or args.quick else 1
 
 

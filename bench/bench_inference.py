@@ -277,7 +277,7 @@ def main(argv=None) -> int:
     report = (f"# Inference: purged structured models vs dense\n\nCPU: {machine(torch.device('cpu'))}. "
               + "\n\n" + __doc__.split("\n\n", 1)[1].strip() + "\n\n" + "\n\n".join(sections) + "\n\n" + summary + "\n")
     print(summary)
-    print(f"written to {write_result('inference.md', report)}")
+    print(f"written to {write_result('inference.md', report, args.quick)}")
     return 0 if all(met) else 1
 
 

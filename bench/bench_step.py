@@ -280,7 +280,7 @@ def main(argv=None) -> int:
               + "\n\n" + __doc__.split("\n\n", 1)[1].strip()
               + "\n\n" + "\n\n".join(sections) + "\n\n" + summary + "\n")
     print(summary)
-    print(f"written to {write_result('step.md' if tuned else 'step-malloc-defaults.md', report)}")
+    print(f"written to {write_result('step.md' if tuned else 'step-malloc-defaults.md', report, args.quick)}")
     return 0 if all(met) else 1
 
 

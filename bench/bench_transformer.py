@@ -112,7 +112,7 @@ def main() -> int:
                         "cold cache: median ms", "cold cache: speed-up"], rows),
         f"Median of {repeats} interleaved rounds per batch.",
     ]) + "\n"
-    path = write_result("transformer.md", text)
+    path = write_result("transformer.md", text, args.quick)
     print(text)
     print(f"written to {path}")
     return 0

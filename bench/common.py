@@ -177,9 +177,12 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def write_result(name: str, text: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+def write_result(name: str, text: str, quick: bool = False) -> Path:
+    """Writes bench/results/`name`; a --quick smoke run's tables go to bench/results/quick/
+    (not committed), so they never replace the committed full-run tables."""
+    folder = RESULTS / "quick" if quick else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)  # atomic: a reader never sees half a table

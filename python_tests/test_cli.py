@@ -212,18 +212,27 @@ def test_unknown_command_and_no_command(capsys):
 def test_bench_runs_every_script_and_writes_the_readme(tmp_path, capsys):
     bench = tmp_path / "bench"
     bench.mkdir()
-    (bench / "bench_ok.py").write_text(
+    (bench / "bench_ok.py").write_text(  # writes where common.write_result does
         "import sys, pathlib\n"
         "quick = '--quick' in sys.argv  # takes \"--quick\"\n"
-        "p = pathlib.Path(__file__).parent / 'results'; p.mkdir(exist_ok=True)\n"
+        "p = pathlib.Path(__file__).parent / 'results' / ('quick' if quick else ''); p.mkdir(parents=True, exist_ok=True)\n"
         "(p / 'ok.md').write_text('| a | b |\\n|---|---|\\n| quick | %s |\\n' % quick)\n")
     (bench / "bench_fails.py").write_text("raise SystemExit('target missed')\n")
-    assert cli.main(["bench", "--bench-dir", str(bench), "--quick"]) == 1
-    readme = (bench / "results" / "README.md").read_text()
+    assert cli.main(["bench", "--bench-dir", str(bench)]) == 1
+    full = bench / "results" / "README.md"
+    readme = full.read_text()
     assert "| bench_ok.py | 0 |" in readme and "| bench_fails.py | 1 |" in readme and "target missed" in readme
-    assert "| quick | True |" in readme
-    assert cli.main(["bench", "--bench-dir", str(bench), "--only", "ok"]) == 0
-    assert "bench_fails" not in (bench / "results" / "README.md").read_text()
+    assert "| quick | False |" in readme
+    # --only: that script's row is renewed, the others' rows stay.
+    (bench / "bench_ok.py").write_text((bench / "bench_ok.py").read_text() + "raise SystemExit('now failing')\n")
+    assert cli.main(["bench", "--bench-dir", str(bench), "--only", "ok"]) == 1
+    readme = full.read_text()
+    assert "| bench_fails.py | 1 |" in readme and "now failing" in readme and readme.count("| bench_ok.py |") == 1
+    # --quick: a smoke run writes results/quick/ and leaves the committed results alone.
+    assert cli.main(["bench", "--bench-dir", str(bench), "--quick", "--only", "ok"]) == 1
+    assert full.read_text() == readme and "| quick | False |" in (bench / "results" / "ok.md").read_text()
+    quick = (bench / "results" / "quick" / "README.md").read_text()
+    assert "--quick (smoke run" in quick and "| quick | True |" in quick
     fails(capsys, ["bench", "--bench-dir", str(bench), "--only", "nope"], "no bench script named ['nope']")
 
 

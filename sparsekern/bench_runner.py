@@ -55,24 +55,40 @@ def run_benches(folder: Path | None = None, *, quick: bool = False, only: list[s
         last = [line for line in last if not line.startswith("USDT:") and not re.match(r"\[W\d{4} ", line)]
         tail = " / ".join(last[-3:]) if rc else ""
         statuses.append((script.name, rc, seconds, tail))
-    readme = write_readme(folder / "results", statuses, quick)
+    readme = write_readme(folder / "results" / "quick" if quick else folder / "results", statuses, quick)
     print(f"written to {readme}")
     return 0 if all(rc == 0 for _, rc, _, _ in statuses) else 1
 
 
+def _status_rows(readme: Path) -> dict[str, str]:
+    """The status table's rows in an existing README, by their first cell."""
+    if not readme.is_file():
+        return {}
+    rows = {}
+    for line in readme.read_text().splitlines():
+        if line.startswith("| bench_"):
+            rows[line.split("|")[1].strip()] = line
+    return rows
+
+
 def write_readme(results: Path, statuses: list[tuple], quick: bool) -> Path:
+    """results/README.md: the status table, then every table file. Rows of scripts not run
+    this time stay as they were (`--only x` rewrote the table with x's row alone, dropping
+    the other scripts' and the GPU runs' rows)."""
     results.mkdir(parents=True, exist_ok=True)
+    path = results / "README.md"
+    rows = _status_rows(path)
+    for name, rc, seconds, tail in statuses:
+        rows[name] = f"| {name} | {'timeout' if rc is None else rc} | {seconds:.0f} | {tail.replace('|', '/')} |"
     lines = ["# Benchmark results", "",
              "Written by `sparsekern bench`" + (" --quick (smoke run: few repeats)" if quick else "")
              + "; each script also writes its own file below. A nonzero exit means an error or a missed target "
                "(the script's table says which).", "",
              "| script | exit | seconds | last output lines (nonzero exit) |", "|---|---|---|---|"]
-    for name, rc, seconds, tail in statuses:
-        lines.append(f"| {name} | {'timeout' if rc is None else rc} | {seconds:.0f} | {tail.replace('|', '/')} |")
+    lines += [rows[name] for name in sorted(rows)]
     for md in sorted(results.glob("*.md")):
         if md.name != "README.md":
             lines += ["", f"<!-- {md.name} -->", md.read_text().strip()]
-    path = results / "README.md"
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)

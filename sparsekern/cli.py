@@ -248,7 +248,8 @@ def bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"{PROG} bench",
                                 description="Run every bench/bench_*.py of the source tree (one subprocess each) and "
                                             "collect their tables in bench/results/README.md.")
-    p.add_argument("--quick", action="store_true", help="pass --quick to the scripts that take it (smoke run)")
+    p.add_argument("--quick", action="store_true", help="pass --quick to the scripts that take it (smoke run; tables go to bench/results/quick/, "
+                        "leaving the committed ones alone)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these scripts (e.g. step inference)")
     p.add_argument("--bench-dir", type=Path, default=None,
                    help="the bench/ folder (default: the one beside the sparsekern package)")
