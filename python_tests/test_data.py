@@ -76,7 +76,10 @@ def test_cifar_wrong_format_is_a_value_error(tmp_path):
     folder = write_cifar(tmp_path)
     with open(folder / "test_batch", "wb") as f:
         pickle.dump({"something": 1}, f)
-    with pytest.raises(ValueError, match="not the CIFAR-10 python format"):
+    with pytest.raises(ValueError, match="test_batch: not the CIFAR-10 python format"):
+        load_dataset("cifar10", seed=0, data_dir=tmp_path)
+    (folder / "data_batch_2").write_bytes((folder / "data_batch_2").read_bytes()[:100])  # truncated
+    with pytest.raises(ValueError, match="data_batch_2: not the CIFAR-10 python format"):
         load_dataset("cifar10", seed=0, data_dir=tmp_path)
 
 

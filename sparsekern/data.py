@@ -159,6 +159,20 @@ def _cifar_class():
     return LocalCIFAR10
 
 
+def _unreadable_file(folder: Path, files: list) -> Path | None:
+    """The first batch file that does not unpickle to a dict with "data" and "labels" (only
+    on the error path: torchvision's reader does not say which file failed)."""
+    for name, _ in files:
+        try:
+            with open(folder / name, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            if not (isinstance(entry, dict) and "data" in entry and ("labels" in entry or "fine_labels" in entry)):
+                return folder / name
+        except Exception:  # any failure to read it names this file
+            return folder / name
+    return None
+
+
 def load_cifar10(data_dir) -> Dataset:
     root = cifar_root(data_dir)
     cls = _cifar_class()
@@ -167,7 +181,8 @@ def load_cifar10(data_dir) -> Dataset:
         try:
             ds = cls(str(root), train=train, download=False)
         except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
-            raise ValueError(f"{root / CIFAR_FOLDER}: not the CIFAR-10 python format ({type(e).__name__}: {e})") from e
+            where = _unreadable_file(root / CIFAR_FOLDER, cls.train_list + cls.test_list) or root / CIFAR_FOLDER
+            raise ValueError(f"{where}: not the CIFAR-10 python format ({type(e).__name__}: {e})") from e
         x = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))  # HWC → CHW, uint8
         y = torch.tensor(ds.targets, dtype=torch.int64)
         if len(y) != len(x) or (len(y) and not (0 <= int(y.min()) and int(y.max()) < 10)):
