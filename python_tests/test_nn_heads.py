@@ -360,6 +360,12 @@ def test_vit_heads_purge_compile_and_export(one_thread):  # noqa: F811 (fixture)
         torch.testing.assert_close(torch.compile(small, fullgraph=True)(x), expected, rtol=1e-5, atol=1e-5)
     program = torch.export.export(small, (x,))
     torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-5)
+    # Purging the purged model again (iterative pruning): its PrunedMultiheadAttention is a
+    # leaf of purge's trace, as the nn.MultiheadAttention was (fx traced into it and failed).
+    again = export(small, purge=True, example_input=x)
+    assert again.stats["params_after"] == again.stats["params_before"] == exported.stats["params_after"]
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_sparsify_refuses_a_pruned_attention_s_out_proj():

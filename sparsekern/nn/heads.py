@@ -34,6 +34,9 @@ class PrunedMultiheadAttention(nn.Module):
     embed_dim), in_proj_bias, bias_k, bias_v, out_proj (inner → embed_dim). A 3-d attn_mask
     is given as for `attention` (source_num_heads per batch row); the kept heads' slices
     are used. Returned attention weights are the kept heads' (averaged over them).
+    torch.fx traces into it (fx keeps only torch.nn's own modules whole) and stops at its
+    branch on the input: an fx tool must treat it as a leaf, as purge's tracer does.
+    torch.compile and torch.export handle it as is.
     """
 
     # torch's transformer layers take a fused inference path when this is True, which hands

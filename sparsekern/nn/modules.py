@@ -104,6 +104,23 @@ class _SparseMixin:
         return f"{super().extra_repr()}, mask={self.mask!r}"
 
 
+# The hooks a swapped or exported layer carries over: the same dicts, not copies, so the handles the
+# user holds still remove them. Dropped, a pre-hook that scaled a Linear's input silently
+# stopped running (the model's output changed by 0.75).
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+               "_backward_hooks")
+
+
+def carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    for attr in _HOOK_DICTS:
+        hooks = getattr(old, attr)
+        hooks.update(getattr(new, attr))  # the new module's own, if it has any
+        setattr(new, attr, hooks)
+    new._is_full_backward_hook = old._is_full_backward_hook
+
+
+
 class SparseLinear(_SparseMixin, nn.Linear):
     """nn.Linear with a mask: y = x (w ⊙ g)ᵀ + b.
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .heads import prune_heads, weights_unused
+from .heads import PrunedMultiheadAttention, prune_heads, weights_unused
 
 # Per-channel modules a group may pass through, by what they do to a constant channel.
 _ELEMENTWISE = (
@@ -43,6 +43,13 @@ _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)  # identity
 _CONSTANT_POOL = (nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _ELEMENTWISE_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.leaky_relu}
 _ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh"}
+
+
+def _inplace(node: fx.Node, m) -> bool:
+    """The node overwrites its input: an inplace module or functional call."""
+    if m is not None:
+        return bool(getattr(m, "inplace", False))
+    return bool(node.kwargs.get("inplace", False)) or node.op == "call_function" and len(node.args) > 1 and node.args[-1] is True
 
 
 @dataclass
@@ -72,11 +79,20 @@ def _flatten_start(node: fx.Node) -> int | None:
     return None
 
 
+class _Tracer(fx.Tracer):
+    """fx's tracer, with PrunedMultiheadAttention a leaf like the nn.MultiheadAttention it
+    replaces (fx traces into modules outside torch.nn, and its forward branches on the
+    input: purging a purged ViT again failed with a TraceError)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m) is PrunedMultiheadAttention or super().is_leaf_module(m, qualname)
+
+
 class _Purger:
     def __init__(self, model: nn.Module, example: torch.Tensor | None):
         self.model = model
         try:
-            self.gm = fx.symbolic_trace(model)
+            self.gm = fx.GraphModule(model, _Tracer().trace(model))
         except Exception as e:  # fx raises many types; the cause is kept
             raise ValueError(
                 f"purge needs a model torch.fx can trace ({type(e).__name__}: {e}); export with purge=False"
@@ -116,7 +132,10 @@ class _Purger:
                 group.consumers.append((node, factor))
                 continue
             passed = self._pass_through(node, m, layout, factor)
-            if passed is None:
+            if passed is None or _inplace(node, m) and len(source.users) > 1:
+                # In place with other readers: they read the changed tensor, which the graph
+                # does not show (a conv feeding ReLU(inplace=True) and another conv had the
+                # pre-ReLU constant folded into that conv's bias: off by 0.45).
                 return None
             group.chain.append(node)
             stack.extend((node, u, *passed) for u in node.users)
@@ -194,7 +213,8 @@ class _Purger:
                 out = out * m.weight.detach().double() + m.bias.detach().double()
             return out
         if isinstance(m, nn.AvgPool2d):
-            exact = m.padding in (0, (0, 0)) or not m.count_include_pad
+            # divisor_override scales a constant by k·k / divisor (ignored, a purge was off by 0.19).
+            exact = (m.padding in (0, (0, 0)) or not m.count_include_pad) and m.divisor_override is None
             return c if exact and not m.ceil_mode else torch.where(c == 0, c, torch.nan)
         # Clones: an inplace activation must not overwrite the constants of its input node.
         if type(m) in _ELEMENTWISE:

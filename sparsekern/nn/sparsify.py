@@ -13,7 +13,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from .attention import SparseMultiheadAttention, projection_names
 from .masks import make_mask
-from .modules import SPARSE_TYPES, SparseConv2d, SparseLinear
+from .modules import SPARSE_TYPES, SparseConv2d, SparseLinear, carry_hooks
 from .transformer import SparseTransformerEncoderLayer
 
 Pattern = Union[str, "re.Pattern[str]"]
@@ -29,6 +29,13 @@ def _unsupported(module: nn.Module) -> bool:
     if isinstance(module, SPARSE_TYPES) or type(module) in SWAPS:
         return False
     return isinstance(module, (nn.Linear, _ConvNd, nn.Bilinear, LazyModuleMixin))
+
+
+def _reparametrised(module: nn.Module) -> bool:
+    """A weight or bias that is not an nn.Parameter: a forward pre-hook recomputes it
+    (torch.nn.utils.prune keeps `weight_orig`; the swap then failed halfway, with the
+    earlier layers already swapped)."""
+    return any(t is not None and not isinstance(t, nn.Parameter) for t in (module.weight, module.bias))
 
 
 # `self.<path>.weight` / `.bias` used as a tensor, not only for its metadata.
@@ -155,7 +162,9 @@ def sparsify(
     None) and no `exclude` pattern; patterns are matched against module names (see
     _matches); a layer shared under several names is selected when any of them is. A
     hard_concrete `seed` option seeds the first layer and seed + i the i-th. Weights
-    and biases are shared, not copied. Layers that are already sparse are
+    and biases are shared, not copied; the layers' forward / backward hooks carry over.
+    A layer whose weight is not a plain Parameter (torch.nn.utils.prune, old-style
+    weight_norm) is refused. Layers that are already sparse are
     left as they are. Every argument is checked before the model changes: an unknown kind or
     option, a malformed or unused pattern, or a selected layer of an unsupported type
     (Conv1d, ConvTranspose2d, LazyLinear, a Linear subclass, ...) raises and leaves the model
@@ -184,6 +193,7 @@ def sparsify(
             else:
                 swapped[id(module)] = SWAPS[type(module)].from_dense(module, mask, **options)
                 seeds += 1
+            carry_hooks(module, swapped[id(module)])
         model.set_submodule(name, swapped[id(module)])
     _retype_parents(model)
     return model
@@ -248,6 +258,14 @@ def _plan(model: nn.Module, include, exclude) -> _Plan:
         raise TypeError(
             f"sparsify supports nn.Linear, nn.Conv2d and nn.MultiheadAttention only; cannot sparsify "
             f"{', '.join(refused)}. Add them to `exclude` to leave them dense."
+        )
+    reparametrised = [n for n, m in selected if type(m) in SWAPS and _reparametrised(m)]
+    if reparametrised:
+        raise ValueError(
+            f"sparsify cannot mask {_names(reparametrised)}: their weight or bias is computed from other tensors "
+            "each forward (torch.nn.utils.prune, or the old-style weight_norm / spectral_norm hooks), so a mask "
+            "on it would be overwritten. Make it a plain parameter first (torch.nn.utils.prune.remove(layer, "
+            "'weight'), remove_weight_norm, ...), or add them to `exclude`."
         )
     # Each layer to be masked, by the name it will have.
     layers = [(n, m) for n, m in selected if type(m) in SWAPS]
