@@ -35,7 +35,7 @@ from torch import nn
 from . import __version__
 from . import plots
 from .nn import export as export_model
-from .nn.export import ATTENTION, attention_macs, forward_with_layer_hooks
+from .nn.export import ATTENTION, attention_macs, forward_with_layer_hooks, is_attention
 from .nn.attention import FLAT
 from .nn.modules import SPARSE_TYPES
 from .nn.report import layer_stats
@@ -54,7 +54,7 @@ def nonzero_macs(model: nn.Module, example: torch.Tensor) -> int:
 
     def hook(m, inputs, out):
         nonlocal total
-        if isinstance(m, ATTENTION):
+        if is_attention(m):
             total += attention_macs(m, inputs, nonzero=True)
             return
         rows = m.weight.reshape(m.weight.shape[0], -1).ne(0).sum(1)  # nonzero weights per output channel

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from typing import NamedTuple, Sequence
 
 import torch
@@ -26,6 +27,19 @@ class Exported(NamedTuple):
     stats: dict
 
 
+def _swin_attention(m: nn.Module) -> bool:
+    """torchvision's Swin attention (or its sparse subclass): it hands its qkv / proj
+    weights to a function, so the Linear hooks never see them (swin_t counted 2.96 GMAC
+    of torch.utils.flop_counter's 4.49)."""
+    swin = sys.modules.get("torchvision.models.swin_transformer")  # loaded if the model has one
+    return swin is not None and isinstance(m, (swin.ShiftedWindowAttention, swin.ShiftedWindowAttentionV2))
+
+
+def is_attention(m: nn.Module) -> bool:
+    """An attention whose MACs attention_macs counts (its projections are not called)."""
+    return isinstance(m, ATTENTION) or _swin_attention(m)
+
+
 def count_params(model: nn.Module) -> int:
     """Number of parameter elements (shared parameters once)."""
     return sum(p.numel() for p in model.parameters())
@@ -42,7 +56,7 @@ def forward_with_layer_hooks(model: nn.Module, example: torch.Tensor, hook) -> N
 
     handles = []
     for m in model.modules():
-        if isinstance(m, ATTENTION):
+        if is_attention(m):
             handles.append(m.register_forward_hook(attention_hook, with_kwargs=True))
         elif isinstance(m, (nn.Conv2d, nn.Linear)):
             handles.append(m.register_forward_hook(hook))
@@ -61,7 +75,10 @@ def attention_macs(m: nn.Module, inputs, nonzero: bool = False) -> int:
     four projections (q, k and v: the in-projection's three row blocks, or its three
     weights) and the two weight-free products softmax(q kᵀ) v over the heads' inner
     features (embed_dim, or a pruned attention's kept heads'). nonzero: the projections
-    count only nonzero weights (an exported model's, where masks are baked in)."""
+    count only nonzero weights (an exported model's, where masks are baked in). Swin
+    attention: swin_macs."""
+    if _swin_attention(m):
+        return swin_macs(m, inputs[0], nonzero)
     query, key = inputs
     weights = _attention_weights(m)
     q, k, v, out = (int(w.ne(0).sum()) if nonzero else w.numel() for w in weights)
@@ -70,6 +87,18 @@ def attention_macs(m: nn.Module, inputs, nonzero: bool = False) -> int:
     seq_k = key.shape[1 if m.batch_first and key.dim() == 3 else 0]
     seq_k += (m.bias_k is not None) + bool(m.add_zero_attn)  # the extra key/value rows
     return tokens_q * (q + out) + tokens_k * (k + v) + 2 * tokens_q * seq_k * inner
+
+
+def swin_macs(m: nn.Module, x: torch.Tensor, nonzero: bool = False) -> int:
+    """torchvision's shifted_window_attention on x [B, H, W, C]: H and W padded up to
+    window multiples, T tokens in windows of N; qkv and proj on every token, and
+    softmax(q kᵀ) v within each window over the C inner features (2·T·N·C)."""
+    B, H, W, C = x.shape
+    wh, ww = m.window_size
+    tokens = B * (-(-H // wh) * wh) * (-(-W // ww) * ww)
+    weights = [p.effective_weight()[0] if isinstance(p, SparseLinear) else p.weight for p in (m.qkv, m.proj)]
+    per_token = sum(int(w.ne(0).sum()) if nonzero else w.numel() for w in weights)
+    return tokens * per_token + 2 * tokens * wh * ww * C
 
 
 def _attention_weights(m: nn.Module) -> list[torch.Tensor]:
@@ -99,7 +128,7 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
 
     def hook(m, inputs, out):
         nonlocal total
-        if isinstance(m, ATTENTION):
+        if is_attention(m):
             total += attention_macs(m, inputs)
         elif isinstance(m, nn.Conv2d):
             kh, kw = m.kernel_size
