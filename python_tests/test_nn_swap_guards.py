@@ -2,6 +2,8 @@
 wrong: the user's hooks, weight tying, a reparametrised weight refused before anything
 changes, and two purge cases whose constants the fx graph does not show (AvgPool2d's
 divisor_override, an in-place activation with another reader)."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.utils.prune as torch_prune
@@ -109,3 +111,39 @@ def test_purge_keeps_channels_an_in_place_activation_shares(inplace):
     with torch.no_grad():
         model.c1.weight_mask[[0, 1]] = False
     check_purge(model, torch.randn(2, 3, 4, 4, dtype=torch.float64), {} if inplace else {"c1": 2})
+
+
+class Alias(nn.Module):
+    """Reads its layer's weight through a local alias: sparsify cannot see it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        fc = self.fc
+        return self.out(torch.nn.functional.linear(x, fc.weight, fc.bias))
+
+
+@pytest.mark.parametrize("example", [(3, 4), "tensor"])
+def test_export_warns_when_a_mask_was_bypassed(example):
+    torch.manual_seed(0)
+    model = sparsify(Alias())
+    example = torch.randn(3, 4) if example == "tensor" else example
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # all masks keep everything: the outputs agree
+        export(model, example_input=example)
+    with torch.no_grad():
+        model.fc.weight_mask[:2] = False  # never applied: the forward reads fc.weight
+    with pytest.warns(UserWarning, match="output differs from the masked model's"):
+        export(model, example_input=example)
+    called = sparsify(Called())  # the same masks, the layer called: its mask applies
+    called.load_state_dict(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export(called, example_input=example)
+
+
+class Called(Alias):
+    def forward(self, x):
+        return self.out(self.fc(x))
