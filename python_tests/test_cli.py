@@ -12,7 +12,7 @@ import torch
 from run_helpers import RUN_FILES, one_thread, write_cifar  # noqa: F401  (fixture)
 
 import sparsekern
-from sparsekern import cli
+from sparsekern import cli, train
 from sparsekern import method_options as mo
 
 TINY = ["--model", "mlp", "--data", "digits", "--epochs", "1", "--max-batches", "3", "--batch-size", "32",
@@ -85,6 +85,8 @@ def test_python_dash_m_runs_the_cli():
 def run_folder_ok(out: Path, method: str) -> dict:
     for name in RUN_FILES:
         assert (out / name).is_file(), name
+    # Every file the run wrote is one the "already holds a run" check knows.
+    assert {p.name for p in out.iterdir()} <= set(train.RUN_FOLDER_FILES)
     assert (out / "l0.png").is_file() == method.startswith("l0")
     assert (out / "checkpoint-prev.pt").is_file() == (EPOCHS[method] > 1)
     for png in out.glob("*.png"):
@@ -173,6 +175,7 @@ def fails(capsys, argv, *needles):
     (["--method", "dense", "--data", "cifar10", "--data-dir", "/nonexistent"], ["CIFAR-10 not found", "data_batch_1"]),
     (["--method", "dense", "--epochs", "0"], ["--epochs", "must be >= 1"]),
     (["--method", "dense", "--lr", "-1"], ["--lr", "must be > 0"]),
+    (["--method", "dense", "--lr", "abc"], ["argument --lr: invalid positive float value: 'abc'"]),
     (["--method", "nope"], ["--method", "invalid choice"]),
     (["--model", "mlp"], ["required: --method"]),
     (["--method", "gmp", "--layer-density", "fc1=0.5"], ["--layer-density is for --method l0"]),
@@ -198,6 +201,62 @@ def test_existing_run_needs_resume(tmp_path, capsys):
     fails(capsys, ["train", "--out", str(out), "--resume", "--lr", "0.5"],
           "--lr 0.5 (the run has 0.1)")
     fails(capsys, ["train", "--out", str(tmp_path / "empty"), "--resume"], "empty/config.json not found")
+
+
+@pytest.mark.parametrize("name", ["config.json", "log.txt", "report.json", "exported_model.pt2"])
+def test_a_folder_with_a_runs_files_but_no_checkpoint_is_not_taken_over(name, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).write_text("an earlier run's\n")
+    fails(capsys, ["train", "--method", "dense", *TINY, "--out", str(out)],
+          f"already holds a run ({name}) but no checkpoint")
+    assert [p.name for p in out.iterdir()] == [name] and (out / name).read_text() == "an earlier run's\n"
+
+
+def test_an_empty_folder_or_one_with_other_files_takes_a_new_run(tmp_path):
+    empty, notes = tmp_path / "empty", tmp_path / "notes"
+    empty.mkdir()
+    notes.mkdir()
+    (notes / "README.txt").write_text("my notes\n")
+    for out in (empty, notes):
+        assert cli.main(["train", "--method", "dense", *TINY, "--out", str(out)]) == 0
+        assert json.loads((out / "report.json").read_text())["epochs_trained"] == 1
+    assert (notes / "README.txt").read_text() == "my notes\n"
+
+
+def test_an_unusable_out_fails_before_the_data_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "load_dataset", lambda *a, **k: pytest.fail("the data was loaded"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me\n")
+    cases = [(a_file, f"--out {a_file} is a file, not a folder"),
+             (a_file / "run", f"--out {a_file / 'run'}: {a_file} is a file, not a folder")]
+    if sys.platform.startswith("linux"):  # /proc refuses new entries, even to root
+        cases.append((Path("/proc/nope"), "--out /proc/nope: cannot create a folder in /proc ("))
+    for out, message in cases:
+        err = fails(capsys, ["train", "--method", "dense", *TINY, "--out", str(out)], message)
+        assert err.startswith("sparsekern train: error: --out ")
+    assert list(tmp_path.iterdir()) == [a_file] and a_file.read_text() == "keep me\n"
+
+
+def test_resume_may_give_a_new_data_dir_and_threads(tmp_path, monkeypatch, capsys):
+    """The config keeps the data folder as an absolute path (a resume from another working
+    directory finds it); when the data moves, --resume takes --data-dir (and --threads)."""
+    write_cifar(tmp_path / "data", per_batch=4)
+    monkeypatch.chdir(tmp_path)
+    data, moved = Path.cwd() / "data", Path.cwd() / "moved"
+    assert cli.main(["train", "--method", "dense", "--model", "lenet5", "--data", "cifar10", "--data-dir", "data",
+                     "--epochs", "2", "--batch-size", "8", "--no-progress", "--out", "run", "--stop-after", "1"]) == 0
+    assert json.loads(Path("run/config.json").read_text())["data_dir"] == str(data)
+    data.rename(moved)
+    monkeypatch.chdir(moved)
+    fails(capsys, ["train", "--out", "../run", "--resume"], "CIFAR-10 not found", str(data))
+    fails(capsys, ["train", "--out", "../run", "--resume", "--data-dir", ".", "--lr", "0.5"],
+          "--lr 0.5 (the run has 0.1)")  # the run's other settings stay fixed
+    assert cli.main(["train", "--out", "../run", "--resume", "--data-dir", ".", "--threads", "1"]) == 0
+    config = json.loads(Path("../run/config.json").read_text())
+    assert config["data_dir"] == str(moved) and config["threads"] == 1  # what the next --resume uses
+    report = json.loads(Path("../run/report.json").read_text())
+    assert report["epochs_trained"] == 2 and report["config"]["data_dir"] == str(moved)
 
 
 def test_unknown_command_and_no_command(capsys):

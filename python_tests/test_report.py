@@ -40,7 +40,8 @@ def structured_run(tmp_path_factory):
     with torch.no_grad():
         trainer.model.fc2.weight_log_alpha[0, :150] = -10.0  # median gate 0
         trainer.model.fc2.weight_log_alpha[0, 150:] = 10.0
-    report = write_report(trainer, command=["train", "--method", "l0"])
+    trainer.command = ["train", "--method", "l0"]
+    report = write_report(trainer)
     return trainer, report, out
 
 

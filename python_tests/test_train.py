@@ -3,6 +3,7 @@
 the plan / lr schedule follow the config."""
 import json
 import math
+import shlex
 
 import pytest
 import torch
@@ -27,8 +28,8 @@ RESUMABLE = {
 
 
 def comparable(report: dict) -> dict:
-    """report.json without wall-clock times and the command line."""
-    out = {k: v for k, v in report.items() if k not in ("timing", "command")}
+    """report.json without wall-clock times and the command lines."""
+    out = {k: v for k, v in report.items() if k not in ("timing", "command", "resume_commands")}
     out["history"] = [{k: v for k, v in h.items() if k != "seconds"} for h in report["history"]]
     return out
 
@@ -60,10 +61,32 @@ def test_resume_after_stop_equals_uninterrupted(method, tmp_path, capsys):
     assert cli.main(["train", "--out", str(b), "--resume"]) == 0
     assert "resumed from" in (b / "log.txt").read_text()
     assert_same_run(a, b)
+    # The report keeps the command that started the run, then the resume's.
+    report = json.loads((b / "report.json").read_text())
+    assert report["command"] == [*args, "--out", str(b), "--stop-after", "1"]
+    assert report["resume_commands"] == [["train", "--out", str(b), "--resume"]]
+    md = (b / "report.md").read_text()
+    first, then = (f"sparsekern {shlex.join(c)}\n" for c in (report["command"], *report["resume_commands"]))
+    assert first in md and then in md and md.index(first) < md.index(then)
 
 
 class Crash(Exception):
     pass
+
+
+def die_at_step(monkeypatch, n: int, error) -> None:
+    """The n-th optimiser step raises `error`, after its update."""
+    real_step = torch.optim.SGD.step
+    calls = {"n": 0}
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        result = real_step(self, *a, **k)
+        if calls["n"] == n:
+            raise error
+        return result
+
+    monkeypatch.setattr(torch.optim.SGD, "step", dying_step)
 
 
 def test_resume_after_a_crash_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch):
@@ -72,24 +95,41 @@ def test_resume_after_a_crash_mid_epoch_equals_uninterrupted(tmp_path, monkeypat
     args = ["train", "--method", "l0", *TINY, *RESUMABLE["l0"]]
     a, b = tmp_path / "a", tmp_path / "b"
     assert cli.main([*args, "--out", str(a)]) == 0
-
-    real_step = torch.optim.SGD.step
-    calls = {"n": 0}
-
-    def dying_step(self, *a, **k):
-        calls["n"] += 1
-        result = real_step(self, *a, **k)
-        if calls["n"] == 4 + 3:
-            raise Crash
-        return result
-
-    monkeypatch.setattr(torch.optim.SGD, "step", dying_step)
+    die_at_step(monkeypatch, 4 + 3, Crash)
     with pytest.raises(Crash):
         cli.main([*args, "--out", str(b)])
     monkeypatch.undo()
     assert final_state(b)["next_epoch"] == 1
     assert cli.main(["train", "--out", str(b), "--resume"]) == 0
     assert_same_run(a, b)
+
+
+def test_ctrl_c_prints_where_the_run_stands_and_it_resumes(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in epoch 2: one line (no traceback) naming the last checkpoint's epoch and the
+    resume command, status 130; the resume ends where the uninterrupted run does."""
+    args = ["train", "--method", "l0", *TINY, *RESUMABLE["l0"]]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli.main([*args, "--out", str(a)]) == 0
+    die_at_step(monkeypatch, 4 + 3, KeyboardInterrupt)
+    assert cli.main([*args, "--out", str(b)]) == 130
+    monkeypatch.undo()
+    assert capsys.readouterr().err == (f"interrupted; the last checkpoint is after epoch 1/2; continue with "
+                                       f"--resume: sparsekern train --out {b} --resume\n")
+    assert cli.main(["train", "--out", str(b), "--resume"]) == 0
+    assert_same_run(a, b)
+
+
+def test_ctrl_c_before_the_first_checkpoint(tmp_path, monkeypatch, capsys):
+    args = ["train", "--method", "dense", *TINY, "--out", str(tmp_path / "run")]
+    die_at_step(monkeypatch, 2, KeyboardInterrupt)
+    assert cli.main(args) == 130
+    monkeypatch.undo()
+    assert "interrupted before the first checkpoint: nothing to resume" in capsys.readouterr().err
+    # The folder holds that run's config and log: a new run there is refused, not mixed in.
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    assert e.value.code == 2
+    assert "already holds a run (config.json, log.txt) but no checkpoint" in capsys.readouterr().err
 
 
 def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -190,12 +230,14 @@ def test_lr_after_a_rewind_continues_from_the_rewind_iteration(tmp_path):
     assert lr == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))
 
 
-def test_method_kwargs_come_from_flags_and_the_run():
+def test_method_kwargs_come_from_flags_and_the_run(tmp_path):
+    never = tmp_path / "never-written"
     cfg = RunConfig("gmp", "mlp", density=0.25, epochs=8, max_batches=10, milestones=[4, 6],
                     method_options={"frequency": 5})
-    trainer = train.Trainer(cfg, "/nonexistent-never-written", log=lambda s: None)
+    trainer = train.Trainer(cfg, never, log=lambda s: None)
     assert trainer.method_kwargs == {"frequency": 5, "sparsity": 0.75, "end_iteration": 60}
     cfg = RunConfig("l0", "mlp", density=0.3, method_options={"structured": True})
-    assert train.Trainer(cfg, "/nonexistent-never-written").method_kwargs == {"structured": True, "target_density": 0.3}
+    assert train.Trainer(cfg, never).method_kwargs == {"structured": True, "target_density": 0.3}
     cfg = RunConfig("imp", "mlp", sparsity=0.36, rounds=3)
-    assert train.Trainer(cfg, "/nonexistent-never-written").method_kwargs["prune_fraction"] == pytest.approx(0.2)
+    assert train.Trainer(cfg, never).method_kwargs["prune_fraction"] == pytest.approx(0.2)
+    assert list(tmp_path.iterdir()) == []  # a Trainer writes nothing until it runs

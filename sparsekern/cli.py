@@ -22,6 +22,11 @@ PROG = "sparsekern"
 # Run-control flags: how this invocation behaves, not what the run computes, so --resume
 # may change them.
 RUN_CONTROL = ("out", "resume", "progress", "stop_after", "malloc_defaults")
+# Saved in the run's config, so that a plain --resume reuses them, but they say where the
+# data is and how many CPU threads compute, not what the run is: --resume may change them
+# (the dataset moved; a busier machine). A new --threads can change the float rounding of
+# CPU kernels, no more.
+RESUME_MAY_CHANGE = ("data_dir", "threads")
 
 
 def _defaults() -> dict:
@@ -30,6 +35,18 @@ def _defaults() -> dict:
     return {f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(RunConfig)}
 
 
+def _named(name: str):
+    """Gives an argparse type a readable name: argparse reports a type that raises
+    ValueError as "invalid <type.__name__> value: 'x'", which would otherwise show the
+    function's name (e.g. "invalid _positive_float value")."""
+    def rename(parse):
+        parse.__name__ = name
+        return parse
+
+    return rename
+
+
+@_named("positive int")
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -37,6 +54,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
+@_named("non-negative int")
 def _nonnegative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -45,6 +63,7 @@ def _nonnegative_int(text: str) -> int:
 
 
 def _fraction(low_open: bool, high_open: bool):
+    @_named("fraction")
     def parse(text: str) -> float:
         value = float(text)
         ok = (0.0 < value if low_open else 0.0 <= value) and (value < 1.0 if high_open else value <= 1.0)
@@ -56,6 +75,7 @@ def _fraction(low_open: bool, high_open: bool):
     return parse
 
 
+@_named("LAYER=D pair")
 def _layer_density(text: str) -> tuple[str, float]:
     name, sep, value = text.rpartition("=")
     if not sep or not name:
@@ -63,6 +83,7 @@ def _layer_density(text: str) -> tuple[str, float]:
     return name, _fraction(True, False)(value)
 
 
+@_named("positive float")
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -91,7 +112,8 @@ def train_parser(methods: list[str] | None = None) -> argparse.ArgumentParser:
                       help=f"{', '.join(OWN_MODELS)} or a torchvision classification model name (required)")
     what.add_argument("--data", choices=DATASETS, default=S, help=f"dataset (default: {d['data']})")
     what.add_argument("--data-dir", default=S, metavar="PATH",
-                      help="cifar10: the folder holding cifar-10-batches-py/ (never downloaded)")
+                      help="cifar10: the folder holding cifar-10-batches-py/ (never downloaded; --resume may give "
+                           "a new one)")
     target = what.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=_fraction(False, True), default=S, metavar="S",
                         help="target fraction of pruned weights: the method's sparsity (or target_density = 1 - S)")
@@ -134,13 +156,14 @@ def train_parser(methods: list[str] | None = None) -> argparse.ArgumentParser:
                        help=f"seeds init, data split, batch order, gates (default: {d['seed']})")
     sched.add_argument("--device", default=S, help=f"torch device, e.g. cpu, cuda, cuda:1 (default: {d['device']})")
     sched.add_argument("--threads", type=_positive_int, default=S,
-                       help="CPU threads for torch (default: torch's choice; 1 is much faster on a busy machine)")
+                       help="CPU threads for torch (default: torch's choice; 1 is much faster on a busy machine; "
+                            "--resume may change it)")
 
     run = p.add_argument_group("run folder and control")
     run.add_argument("--out", required=True, metavar="DIR", help="run folder, e.g. runs/NAME (required)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its last checkpoint, with its saved configuration "
-                          "(other flags, if given, must match it)")
+                          "(other flags, if given, must match it, except --data-dir and --threads)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="tqdm progress bar per epoch (default: when stderr is a terminal)")
     run.add_argument("--max-batches", type=_positive_int, default=S, metavar="N",
@@ -196,18 +219,32 @@ def _load_saved_config(out: Path) -> dict:
 
 
 def _resume_config(out: Path, config: dict, options: dict):
-    """The saved config; flags given must agree with it (a resumed run keeps its config)."""
+    """The saved config; flags given must agree with it (a resumed run keeps its config),
+    except RESUME_MAY_CHANGE's, which replace the saved values."""
     from .train import RunConfig
 
     saved = _load_saved_config(out)
-    diffs = [f"--{k.replace('_', '-')} {v!r} (the run has {saved.get(k)!r})" for k, v in config.items() if saved.get(k) != v]
+    diffs = [f"--{k.replace('_', '-')} {v!r} (the run has {saved.get(k)!r})" for k, v in config.items()
+             if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
     saved_opts = saved.get("method_options", {})
     diffs += [f"--{k.replace('_', '-')} {v!r} (the run has {saved_opts.get(k, 'not given')!r})"
               for k, v in options.items() if saved_opts.get(k, object()) != v]
     if diffs:
         raise ValueError("--resume continues a run with its saved configuration; these differ from "
                          f"{out / 'config.json'}: " + "; ".join(diffs))
+    saved.update({k: config[k] for k in RESUME_MAY_CHANGE if k in config})
     return RunConfig(**saved)
+
+
+def _interrupted(trainer, out: Path) -> str:
+    """The line printed on Ctrl-C: where the run's last checkpoint is, and how to go on."""
+    resume = f"continue with --resume: {PROG} train --out {out} --resume"
+    if trainer.saved_epochs is None:  # a resume, stopped while loading its checkpoint
+        return f"interrupted; the run's checkpoint is unchanged; {resume}"
+    if trainer.saved_epochs == 0:
+        return (f"interrupted before the first checkpoint: nothing to resume; start again with another --out, "
+                f"or after deleting the run's files in {out}")
+    return f"interrupted; the last checkpoint is after epoch {trainer.saved_epochs}/{len(trainer.plan)}; {resume}"
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -230,6 +267,9 @@ def cmd_train(argv: list[str]) -> int:
         trainer = train.Trainer(cfg, out, resume=control["resume"], progress=control["progress"])
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except KeyboardInterrupt:  # e.g. while the data loads
+        print(f"interrupted before the run started; nothing written to {out}", file=sys.stderr)
+        return 130
     try:
         if not control["malloc_defaults"]:
             tune_cpu_allocator()
@@ -237,6 +277,10 @@ def cmd_train(argv: list[str]) -> int:
     except train.Interrupted as e:
         print(f"{e}: {PROG} train --out {out} --resume")
         return 0
+    except KeyboardInterrupt:
+        # Ctrl-C: one line, not a traceback; 130 is the shell's status for a SIGINT death.
+        print(_interrupted(trainer, out), file=sys.stderr)
+        return 130
     final = report["final"]
     print(f"done: test accuracy {final['test_accuracy']:.4f} (exported {final['exported_test_accuracy']:.4f}), "
           f"density {report['density']['global']:.4f}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import shlex
 import time
 from pathlib import Path
 
@@ -161,7 +162,7 @@ def _method_history(method):
         return None
 
 
-def write_report(trainer, command: list[str] | None = None) -> dict:
+def write_report(trainer) -> dict:
     start = time.perf_counter()
     out, cfg, model, method = trainer.out, trainer.cfg, trainer.model, trainer.method
     exported, stats = export_run(trainer)
@@ -195,7 +196,8 @@ def write_report(trainer, command: list[str] | None = None) -> dict:
         "sparsekern_version": __version__,
         "torch_version": torch.__version__,
         "machine": f"{platform.machine()} {platform.system()}, device {cfg.device}",
-        "command": command,
+        "command": trainer.command,  # the command line that started the run
+        "resume_commands": trainer.resume_commands,  # then each --resume's, in order
         "config": cfg.to_json(),
         "steps_per_epoch": trainer.steps_per_epoch,
         "epochs_trained": len(trainer.history),
@@ -262,8 +264,9 @@ def markdown(report: dict) -> str:
     cfg, final, size = report["config"], report["final"], report["model_size"]
     dense, exp = size["dense"], size["exported"]
     lines = [f"# sparsekern run: {cfg['method']} on {cfg['model']} / {cfg['data']}", ""]
-    if report.get("command"):
-        lines += ["```", "sparsekern " + " ".join(report["command"]), "```", ""]
+    commands = ([report["command"]] if report.get("command") else []) + report.get("resume_commands", [])
+    if commands:
+        lines += ["```", *("sparsekern " + shlex.join(c) for c in commands), "```", ""]
     target = cfg["density"] if cfg["density"] is not None else (None if cfg["sparsity"] is None else 1 - cfg["sparsity"])
     lines += [
         "## Result", "",

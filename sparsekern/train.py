@@ -22,7 +22,8 @@ function of (seed, epoch) only (sparsekern.data), so `--resume` reproduces the
 uninterrupted run bit for bit on CPU (on CUDA, as far as its kernels are deterministic).
 
 The run folder:
-  config.json            the run's configuration (what --resume continues)
+  config.json            the run's configuration (what --resume continues; a --resume that
+                         gives a new --data-dir or --threads rewrites it)
   log.txt                one line per epoch
   checkpoint.pt          latest epoch; checkpoint-prev.pt the one before
   report.json, report.md, *.png      sparsekern.run_report / sparsekern.plots
@@ -36,8 +37,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,10 +60,23 @@ from .models import build_model
 LR_SCHEDULES = ("multistep", "cosine", "constant")
 OPTIMIZERS = ("sgd", "adam")
 
+# Every file a run writes into its folder (from report.json on: sparsekern.run_report's).
+# Any one of them means the folder holds a run, even without a checkpoint (one that died
+# in its first epoch, or whose checkpoints were deleted): a new run there would append
+# to its log and replace its reports. Other files do not count: a run writes only these
+# names, so it never touches them, and a folder the user prepared (a .gitkeep, notes)
+# stays usable.
+RUN_FOLDER_FILES = ("config.json", "config.json.tmp", "log.txt",
+                    ckpt.CHECKPOINT, ckpt.PREVIOUS, ckpt.CHECKPOINT + ".tmp",
+                    "report.json", "report.md", "density_layers.png", "training.png", "l0.png",
+                    "exported_state_dict.pt", "exported_model.pt2", "exported_module.pt")
+
 
 @dataclass
 class RunConfig:
-    """Everything that determines a run's result. --resume continues with the saved one."""
+    """Everything that determines a run's result, plus where its data is (data_dir) and
+    how many CPU threads run it (threads), which --resume may change. --resume continues
+    with the saved one."""
 
     method: str
     model: str
@@ -89,6 +105,11 @@ class RunConfig:
     device: str = "cpu"
     threads: int | None = None  # torch.set_num_threads; None: torch's default
     method_options: dict = field(default_factory=dict)  # the method flags given, by argument name
+
+    def __post_init__(self):
+        # Absolute, so that a --resume from another working directory finds the data.
+        if self.data_dir is not None:
+            self.data_dir = os.path.abspath(os.path.expanduser(self.data_dir))
 
     def validate(self) -> None:
         """ValueError naming the flag for every out-of-range value."""
@@ -250,10 +271,16 @@ class Trainer:
                  log: Callable[[str], None] = print):
         self.cfg, self.out, self.resume, self.progress, self._print = cfg, Path(out), resume, progress, log
         cfg.validate()
+        check_out(self.out)
         if resume and not ckpt.exists(self.out):
             raise FileNotFoundError(f"--resume: no checkpoint in {self.out}")
-        if not resume and ckpt.exists(self.out):
-            raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it, or choose another --out")
+        found = [name for name in RUN_FOLDER_FILES if (self.out / name).is_file()]
+        if not resume and found:
+            if ckpt.exists(self.out):
+                raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it, "
+                                      "or choose another --out")
+            raise FileExistsError(f"{self.out} already holds a run ({', '.join(found)}) but no checkpoint to "
+                                  "resume it from; choose another --out, or delete those files")
         self.device = torch.device(cfg.device)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
@@ -278,6 +305,9 @@ class Trainer:
         self.phase_step = 0     # the lr schedule's step counter within the phase
         self.elapsed = 0.0
         self.resumed_from: str | None = None
+        self.saved_epochs: int | None = None if resume else 0  # epochs in the checkpoint; None: not loaded yet
+        self.command: list[str] | None = None  # the command line that started the run
+        self.resume_commands: list[list[str]] = []  # then each --resume's
 
     # ---- construction
     def _method_kwargs(self) -> tuple[dict, float | None]:
@@ -332,6 +362,9 @@ class Trainer:
         self.history = state["history"]
         self.next_epoch, self.phase_step = state["next_epoch"], state["phase_step"]
         self.elapsed = state["elapsed"]
+        self.saved_epochs = self.next_epoch
+        # Checkpoints written before the commands were kept have neither.
+        self.command, self.resume_commands = state.get("command"), state.get("resume_commands", [])
         ckpt.set_rng_states(state["rng"])
         if self.next_epoch >= len(self.plan):
             self.log(f"resumed from {path}: all {len(self.plan)} epochs are done; writing the report again")
@@ -355,7 +388,10 @@ class Trainer:
             "loader": {"seed": self.cfg.seed, "next_epoch": self.next_epoch},
             "history": self.history,
             "elapsed": self.elapsed,
+            "command": self.command,
+            "resume_commands": self.resume_commands,
         })
+        self.saved_epochs = self.next_epoch
 
     # ---- the loop
     def log(self, line: str) -> None:
@@ -465,6 +501,32 @@ class Trainer:
             done_here += 1
 
 
+def check_out(out: Path) -> None:
+    """ValueError naming --out unless `out` is a folder, or one can be created there.
+    Called before the data is loaded; leaves nothing behind."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder")
+    # Only trying tells: os.access says yes to root, and to places such as /proc that
+    # refuse new entries anyway.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".sparsekern-probe-", dir=existing))
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create a folder in {existing} ({e.strerror})") from None
+
+
+def write_config(out: Path, cfg: RunConfig) -> None:
+    """config.json, atomically (temp file + rename): a --resume rewrites it, and a crash
+    half-way must not leave a run that cannot be resumed."""
+    tmp = out / "config.json.tmp"
+    tmp.write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+    os.replace(tmp, out / "config.json")
+
+
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -473,19 +535,25 @@ def _seed_everything(seed: int) -> None:
 
 def execute(trainer: Trainer, *, stop_after: int | None = None, command: list[str] | None = None) -> dict:
     """Trains (or resumes) the prepared run, then writes the report, plots and exported
-    model and returns the report dict. Raises Interrupted after `stop_after` epochs."""
+    model and returns the report dict. Raises Interrupted after `stop_after` epochs.
+    `command`: this invocation's command line, kept in the checkpoint and the report (a
+    resumed run's report shows the command that started it, then each --resume)."""
     from .run_report import write_report
 
     cfg = trainer.cfg
     trainer.out.mkdir(parents=True, exist_ok=True)
     if trainer.resume:
         trainer.load()
+        if command is not None:
+            trainer.resume_commands.append(command)
+        write_config(trainer.out, cfg)  # its --data-dir / --threads may be new
     else:
-        (trainer.out / "config.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+        trainer.command = command
+        write_config(trainer.out, cfg)
         trainer.log(f"sparsekern train: {cfg.method} on {cfg.model}/{cfg.data}, {len(trainer.plan)} epochs of "
                     f"{trainer.steps_per_epoch} steps, run folder {trainer.out}")
     trainer.fit(stop_after=stop_after)
-    return write_report(trainer, command=command)
+    return write_report(trainer)
 
 
 def run(cfg: RunConfig, out, *, resume: bool = False, progress: bool | None = None, stop_after: int | None = None,
