@@ -132,6 +132,24 @@ def test_ctrl_c_before_the_first_checkpoint(tmp_path, monkeypatch, capsys):
     assert "already holds a run (config.json, log.txt) but no checkpoint" in capsys.readouterr().err
 
 
+def test_a_diverged_epoch_stops_the_run_before_its_checkpoint(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real = train.Trainer.train_epoch
+    calls = []
+
+    def second_diverges(self, index, spec):
+        result = real(self, index, spec)
+        calls.append(index)
+        return {**result, "train_loss": math.nan} if len(calls) == 2 else result
+
+    monkeypatch.setattr(train.Trainer, "train_epoch", second_diverges)
+    assert cli.main(["train", "--method", "dense", *TINY, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "training diverged in epoch 2 (train loss nan)" in err and "last checkpoint is after epoch 1" in err
+    assert torch.load(out / ckpt.CHECKPOINT, weights_only=False)["next_epoch"] == 1
+    assert not (out / "report.json").exists()
+
+
 def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     ckpt.save(tmp_path, {"epoch": 1, "w": torch.arange(4)})
     ckpt.save(tmp_path, {"epoch": 2, "w": torch.arange(4) * 2})

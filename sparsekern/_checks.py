@@ -14,9 +14,13 @@ def real(label: str, value, *, low=-math.inf, high=math.inf, low_open=False, hig
     below = value <= low if low_open else value < low
     above = value >= high if high_open else value > high
     if below or above:
-        lo = ("(" if low_open else "[") + f"{low:g}"
-        hi = f"{high:g}" + (")" if high_open else "]")
-        raise ValueError(f"{label} must be in {lo}, {hi}, got {value}")
+        if high == math.inf:  # one-sided: "[0, inf]" read as if inf were allowed
+            bound = (">" if low_open else ">=") + f" {low:g}"
+        elif low == -math.inf:
+            bound = ("<" if high_open else "<=") + f" {high:g}"
+        else:
+            bound = "in " + ("(" if low_open else "[") + f"{low:g}, {high:g}" + (")" if high_open else "]")
+        raise ValueError(f"{label} must be {bound}, got {value}")
     return value
 
 

@@ -266,7 +266,7 @@ def cmd_train(argv: list[str]) -> int:
             cfg = train.RunConfig(**config, method_options=options)
         trainer = train.Trainer(cfg, out, resume=control["resume"], progress=control["progress"])
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+        parser.exit(2, f"{parser.prog}: error: {mo.with_flags(str(e))}\n")
     except KeyboardInterrupt:  # e.g. while the data loads
         print(f"interrupted before the run started; nothing written to {out}", file=sys.stderr)
         return 130
@@ -277,6 +277,9 @@ def cmd_train(argv: list[str]) -> int:
     except train.Interrupted as e:
         print(f"{e}: {PROG} train --out {out} --resume")
         return 0
+    except train.Diverged as e:
+        print(f"{PROG} train: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         # Ctrl-C: one line, not a traceback; 130 is the shell's status for a SIGINT death.
         print(_interrupted(trainer, out), file=sys.stderr)

@@ -385,5 +385,25 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# The run-level flags the derived arguments and param_groups' arguments come from.
+_FROM_FLAG = {"sparsity": "--sparsity", "target_density": "--density", "epochs_per_round": "--epochs",
+              "seed": "--seed", "lr": "--lr", "weight_decay": "--weight-decay", "mask_lr": "--mask-lr"}
+
+
+def with_flags(message: str) -> str:
+    """`message` (a method's ValueError) with the flag after each method argument it names
+    in backticks: "`period` must be >= 1" → "`period` (--period) must be >= 1", so the CLI
+    user sees which flag to change."""
+    names = {p.name for m in available_methods() if (cls := method_class(m)) for p in constructor_parameters(cls)}
+
+    def flag(match: re.Match) -> str:
+        name = match[1]
+        if name in _FROM_FLAG:
+            return f"{match[0]} ({_FROM_FLAG[name]})"
+        return f"{match[0]} ({_flag(name)})" if name in names and name not in DERIVED else match[0]
+
+    return re.sub(r"`(\w+)`", flag, message)
+
+
 def _flags(given: dict) -> list[str]:
     return [_flag(n) for n in given]

@@ -259,6 +259,10 @@ def format_line(entry: dict, total_epochs: int) -> str:
     return "  ".join(parts)
 
 
+class Diverged(Exception):
+    """The loss became NaN or infinite: the run stops before checkpointing that epoch."""
+
+
 class Interrupted(Exception):
     """Raised by --stop-after: the run stopped early and can be resumed."""
 
@@ -495,6 +499,12 @@ class Trainer:
             self.elapsed += entry["seconds"]
             self.history.append(entry)
             self.log(format_line(entry, len(self.plan)))
+            if not math.isfinite(entry["train_loss"]):
+                # Not saved: the checkpoints keep the last finite epochs. A --mask-lr inf run
+                # (now refused) went on to print "done" with every number NaN.
+                kept = f"its last checkpoint is after epoch {index}" if index else "no checkpoint was written"
+                raise Diverged(f"training diverged in epoch {index + 1} (train loss {entry['train_loss']}); that "
+                               f"epoch is not checkpointed ({kept}). Start a new run with a lower --lr / --mask-lr")
             self._after(spec)
             self.next_epoch = index + 1
             self.save()

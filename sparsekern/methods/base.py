@@ -55,7 +55,7 @@ def check_epochs_per_round(value) -> int:
     value = check_int("epochs_per_round", value)
     if value < 2:
         raise ValueError(f"`epochs_per_round` must be >= 2, got {value}: β rises from 1 in a round's first "
-                         "epoch to beta_final in its last (sparsekern train takes it from --epochs)")
+                         "epoch to beta_final in its last")
     return value
 
 
