@@ -135,7 +135,16 @@ def test_l0_per_layer_densities(tmp_path):
                      "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["layer_density"] == {"fc1": 0.5, "fc2": 0.25}
-    assert report["final"]["target_density"] == pytest.approx(0.375)  # the log shows the mean
+    final = report["final"]
+    # Each layer against its own target: no mean target beside the global E[density].
+    assert "target_density" not in final and final["layer_targets"] == {"fc1": 0.5, "fc2": 0.25}
+    assert final["worst_excess"] == pytest.approx(max(final["layer_expected"][g] - eps
+                                                      for g, eps in final["layer_targets"].items()))
+    assert final["lambda"] == max(final["layer_lambdas"].values())
+    log = (out / "log.txt").read_text()
+    assert "max layer E[density] − target" in log and "max λ" in log and "target 0.3750" not in log
+    assert "per layer: fc1 0.5000, fc2 0.2500" in (out / "report.md").read_text()
+    assert (out / "l0.png").stat().st_size > 0
     extra = torch.load(out / "checkpoint.pt", weights_only=False)["method"]["extra"]
     assert list(extra["groups"]) == ["fc1", "fc2"] and extra["multipliers"].shape == (2,)  # fc3: unconstrained
 

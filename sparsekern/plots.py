@@ -77,14 +77,25 @@ def l0_curves(history: list[dict], path: Path, title: str) -> Path:
     """Constrained L0: expected density against its target, and the multiplier λ."""
     epochs = [h["epoch"] for h in history]
     fig, (dens, lam) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
-    dens.plot(epochs, [h["expected_density"] for h in history], marker=".", label="expected density")
-    dens.plot(epochs, [h["density"] for h in history], marker=".", label="eval-gate density")
-    if any("target_density" in h for h in history):
-        dens.plot(epochs, [h.get("target_density") for h in history], ls="--", color="k", label="target")
-    dens.set_ylabel("density")
+    layers = list(history[-1].get("layer_targets", {}))
+    if layers:  # one constraint per layer: each layer's E[density] against its own target
+        for i, g in enumerate(layers):
+            color = f"C{i % 10}"
+            dens.plot(epochs, [h["layer_expected"][g] for h in history], marker=".", color=color, label=g)
+            dens.plot(epochs, [h["layer_targets"][g] for h in history], ls="--", color=color)
+            lam.plot(epochs, [h["layer_lambdas"][g] for h in history], marker=".", color=color)
+        dens.set_ylabel("expected density (--: target)")
+    else:
+        dens.plot(epochs, [h["expected_density"] for h in history], marker=".", label="expected density")
+        dens.plot(epochs, [h["density"] for h in history], marker=".", label="eval-gate density")
+        if any("target_density" in h for h in history):
+            dens.plot(epochs, [h.get("target_density") for h in history], ls="--", color="k", label="target")
+        dens.set_ylabel("density")
     dens.set_title(title, fontsize=9)
-    dens.legend(fontsize=7)
-    if any("lambda" in h for h in history):
+    dens.legend(fontsize=7, ncol=max(1, len(layers) // 8))
+    if layers:
+        lam.set_ylabel("λ per layer (end of epoch)")
+    elif any("lambda" in h for h in history):
         lam.plot(epochs, [h.get("lambda") for h in history], marker=".", color="tab:red")
         lam.set_ylabel("λ (end of epoch)")
     else:

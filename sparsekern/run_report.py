@@ -94,6 +94,12 @@ def layer_rows(model: nn.Module, exported: nn.Module) -> list[dict]:
     return rows
 
 
+def _target_text(target: float | None, per_layer: dict | None) -> str:
+    if per_layer:
+        return "per layer: " + ", ".join(f"{name} {eps:.4f}" for name, eps in per_layer.items())
+    return "-" if target is None else f"{target:.4f}"
+
+
 def removed_text(removed: dict[str, int]) -> str:
     """export stats' removed_channels as a sentence: "<layer>: N channels" per layer,
     "<attention>: N heads" for its "<attention>.heads" entries."""
@@ -276,10 +282,13 @@ def markdown(report: dict) -> str:
             ["max abs logit difference, exported vs masked", f"{final['exported_max_abs_logit_diff']:.3g}"],
             ["train accuracy (last epoch, running)", _pct(final["train_accuracy"]) if "train_accuracy" in final else "-"],
             ["density of the pruned layers", f"{report['density']['global']:.4f}"],
-            ["target density", "-" if target is None else f"{target:.4f}"],
+            ["target density", _target_text(target, cfg.get("layer_density"))],
             ["density of all Conv2d/Linear weights", f"{report['density']['all_weights']:.4f}"],
             *([["expected density (L0)", f"{final['expected_density']:.4f}"]] if "expected_density" in final else []),
-            *([["multiplier λ (L0)", f"{final['lambda']:.4g}"]] if "lambda" in final else []),
+            *([["largest multiplier λ (L0, one per layer)" if "worst_excess" in final else "multiplier λ (L0)",
+                f"{final['lambda']:.4g}"]] if "lambda" in final else []),
+            *([["largest excess of a layer's expected density over its target",
+                f"{final['worst_excess']:+.4f}"]] if "worst_excess" in final else []),
             ["epochs", f"{report['epochs_trained']} × {report['steps_per_epoch']} steps"],
             ["training time", f"{report['timing']['train_seconds']:.1f} s"],
         ]), "",
@@ -309,7 +318,8 @@ def markdown(report: dict) -> str:
          for r in rows]))
     lines += ["", "## Per epoch", ""]
     hist = report["history"]
-    extra = [k for k in ("expected_density", "target_density", "lambda", "beta", "alive") if any(k in h for h in hist)]
+    extra = [k for k in ("expected_density", "target_density", "worst_excess", "lambda", "beta", "alive")
+             if any(k in h for h in hist)]
     lines.append(_table(
         ["epoch", "phase", "train loss", "train acc", "test acc", "density", *extra, "lr", "s"],
         [[h["epoch"], h["phase"] + (f" {h['round'] + 1}" if h["phase"] == "round" else ""),

@@ -228,8 +228,19 @@ def method_scalars(method) -> dict:
         out["expected_density"] = d["expected"]["global"]
     if "multipliers" in d and d["multipliers"]:
         lams, targets = list(d["multipliers"].values()), list(d["targets"].values())
-        out["lambda"] = lams[0] if len(lams) == 1 else max(lams)
-        out["target_density"] = targets[0] if len(targets) == 1 else sum(targets) / len(targets)
+        if len(lams) == 1:
+            out["lambda"], out["target_density"] = lams[0], targets[0]
+        else:
+            # One constraint per layer: the global E[density] has no single target (the
+            # mean of the layers' targets was logged beside it, with the largest λ: a
+            # misleading pair), so each layer's E[density], target and λ are kept, and the
+            # log line shows the worst layer's excess over its target and the largest λ.
+            expected = d["expected"]["layers"]
+            out["lambda"] = max(lams)
+            out["layer_expected"] = {g: expected[g] for g in d["targets"]}
+            out["layer_targets"] = dict(d["targets"])
+            out["layer_lambdas"] = dict(d["multipliers"])
+            out["worst_excess"] = max(expected[g] - eps for g, eps in d["targets"].items())
     if "beta" in d:
         out["beta"] = d["beta"]
     if "alive" in d:
@@ -251,8 +262,10 @@ def format_line(entry: dict, total_epochs: int) -> str:
         parts.append(f"E[density] {entry['expected_density']:.4f}")
     if "target_density" in entry:
         parts.append(f"target {entry['target_density']:.4f}")
+    if "worst_excess" in entry:
+        parts.append(f"max layer E[density] − target {entry['worst_excess']:+.4f}")
     if "lambda" in entry:
-        parts.append(f"λ {entry['lambda']:.4g}")
+        parts.append(("max λ " if "worst_excess" in entry else "λ ") + f"{entry['lambda']:.4g}")
     if "beta" in entry:
         parts.append(f"β {entry['beta']:.4g}")
     parts += [f"lr {entry['lr']:.4g}", f"{entry['seconds']:.1f}s"]
