@@ -143,6 +143,13 @@ class RunConfig:
         need(self.mask_lr is None or self.mask_lr > 0, f"--mask-lr must be > 0, got {self.mask_lr}")
         need(self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {list(LR_SCHEDULES)}")
         need(self.milestones is None or all(m >= 0 for m in self.milestones), "--milestones must be >= 0")
+        # Epoch indices within a phase: one at or past the longest phase's length never fires.
+        longest = max(self.epochs, self.pretrain_epochs or 0, self.ticket_epochs or 0)
+        late = [m for m in self.milestones or [] if m >= longest]
+        need(not late, f"--milestones {' '.join(map(str, late))}: no phase has that many epochs (the longest has "
+                       f"{longest}), so the lr would never decay there")
+        need(self.data_dir is None or self.data == "cifar10",
+             f"--data-dir is for --data cifar10; --data {self.data} ships with the package")
         need(0 < self.gamma <= 1, f"--gamma must be in (0, 1], got {self.gamma}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.test_batch_size >= 1, f"--test-batch-size must be >= 1, got {self.test_batch_size}")
