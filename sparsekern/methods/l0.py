@@ -259,6 +259,9 @@ class PenalizedL0(_HardConcreteMethod):
     weights summed over the sparse layers (not normalised; the density it reaches depends
     on λ, the data and the schedule — the constrained method's foil). Other arguments as
     in ConstrainedL0.
+
+    lam: λ of the penalty λ·Σ E[L0] (required; not normalised by the number of weights, so
+      its scale follows the model's size).
     """
 
     def __init__(self, model: nn.Module, lam: float, *, structured: bool = False, droprate_init: float | None = None,
