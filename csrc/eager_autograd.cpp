@@ -148,6 +148,11 @@ class BinaryGradMask : public torch::autograd::Function<BinaryGradMask> {
     variable_list out(2);
     at::Tensor grad = grads[0];
     if (!grad.defined() || !ctx->needs_input_grad(0)) return out;
+    if (grad.scalar_type() != at::kFloat || !grad.device().is_cpu() || !keep.device().is_cpu()) {
+      // mask_apply's kernel is CPU float32 only (a float64 weight's backward raised there).
+      out[0] = at::mul(grad, keep);
+      return out;
+    }
     if (grad.strides() != keep.strides()) grad = at::empty_like(keep, grad.options()).copy_(grad);
     out[0] = call_mask_apply(grad, keep, "binary", 1.0, 1.0);
     return out;
@@ -209,10 +214,11 @@ constexpr const char* kNoHardConcreteDoubleBackward =
     "supported";
 
 // The constants a hard-concrete backward needs to regenerate the noise from (seed, offset).
-void save_gate_constants(AutogradContext* ctx, int64_t seed, const at::Tensor& offset, double beta, double gamma, double zeta,
-                         bool training) {
+// The offset tensor itself goes through save_for_backward: its version counter then makes
+// an in-place change between forward and backward an error (kept by reference, a changed
+// offset silently regenerated other noise and gave other gradients).
+void save_gate_constants(AutogradContext* ctx, int64_t seed, double beta, double gamma, double zeta, bool training) {
   ctx->saved_data["seed"] = seed;
-  ctx->saved_data["offset"] = offset;
   ctx->saved_data["beta"] = beta;
   ctx->saved_data["gamma"] = gamma;
   ctx->saved_data["zeta"] = zeta;
@@ -234,8 +240,8 @@ class HardConcreteSample : public torch::autograd::Function<HardConcreteSample> 
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("sparsekern::hard_concrete_sample_fused", "")
                          .typed<HcSample>();
-    ctx->save_for_backward({log_alpha});
-    save_gate_constants(ctx, seed, offset, beta, gamma, zeta, training);
+    ctx->save_for_backward({log_alpha, offset});
+    save_gate_constants(ctx, seed, beta, gamma, zeta, training);
     ctx->saved_data["group_size"] = group_size;
     auto [z, l0] = op.call(log_alpha, seed, offset, group_size, beta, gamma, zeta, training);
     return {z, l0};
@@ -245,7 +251,8 @@ class HardConcreteSample : public torch::autograd::Function<HardConcreteSample> 
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("sparsekern::hard_concrete_sample_fused_backward", "")
                          .typed<HcBackward>();
-    const at::Tensor log_alpha = ctx->get_saved_variables()[0];
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& log_alpha = saved[0];
     variable_list out(8);
     if (!ctx->needs_input_grad(0)) return out;
     TORCH_CHECK(!double_backward(), kNoHardConcreteDoubleBackward);
@@ -253,7 +260,7 @@ class HardConcreteSample : public torch::autograd::Function<HardConcreteSample> 
     at::Tensor grad_z = grads[0].defined() ? grads[0] : at::zeros_like(log_alpha);
     at::Tensor grad_l0 = grads[1].defined() ? grads[1] : at::zeros({}, log_alpha.options().dtype(at::kFloat));
     auto& d = ctx->saved_data;
-    out[0] = op.call(grad_z, grad_l0, log_alpha, d["seed"].toInt(), d["offset"].toTensor(), d["group_size"].toInt(),
+    out[0] = op.call(grad_z, grad_l0, log_alpha, d["seed"].toInt(), saved[1], d["group_size"].toInt(),
                      d["beta"].toDouble(), d["gamma"].toDouble(), d["zeta"].toDouble(), d["training"].toBool());
     return out;
   }
@@ -278,9 +285,9 @@ class HardConcreteMaskedWeight : public torch::autograd::Function<HardConcreteMa
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("sparsekern::hard_concrete_masked_weight_fused", "")
                          .typed<HcMasked>();
-    save_gate_constants(ctx, seed, offset, beta, gamma, zeta, training);
+    save_gate_constants(ctx, seed, beta, gamma, zeta, training);
     auto [w_eff, l0] = op.call(weight, log_alpha, seed, offset, beta, gamma, zeta, training);
-    ctx->save_for_backward({weight, log_alpha, w_eff});
+    ctx->save_for_backward({weight, log_alpha, w_eff, offset});
     return {w_eff, l0};
   }
 
@@ -297,7 +304,7 @@ class HardConcreteMaskedWeight : public torch::autograd::Function<HardConcreteMa
     at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(weight);
     at::Tensor grad_l0 = grads[1].defined() ? grads[1] : at::zeros({}, log_alpha.options().dtype(at::kFloat));
     auto& d = ctx->saved_data;
-    auto [grad_w, grad_la] = op.call(grad, grad_l0, weight, log_alpha, d["seed"].toInt(), d["offset"].toTensor(),
+    auto [grad_w, grad_la] = op.call(grad, grad_l0, weight, log_alpha, d["seed"].toInt(), saved[3],
                                      d["beta"].toDouble(), d["gamma"].toDouble(), d["zeta"].toDouble(),
                                      d["training"].toBool(), saved[2]);
     if (ctx->needs_input_grad(0)) out[0] = grad_w;

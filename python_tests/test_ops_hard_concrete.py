@@ -162,9 +162,12 @@ def test_gradcheck(device, training):
     assert torch.autograd.gradcheck(lambda x: ops.hard_concrete_l0(x, 7), (la,))
 
 
-def test_backward_saves_log_alpha_only(device):
-    # The noise is regenerated from (seed, offset): neither u nor z may be saved.
+def test_backward_saves_log_alpha_and_the_offset_only(device):
+    # The noise is regenerated from (seed, offset): neither u nor z may be saved. The
+    # one-element offset is saved, so that changing it in place before the backward is an
+    # error (kept by reference, it silently regenerated other noise: other gradients).
     la = log_alpha_like((6, 7), device).requires_grad_()
+    offset = torch.tensor(2, dtype=torch.int64, device=device)
     saved = []
 
     def pack(t):
@@ -172,10 +175,16 @@ def test_backward_saves_log_alpha_only(device):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        z = ops.hard_concrete_gates(la, 1, 2)
-    assert len(saved) == 1 and saved[0] is la
+        z = ops.hard_concrete_gates(la, 1, offset)
+    assert len(saved) == 2 and saved[0] is la and saved[1].numel() == 1
     z.sum().backward()
     assert la.grad is not None and bool(la.grad.abs().sum() > 0)
+    for sample in (lambda: ops.hard_concrete_gates(la, 1, offset),
+                   lambda: ops.hard_concrete_masked_weight(torch.randn(6, 7, device=device), la, 1, offset)[0]):
+        out = sample()
+        offset.add_(1000)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
 
 
 # --- the noise ----------------------------------------------------------------------------

@@ -108,6 +108,14 @@ def test_sigmoid_gate_at_extreme_scores():
     assert ((g[normal] - ref[normal]).abs() / ref[normal]).max() < 4e-7
     nan = mask_apply.masked_weight(torch.ones(1), torch.tensor([float("nan")]), "sigmoid", 1.0, 1.0)
     assert nan.isnan().all()
+    # Far below: exactly 0, gate and gradients, as torch.sigmoid's result reads (the
+    # clamped exp left 6e-39, so CS's pruned effective weights were subnormals, not 0).
+    s = torch.tensor([-88.5, -90.0, -200.0, -float("inf")], requires_grad=True)
+    w = torch.ones(4, requires_grad=True)
+    g = mask_apply.masked_weight(w, s, "sigmoid", 1.0, 1.0)
+    assert torch.equal(g, torch.zeros(4))
+    g.sum().backward()
+    assert torch.equal(w.grad, torch.zeros(4)) and torch.equal(s.grad, torch.zeros(4))
 
 
 def test_zero_masked_is_exact_in_place_and_bumps_version():
@@ -468,6 +476,11 @@ def test_binary_grad_mask_op():
     with pytest.raises(ValueError, match="keep"):
         torch.ops.sparsekern.binary_grad_mask(w, keep[:1])
     torch.library.opcheck(torch.ops.sparsekern.binary_grad_mask.default, (w, keep))
+    # A weight the C++ kernel does not take (float64): its backward masks with torch
+    # (it raised "'weight' must be float32" there).
+    w64 = w.detach().double().requires_grad_()
+    (grad,) = torch.autograd.grad(torch.ops.sparsekern.binary_grad_mask(w64, keep), w64, g.double())
+    torch.testing.assert_close(grad, g.double() * keep, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the C++ node / torch.where

@@ -77,7 +77,13 @@ __attribute__((always_inline)) inline float exp_f32(float x) {
   return p * two_n.f;
 }
 
-__attribute__((always_inline)) inline float sigmoid_f32(float t) { return 1.0f / (1.0f + exp_f32(-t)); }
+// 0 below t = -88, where exp_f32's clamp would leave 1 / (1 + e^88) = 6e-39: a pruned
+// sigmoid gate (CS at β = 200: 32,256 of 36,864 weights) was a subnormal, not the 0 of
+// torch's sigmoid that the export and the compiled path use. A select: it vectorises.
+__attribute__((always_inline)) inline float sigmoid_f32(float t) {
+  const float s = 1.0f / (1.0f + exp_f32(-t));
+  return t < -88.0f ? 0.0f : s;
+}
 
 struct Layout {
   bool per_row;   // one gate per output row (else elementwise)

@@ -177,17 +177,20 @@ def _backward_fake(grad_z, grad_l0, log_alpha, seed, offset, group_size, beta, g
 
 
 def _setup_context(ctx, inputs, output):
-    log_alpha, *args = inputs
-    ctx.save_for_backward(log_alpha)  # never u or z: the backward regenerates them
-    ctx.args = args
+    log_alpha, seed, offset, *args = inputs
+    # Never u or z: the backward regenerates them from (seed, offset). The offset is saved
+    # (not kept in ctx) so that an in-place change before the backward raises instead of
+    # silently regenerating other noise.
+    ctx.save_for_backward(log_alpha, offset)
+    ctx.seed, ctx.args = seed, args
 
 
 def _backward(ctx, grad_z, grad_l0):
-    (log_alpha,) = ctx.saved_tensors
+    log_alpha, offset = ctx.saved_tensors
     if torch.is_grad_enabled():
         raise RuntimeError(mask_math.NO_HARD_CONCRETE_DOUBLE_BACKWARD)
-    grad = torch.ops.sparsekern.hard_concrete_sample_backward(grad_z, grad_l0, log_alpha, *ctx.args)
-    return (grad,) + (None,) * len(ctx.args)
+    grad = torch.ops.sparsekern.hard_concrete_sample_backward(grad_z, grad_l0, log_alpha, ctx.seed, offset, *ctx.args)
+    return (grad, None, None) + (None,) * len(ctx.args)
 
 
 _sample_op.register_autograd(_backward, setup_context=_setup_context)

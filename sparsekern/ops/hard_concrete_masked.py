@@ -143,23 +143,25 @@ _backward_op.register_fake(_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
-    weight, log_alpha, *args = inputs
+    weight, log_alpha, seed, offset, *args = inputs
     # No z: the output w z, which the conv or linear it feeds saves anyway, gives it back.
-    ctx.save_for_backward(weight, log_alpha, output[0])
-    ctx.args = args
+    # The offset is saved too: changed in place before the backward, it raises (kept in
+    # ctx, it silently regenerated other noise).
+    ctx.save_for_backward(weight, log_alpha, output[0], offset)
+    ctx.seed, ctx.args = seed, args
 
 
 def _backward(ctx, grad, grad_l0):
-    weight, log_alpha, w_eff = ctx.saved_tensors
+    weight, log_alpha, w_eff, offset = ctx.saved_tensors
     if torch.is_grad_enabled():
         raise RuntimeError(mask_math.NO_HARD_CONCRETE_DOUBLE_BACKWARD)
     if grad is None:  # an output that did not reach the loss contributes zero
         grad = torch.zeros_like(weight)
     if grad_l0 is None:
         grad_l0 = log_alpha.new_zeros((), dtype=hc._acc_dtype(log_alpha.dtype))
-    grad_w, grad_la = _backward_op(grad, grad_l0, weight, log_alpha, *ctx.args, w_eff)
+    grad_w, grad_la = _backward_op(grad, grad_l0, weight, log_alpha, ctx.seed, offset, *ctx.args, w_eff)
     need_w, need_la = ctx.needs_input_grad[:2]
-    return (grad_w if need_w else None, grad_la if need_la else None) + (None,) * len(ctx.args)
+    return (grad_w if need_w else None, grad_la if need_la else None, None, None) + (None,) * len(ctx.args)
 
 
 _op.register_autograd(_backward, setup_context=_setup_context)
