@@ -114,8 +114,7 @@ class ConcaveRegularization(PruningMethod):
         ~40 us of interpreter time per layer and step; see csrc/eager_autograd.cpp) and its
         dead entries re-zeroed after each step. A layer with none (all of them in the first
         round) skips both: there is nothing to mask. Sigmoid: a dead entry's score is −inf
-        instead, which no finite optimiser update moves (its gradient is ~1e-39, from the
-        kernels' clamped exp; torch's σ(−inf), which the export uses, is exactly 0)."""
+        instead: its gate and gradient are exactly 0, and no finite optimiser update moves it."""
         self._dead_layers = []
         for name, layer in self.layers:
             alive = self.alive[name]
