@@ -13,10 +13,12 @@ from sparsekern.nn.masks import HardConcreteMask
 
 METHODS = {
     "imp": lambda m: M.IMP(m),
+    "oneshot": lambda m: M.OneShot(m, sparsity=0.5),
     "gmp": lambda m: M.GradualMagnitude(m, sparsity=0.5, end_iteration=4, frequency=1),
     "dpf": lambda m: M.DPF(m, sparsity=0.5, period=2),
     "cs": lambda m: M.ContinuousSparsification(m, epochs_per_round=2),
     "concave": lambda m: M.ConcaveRegularization(m),
+    "concave sigmoid": lambda m: M.ConcaveRegularization(m, reparameterization="sigmoid", epochs_per_round=2),
     "l0": lambda m: M.ConstrainedL0(m, 0.5),
     "l0 structured": lambda m: M.ConstrainedL0(m, 0.5, structured=True),
     "l0-penalized": lambda m: M.PenalizedL0(m, 1e-3),
@@ -42,7 +44,7 @@ def run(name, compiled, zero_grad_late=False):
         method.step()
         losses.append(loss.detach())
         if i == 1:
-            method.end_epoch()  # per-epoch schedules (CS's beta, GMP's sparsity) change mid-run
+            method.end_epoch()  # the per-epoch β (CS, concave sigmoid) changes mid-run
     return model, torch.stack(losses), counter.frame_count
 
 

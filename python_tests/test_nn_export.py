@@ -2,6 +2,8 @@
 purge: structured zero channels physically removed with the outputs unchanged, on a
 Conv→BN→ReLU→Conv→BN→Linear net, an MLP and torchvision resnet18 (residuals intact)."""
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -69,7 +71,11 @@ def test_export_equals_masked_model(kind, options):
     assert not list(sparse_modules(exported))
     assert all(type(m) is not SparseConv2d and type(m) is not SparseLinear for m in exported.modules())
     assert set(exported.state_dict()) == set(convnet().state_dict())
-    assert_same_eval_output(exported, model, torch.randn(2, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    assert_same_eval_output(exported, model, x)
+    with torch.inference_mode():  # both modes run in inference mode; eval's is the export's
+        copy.deepcopy(model).train()(x)  # a copy made here: inference tensors (no version counter)
+        torch.testing.assert_close(model.eval()(x), exported(x), **TOL)
     # The source model is not changed.
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert isinstance(model[0], SparseConv2d)
@@ -229,3 +235,22 @@ def test_purge_structured_hard_concrete_convnet():
     assert stats["removed_channels"] == {"0": 2, "3": 1}
     assert (purged[0].out_channels, purged[3].in_channels, purged[3].out_channels, purged[8].in_features) == (6, 6, 5, 5)
     assert_same_eval_output(purged, model, x)
+
+
+def test_exported_program_runs_where_sparsekern_is_not_installed(tmp_path):
+    # The torch.export program of a purged model is plain aten: loading and running it
+    # imports nothing of sparsekern.
+    torch.manual_seed(0)
+    model = randomize(sparsify(convnet(), mask="hard_concrete", structured=True)).eval()
+    small = export(model, purge=True, example_input=(2, 3, 8, 8)).model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    torch.export.save(torch.export.export(small, (x,)), tmp_path / "model.pt2")
+    with torch.no_grad():
+        torch.save({"x": x, "y": small(x)}, tmp_path / "io.pt")
+    code = ("import sys; sys.modules['sparsekern'] = None; import torch; "
+            "program = torch.export.load(sys.argv[1]); io = torch.load(sys.argv[2]); "
+            "torch.testing.assert_close(program.module()(io['x']), io['y'], rtol=1e-5, atol=1e-5); "
+            "assert not any(m.startswith('sparsekern') for m in sys.modules if sys.modules[m] is not None)")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.pt2"), str(tmp_path / "io.pt")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr

@@ -156,14 +156,19 @@ class ForwardTerm:
 
     def __init__(self, param: torch.Tensor, value: torch.Tensor, key=None):
         grad = param.grad
-        self.param, self.version, self.key, self.value = param, param._version, key, value
+        # An inference tensor (a model copied or built under torch.inference_mode) has no
+        # version counter (reading it raised): never current then. Not asked under
+        # torch.compile, which cannot trace is_inference() (and compiles no such tensor).
+        inference = not torch.compiler.is_compiling() and param.is_inference()
+        version = None if inference else param._version
+        self.param, self.version, self.key, self.value = param, version, key, value
         # .grad held weakly: a strong reference would keep the previous step's gradient
         # alive through the next backward after optimizer.zero_grad(set_to_none=True).
         self.grad_ref = None if grad is None else weakref.ref(grad)
         self.grad_version = None if grad is None else grad._version
 
     def current(self, param: torch.Tensor, key=None) -> torch.Tensor | None:
-        if self.param is not param or param._version != self.version:
+        if self.param is not param or self.version is None or param._version != self.version:
             return None
         if not (self.key is key or (isinstance(key, tuple) and self.key == key)):
             return None
