@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import torch
+
 
 def real(label: str, value, *, low=-math.inf, high=math.inf, low_open=False, high_open=False) -> float:
     """`value` as a finite float within the bounds. No argument of this library means
@@ -25,7 +27,11 @@ def real(label: str, value, *, low=-math.inf, high=math.inf, low_open=False, hig
 
 
 def finite(label: str, value) -> float:
-    """`value` as a float; any finite real number."""
+    """`value` as a float; any finite real number. Under torch.compile the value may be a
+    symbolic float (a dynamic float, e.g. an annealed β): returned unchecked, since
+    math.isfinite on it broke the graph (fullgraph=True failed); eager calls check it."""
+    if torch.compiler.is_compiling():
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{label} must be a real number, got {type(value).__name__}")
     try:

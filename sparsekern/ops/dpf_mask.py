@@ -9,6 +9,7 @@ Oracle: reference.dpf_mask_update / reference.mask_flips.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Iterable
 
@@ -134,6 +135,8 @@ def dpf_mask_update(
             )
     prev_masks = _check_pairs("weights", weights, prev_masks, device)
     if isinstance(threshold, numbers.Real) and not isinstance(threshold, bool):
+        if math.isnan(threshold):  # |w| > NaN is False everywhere: it pruned every weight
+            raise ValueError("`threshold` is NaN")
         threshold = torch.tensor(float(threshold), dtype=torch.float32, device=device)
     if not isinstance(threshold, torch.Tensor):
         raise TypeError(f"`threshold` must be a 0-dim tensor or a number, got {type(threshold).__name__}")

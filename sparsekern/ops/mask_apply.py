@@ -211,6 +211,8 @@ def zero_masked_(weight, keep) -> None:
                 raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
         if k.dtype != torch.bool or k.shape != w.shape:
             raise ValueError(f"`keep` must be a bool tensor of weight's shape {tuple(w.shape)}")
+        if k.device != w.device:  # a meta keep was a silent no-op
+            raise ValueError(f"`keep` must be on weight's device {w.device}, got {k.device}")
     cpp, other = [], []
     for w, k in zip(weights, keeps):
         (cpp if cpp_layout(w, k, "binary") else other).append((w, k))
