@@ -113,7 +113,8 @@ def test_round_end_prunes_below_alpha_for_good_and_carries_m_over():
         assert bool((layer.mask.gate(layer)[dead[name]] == 0).all())
 
 
-def test_export_keeps_exactly_the_support_the_density_reports():
+def one_round():
+    """A model and its method after one 3-epoch round that prunes some entries."""
     model = mlp()
     c = method(model, alpha=0.4, lam=1e-3)
     opt = sgd(c)
@@ -121,6 +122,11 @@ def test_export_keeps_exactly_the_support_the_density_reports():
         train(model, c, opt, batches(2))
         c.end_epoch()
     c.end_round()
+    return model, c
+
+
+def test_export_keeps_exactly_the_support_the_density_reports():
+    model, c = one_round()
     exported = c.export().model
     linears = [m for m in exported.modules() if isinstance(m, torch.nn.Linear)]
     density = c.density()
@@ -158,13 +164,7 @@ def test_bad_arguments_raise_before_the_model_changes(kwargs, error, words):
 
 
 def test_state_round_trip_restores_beta_and_the_dead_entries():
-    model = mlp()
-    c = method(model, alpha=0.4, lam=1e-3)
-    opt = sgd(c)
-    for _ in range(3):
-        train(model, c, opt, batches(2))
-        c.end_epoch()
-    c.end_round()
+    model, c = one_round()
     c.end_epoch()
     state = _reload(c.state_dict())
     fresh_model = mlp(1)
