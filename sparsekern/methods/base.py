@@ -258,11 +258,15 @@ class PruningMethod:
             "extra": self._extra_state(),
         }
 
-    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continues from `state` (see state_dict). Every entry is checked first: a state
         that does not fit this method and model raises, and nothing has changed."""
         self._check_state(state)
+        self._load_checked(state)
+
+    @torch.no_grad()
+    def _load_checked(self, state: dict[str, Any]) -> None:
+        """load_state_dict after _check_state passed."""
         for name, layer in self.layers:
             for s in layer.mask.state_names:
                 getattr(layer, s).copy_(state["masks"][f"{name}.{s}"])

@@ -217,5 +217,5 @@ class ContinuousSparsification(PruningMethod):
             for _, layer in self.layers:
                 _binarize(layer)
             self.ticket = True
-        super().load_state_dict(state)
+        self._load_checked(state)  # checked once, above
 

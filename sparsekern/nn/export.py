@@ -97,9 +97,14 @@ def swin_macs(m: nn.Module, x: torch.Tensor, nonzero: bool = False) -> int:
     B, H, W, C = x.shape
     wh, ww = m.window_size
     tokens = B * (-(-H // wh) * wh) * (-(-W // ww) * ww)
-    weights = [p.effective_weight()[0] if isinstance(p, SparseLinear) else p.weight for p in (m.qkv, m.proj)]
+    weights = [_used_weight(p) for p in (m.qkv, m.proj)]
     per_token = sum(int(w.ne(0).sum()) if nonzero else w.numel() for w in weights)
     return tokens * per_token + 2 * tokens * wh * ww * C
+
+
+def _used_weight(proj: nn.Linear) -> torch.Tensor:
+    """A projection's weight as its attention uses it in eval mode (a sparse one's masked)."""
+    return proj.effective_weight()[0] if isinstance(proj, SparseLinear) else proj.weight
 
 
 def _attention_weights(m: nn.Module) -> list[torch.Tensor]:
@@ -108,7 +113,7 @@ def _attention_weights(m: nn.Module) -> list[torch.Tensor]:
         weights = m.projection_weights()
     elif isinstance(m, SparseMultiheadAttention):
         projections = [getattr(m, n) for n in projection_names(m)]
-        weights = [p.effective_weight()[0] if isinstance(p, SparseLinear) else p.weight for p in projections]
+        weights = [_used_weight(p) for p in projections]
     elif m._qkv_same_embed_dim:
         weights = [m.in_proj_weight, m.out_proj.weight]
     else:

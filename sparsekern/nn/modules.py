@@ -120,7 +120,6 @@ def carry_hooks(old: nn.Module, new: nn.Module) -> None:
     new._is_full_backward_hook = old._is_full_backward_hook
 
 
-
 class SparseLinear(_SparseMixin, nn.Linear):
     """nn.Linear with a mask: y = x (w ⊙ g)ᵀ + b.
 
