@@ -259,3 +259,22 @@ def test_method_kwargs_come_from_flags_and_the_run(tmp_path):
     cfg = RunConfig("imp", "mlp", sparsity=0.36, rounds=3)
     assert train.Trainer(cfg, never).method_kwargs["prune_fraction"] == pytest.approx(0.2)
     assert list(tmp_path.iterdir()) == []  # a Trainer writes nothing until it runs
+
+
+@pytest.mark.parametrize("optimizer", train.OPTIMIZERS)
+@pytest.mark.parametrize("method", ["dense", "cs"])
+def test_the_optimizer_is_fused(optimizer, method, tmp_path):
+    """One pass per parameter: the looped CPU SGD took 2.4x and Adam 6.2x as long on
+    ResNet-18's weights."""
+    cfg = RunConfig(method, "mlp", optimizer=optimizer)
+    opt = train.Trainer(cfg, tmp_path / "never-written").optimizer
+    assert type(opt).__name__.lower() == optimizer and len(opt.param_groups) == (1 if method == "dense" else 2)
+    assert all(g["fused"] for g in opt.param_groups)
+
+
+def test_fused_only_where_torch_has_the_kernels():
+    real = [{"params": [torch.nn.Parameter(torch.ones(2))]}]
+    assert train._fused_ok(real)
+    assert not train._fused_ok([{"params": [torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))]}])
+    assert not train._fused_ok([{"params": [torch.nn.Parameter(torch.ones(2, device="meta"))]}])
+    assert not train._fused_ok([{"params": []}])
