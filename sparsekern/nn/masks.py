@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .. import _checks, ops
-from ..ops import hard_concrete, hard_concrete_masked, mask_apply
+from ..ops import hard_concrete, hard_concrete_masked, mask_apply, mask_math
 
 # Hard-concrete stretch constants (Louizos et al. 2018), shared with the op defaults.
 HC_BETA, HC_GAMMA, HC_ZETA = 2.0 / 3.0, -0.1, 1.1
@@ -59,9 +59,11 @@ class MaskKind(abc.ABC):
         """(mask argument, keyword arguments) for ops.masked_linear / masked_conv2d_weight."""
 
     @abc.abstractmethod
-    def gate(self, layer: nn.Module) -> torch.Tensor:
-        """The deterministic (eval-mode) gate g, in the weight's dtype and broadcastable
-        to it; pure torch, for export and report."""
+    def gate(self, layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The deterministic (eval-mode) gate g, broadcastable to the weight, in `dtype`
+        (None: the weight's); pure torch, for export and report. Computed in float32 at
+        least, as the masked ops compute it: in float16, 1/σ(s0) overflowed for s0 < −11
+        and σ underflowed, and a model whose gates were all 1 exported all-zero weights."""
 
     def bias_gated(self, layer: nn.Module) -> bool:
         """Whether the bias is multiplied by the same gate as its output channel."""
@@ -235,8 +237,8 @@ class BinaryMask(MaskKind):
         (ops.mask_apply.binary_weight)."""
         return mask_apply.binary_weight(layer.weight, layer.weight_mask)
 
-    def gate(self, layer):
-        return layer.weight_mask.to(layer.weight.dtype)
+    def gate(self, layer, dtype=None):
+        return layer.weight_mask.to(dtype or layer.weight.dtype)
 
     def keep(self, layer):
         return layer.weight_mask.clone()
@@ -311,8 +313,10 @@ class SigmoidMask(MaskKind):
             return layer.weight_beta * layer.weight_score, {"kind": self.name, "beta": 1.0, "scale": self.scale}
         return layer.weight_score, {"kind": self.name, "beta": self._beta, "scale": self.scale}
 
-    def gate(self, layer):
-        return (self.scale * torch.sigmoid(self._beta * layer.weight_score.detach())).to(layer.weight.dtype)
+    def gate(self, layer, dtype=None):
+        s = layer.weight_score.detach()
+        s = s.to(mask_math.compute_dtype(s, layer.weight.dtype))
+        return (self.scale * torch.sigmoid(self._beta * s)).to(dtype or layer.weight.dtype)
 
     def masked_weight(self, layer):
         """Eager CPU: w ⊙ g and Σ g from one op (mask_apply.masked_weight_l1); Σ g is kept
@@ -374,8 +378,8 @@ class RelaxedMask(MaskKind):
             return cached
         return self.op_mask(layer)[0].sum()
 
-    def gate(self, layer):
-        return layer.weight_mask.detach().to(layer.weight.dtype)
+    def gate(self, layer, dtype=None):
+        return layer.weight_mask.detach().to(dtype or layer.weight.dtype)
 
     clamp_box = ("weight_mask", 0.0, 1.0)
 
@@ -563,9 +567,13 @@ class HardConcreteMask(MaskKind):
     def bias_gated(self, layer):
         return self.structured and layer.weight.dim() == 4
 
-    def gate(self, layer):
-        s = torch.sigmoid(layer.weight_log_alpha.detach() / self.beta)
-        return self.expand_gate((s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0).to(layer.weight.dtype))
+    def gate(self, layer, dtype=None):
+        log_alpha = layer.weight_log_alpha.detach()
+        s = torch.sigmoid(log_alpha.to(mask_math.compute_dtype(log_alpha, layer.weight.dtype)) / self.beta)
+        z = (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
+        if self.structured:  # the forward's z has log α's dtype there (unstructured: the fused op keeps it in float32)
+            z = z.to(log_alpha.dtype)
+        return self.expand_gate(z.to(dtype or layer.weight.dtype))
 
     def group_size(self, layer: nn.Module) -> int:
         """Weights per gate."""

@@ -51,11 +51,15 @@ class _SparseMixin:
     def effective_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(w ⊙ g, bias ⊙ g for bias-gated kinds else bias) with the deterministic eval gate,
         detached: what the module computes in eval mode, as plain tensors."""
-        g = self.mask.gate(self)
+        # w ⊙ g formed in float32 (float64 stays) and rounded once, as the layer's forward
+        # does: a 16-bit gate rounded before the product left the exported weights 1 ulp
+        # off the model's (bfloat16 sigmoid / hard-concrete: outputs 2-4 ulp apart).
+        w = self.weight
+        g = self.mask.gate(self, torch.promote_types(w.dtype, torch.float32))
         bias = self.bias
         if bias is not None and self.mask.bias_gated(self):
-            bias = bias * g.reshape(-1)
-        return self.weight * g, None if bias is None else bias.detach()
+            bias = (bias * g.reshape(-1)).to(bias.dtype)
+        return (w * g).to(w.dtype), None if bias is None else bias.detach()
 
     def _note_applied(self) -> None:
         # For PruningMethod's check that every layer's mask took part in a forward (a

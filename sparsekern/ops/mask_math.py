@@ -32,7 +32,7 @@ LEARNABLE_KINDS = frozenset({"sigmoid", "relaxed", "hard_concrete"})
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _compute_dtype(mask: torch.Tensor, weight_dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(mask: torch.Tensor, weight_dtype: torch.dtype) -> torch.dtype:
     # float32 at least (16-bit gates are computed in float32, as the kernels do), float64
     # when the mask or the weight is.
     dtype = torch.promote_types(weight_dtype, torch.float32)
@@ -43,7 +43,7 @@ def gate(mask: torch.Tensor, kind: str, beta: float = 1.0, scale: float = 1.0,
          weight_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """g for `kind` with the mask's shape, in float32, or float64 if the mask or the
     weight (weight_dtype) is float64."""
-    dtype = _compute_dtype(mask, weight_dtype)
+    dtype = compute_dtype(mask, weight_dtype)
     if kind == "sigmoid":
         return scale * torch.sigmoid(beta * mask.to(dtype))
     return mask.to(dtype)
@@ -53,7 +53,7 @@ def gate_slope(mask: torch.Tensor, kind: str, beta: float = 1.0, scale: float = 
                weight_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """dg/dmask for a learnable `kind`: scale·β·σ(βs)(1−σ(βs)) for sigmoid, 1 otherwise
     (dtype as gate's)."""
-    dtype = _compute_dtype(mask, weight_dtype)
+    dtype = compute_dtype(mask, weight_dtype)
     if kind == "sigmoid":
         sig = torch.sigmoid(beta * mask.to(dtype))
         return (scale * beta) * sig * (1.0 - sig)
