@@ -161,6 +161,40 @@ def test_state_dict_hands_out_a_copy_of_the_rewind_point(name):
     assert_same(saved, method._rewind_state)
 
 
+@pytest.mark.parametrize("name", ["imp", "cs", "concave"])
+def test_the_rewind_point_follows_a_model_converted_to_bfloat16(name):
+    """IMP(model) then model.to(torch.bfloat16): the float32 rewind point was kept (and
+    checkpointed) beside the bfloat16 model, twice its memory. From the next step on it has
+    the model's dtype; the rewind writes the same values (the conversion rounds them as
+    copy_ did)."""
+    model = small_mlp()
+    method = METHODS[name](model)
+    want = {k: v.to(torch.bfloat16) for k, v in method._rewind_state.items()}
+    model.to(torch.bfloat16)
+    train(model, method, sgd(method), [(x.to(torch.bfloat16), y) for x, y in small_batches(2)])
+    assert {v.dtype for v in method._rewind_state.values()} == {torch.bfloat16}
+    assert {v.dtype for v in method.state_dict()["rewind_state"].values()} == {torch.bfloat16}
+    assert_same(want, method._rewind_state)
+
+
+@pytest.mark.parametrize("name", ["imp", "cs"])
+def test_a_float32_checkpoint_loads_into_a_bfloat16_model_in_its_dtype(name):
+    """A float32 run's checkpoint resumed in bfloat16: the loaded rewind point takes the
+    model's dtype (it stayed float32), and a rewind restores what the float32 run's does,
+    rounded."""
+    model, method = trained(name)
+    state = _reload(method.state_dict())
+    half_model = small_mlp(seed=1).to(torch.bfloat16)
+    half = METHODS[name](half_model)
+    half_model.load_state_dict(model.state_dict())
+    half.load_state_dict(state)
+    assert {v.dtype for v in half.state_dict()["rewind_state"].values()} == {torch.bfloat16}
+    half.rewind()
+    method.rewind()
+    for k, v in half._rewound().items():
+        assert torch.equal(v, method._rewound()[k].to(torch.bfloat16))
+
+
 def test_param_groups_leave_weight_decay_to_the_optimiser_unless_given():
     method = IMP(mlp())
     opt = torch.optim.SGD(method.param_groups(lr=0.1), weight_decay=1e-4)

@@ -137,6 +137,8 @@ class PruningMethod:
         if not self._checked_masks_applied:
             self._check_masks_applied()
         project_layers([layer for _, layer in self.layers])
+        if self._rewind_probe is not None and self._rewind_stale():
+            self._rewind_follow_model()
         self._after_step()  # may change masks: zero binary-masked weights after it
         self._zero_binary_masked()
         if self.round_based and self._rewind_state is None and self.iteration == self.rewind_iteration:
@@ -207,6 +209,34 @@ class PruningMethod:
         from the layer name, that key missed, and every rewind restored the in-projection's
         unpruned mask)."""
         self._rewind_state = {k: v.detach().clone() for k, v in self._rewound().items()}
+        self._set_rewind_probe()
+
+    # (key, live tensor) of one rewound entry: step() compares its dtype and device with the
+    # saved copy's, one attribute read, to notice a model.to(...) since the rewind point.
+    _rewind_probe: tuple[str, torch.Tensor] | None = None
+
+    def _set_rewind_probe(self) -> None:
+        live = self.model.state_dict(keep_vars=True)
+        key = next((k for k, v in self._rewind_state.items() if v.is_floating_point()), None)
+        self._rewind_probe = None if key is None else (key, live[key])
+
+    def _rewind_stale(self) -> bool:
+        key, live = self._rewind_probe
+        saved = self._rewind_state[key]
+        return saved.dtype != live.dtype or saved.device != live.device
+
+    def _rewind_follow_model(self) -> None:
+        """Casts the rewind point to the dtype and device of the model's entries. A model
+        converted after the point was saved (IMP(model) then model.to(torch.bfloat16)), or
+        a checkpoint from a float32 run loaded into a bfloat16 model, kept a float32 copy
+        of every weight beside the bfloat16 model: twice the rewind point's memory, and
+        saved in float32 by state_dict(). The values a rewind writes are the same: copy_
+        rounds as .to() does."""
+        state = self.model.state_dict(keep_vars=True)
+        for k, v in self._rewind_state.items():
+            live = state[k]
+            if v.dtype != live.dtype or v.device != live.device:
+                self._rewind_state[k] = v.to(device=live.device, dtype=live.dtype)
 
     def _rewound(self) -> dict[str, torch.Tensor]:
         """The model's state_dict entries a rewind restores: all but the masks."""
@@ -219,6 +249,7 @@ class PruningMethod:
     @torch.no_grad()
     def rewind(self) -> None:
         """Copies the saved iterate back (bit-exact) and re-applies binary masks."""
+        self._rewind_follow_model()
         state = self.model.state_dict()
         for k, v in self._rewind_state.items():
             state[k].copy_(v)
@@ -249,6 +280,8 @@ class PruningMethod:
                  for name, layer in self.layers for s in layer.mask.state_names}
         offsets = {name: (layer.mask.seed, layer.mask.offset) for name, layer in self.layers
                    if isinstance(layer.mask, HardConcreteMask)}
+        if self._rewind_state is not None:
+            self._rewind_follow_model()
         return {
             "method": type(self).__name__,
             "iteration": self.iteration, "epoch": self.epoch, "round": self.round,
@@ -276,6 +309,11 @@ class PruningMethod:
         self.rewind_iteration = state["rewind_iteration"]
         rewind = state["rewind_state"]  # copied: the caller's dict must not alias ours
         self._rewind_state = None if rewind is None else {k: v.clone() for k, v in rewind.items()}
+        if rewind is not None:
+            self._rewind_follow_model()
+            self._set_rewind_probe()
+        else:
+            self._rewind_probe = None
         self._load_extra_state(state["extra"])
 
     def _check_state(self, state: Any) -> None:
