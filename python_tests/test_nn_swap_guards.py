@@ -125,11 +125,12 @@ class Alias(nn.Module):
         return self.out(torch.nn.functional.linear(x, fc.weight, fc.bias))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bfloat16: its own tolerance, 4 eps
 @pytest.mark.parametrize("example", [(3, 4), "tensor"])
-def test_export_warns_when_a_mask_was_bypassed(example):
+def test_export_warns_when_a_mask_was_bypassed(example, dtype):
     torch.manual_seed(0)
-    model = sparsify(Alias())
-    example = torch.randn(3, 4) if example == "tensor" else example
+    model = sparsify(Alias()).to(dtype)
+    example = torch.randn(3, 4, dtype=dtype) if example == "tensor" else example
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # all masks keep everything: the outputs agree
         export(model, example_input=example)
@@ -137,7 +138,7 @@ def test_export_warns_when_a_mask_was_bypassed(example):
         model.fc.weight_mask[:2] = False  # never applied: the forward reads fc.weight
     with pytest.warns(UserWarning, match="output differs from the masked model's"):
         export(model, example_input=example)
-    called = sparsify(Called())  # the same masks, the layer called: its mask applies
+    called = sparsify(Called()).to(dtype)  # the same masks, the layer called: its mask applies
     called.load_state_dict(model.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
