@@ -381,6 +381,12 @@ def test_bad_mask_arguments():
     with pytest.raises(TypeError, match="MaskKind instance"):
         SparseLinear(2, 2, mask=make_mask("relaxed"), m0=0.2)
     assert make_mask("hard-concrete", structured=True).name == "hard_concrete"  # DESIGN's spelling
+    # A complex layer was built, and failed at its first forward naming an internal op
+    # (or, binary, ran); a meta float8 one the same.
+    with pytest.raises(TypeError, match=r"`dtype`.*complex64"):
+        SparseLinear(2, 2, mask="hard_concrete", dtype=torch.complex64)
+    with pytest.raises(TypeError, match=r"`dtype`.*float8_e4m3fn"):
+        SparseConv2d(2, 2, 1, mask="binary", dtype=torch.float8_e4m3fn, device="meta")
 
 
 def _compiled_matches_eager(kind, layer, x):

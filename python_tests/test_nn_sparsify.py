@@ -114,6 +114,21 @@ def test_unsupported_layers_are_refused_by_name():
     assert [n for n, _ in sparse_modules(model)] == ["conv", "fc"]
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float8_e4m3fn])
+def test_layers_of_an_unsupported_dtype_are_refused_by_name(dtype):
+    """float8 and complex layers: refused with their names before the model changes. They
+    failed at the first forward or pruning step instead, with a float8 promotion error or
+    the name of an internal op; a complex binary layer even trained until then."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    model[2].to(dtype)
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=rf"cannot sparsify '2' \({dtype}\).*model.float\(\).*exclude"):
+        sparsify(model, mask="hard_concrete")
+    assert snapshot(model) == before
+    sparsify(model, exclude=["2"])
+    assert [n for n, _ in sparse_modules(model)] == ["0"]
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops import mask_apply, reference
+from ..ops import mask_apply, mask_math, reference
 from .masks import MaskKind, make_mask
 
 
@@ -36,6 +36,11 @@ class _SparseMixin:
     mask: MaskKind
 
     def _attach_mask(self, mask, options: dict) -> None:
+        if self.weight.dtype not in mask_math.FLOAT_DTYPES:
+            # Here rather than at the first forward, which failed naming an internal op
+            # (hard_concrete_masked_weight_fused) or, for a binary mask, ran.
+            raise TypeError(f"{type(self).__name__} supports float32, float16, bfloat16 and float64 weights "
+                            f"(`dtype`), got {self.weight.dtype}")
         self.mask = _as_mask(mask, options)
         self.mask.attach(self)
 

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from ..ops.mask_math import FLOAT_DTYPES
 from .attention import SparseMultiheadAttention, projection_names
 from .masks import make_mask
 from .modules import SPARSE_TYPES, SparseConv2d, SparseLinear, carry_hooks
@@ -271,6 +272,17 @@ def _plan(model: nn.Module, include, exclude) -> _Plan:
     layers = [(n, m) for n, m in selected if type(m) in SWAPS]
     for n, m in attentions:
         layers += [(f"{n}.{proj}", m) for proj in projections.get(id(m), [])]
+    # Refused here, by name: a float8 or complex layer got as far as the first forward or
+    # the first pruning step and failed there, with a promotion error or the name of an
+    # internal op (a complex binary layer even trained, until a method ranked its weights).
+    odd = [f"{n!r} ({p.dtype})" for n, m in layers
+           for p in [next((p for p in m.parameters() if p.dtype not in FLOAT_DTYPES), None)] if p is not None]
+    if odd:
+        shown = ", ".join(odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+        raise TypeError(
+            f"sparsify supports float32, float16, bfloat16 and float64 layers; cannot sparsify {shown}. "
+            "Convert the model first (model.float()), or add them to `exclude` to leave them dense."
+        )
     bypassed: dict[str, list[str]] = {}
     for n, m in layers:
         parent, _, proj = n.rpartition(".")
