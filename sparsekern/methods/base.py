@@ -217,7 +217,10 @@ class PruningMethod:
 
     def _set_rewind_probe(self) -> None:
         live = self.model.state_dict(keep_vars=True)
-        key = next((k for k, v in self._rewind_state.items() if v.is_floating_point()), None)
+        # A parameter: model.to() converts it in place, while a buffer becomes a new tensor
+        # the probe would not see.
+        key = next((k for k, v in self._rewind_state.items()
+                    if v.is_floating_point() and isinstance(live[k], nn.Parameter)), None)
         self._rewind_probe = None if key is None else (key, live[key])
 
     def _rewind_stale(self) -> bool:
