@@ -68,7 +68,10 @@ def _forward_cpu(scores, beta, scale):
 
 
 def _backward_cpu(grad, scores, beta, scale):
-    return _cpp_backward(grad, scores, beta, scale) if _cpp(scores) else _backward_torch(grad, scores, beta, scale)
+    # Contiguous, as the Triton kernel's and the fake's: both paths here keep the scores'
+    # layout (a transposed or channels_last gradient), which the fake does not describe.
+    out = _cpp_backward(grad, scores, beta, scale) if _cpp(scores) else _backward_torch(grad, scores, beta, scale)
+    return out.contiguous()
 
 
 def _triton_path(t: Tensor) -> bool:
