@@ -99,7 +99,8 @@ def _backward_torch(grad_z, grad_l0, log_alpha, seed, offset, group_size, beta, 
     dz = torch.where((y > 0) & (y < 1), (zeta - gamma) / beta * s * (1 - s), 0.0)
     p = torch.sigmoid(x - beta * math.log(-gamma / zeta))
     grad = grad_z.to(dtype) * dz + (grad_l0.to(dtype) * group_size) * p * (1 - p)
-    return grad.to(log_alpha.dtype)
+    # Contiguous like the fake and the kernels: the product takes grad_z's layout otherwise.
+    return grad.to(log_alpha.dtype).contiguous()
 
 
 # The fused C++ kernels (csrc/cpu/hard_concrete_cpu.cpp) for float32/float16/bfloat16 on
