@@ -140,7 +140,10 @@ def weight_and_mask_grads(
 ) -> tuple[Tensor, Optional[Tensor]]:
     """mask_math.weight_and_mask_grads: (grad_w, grad_mask or None); grad_w comes out in
     weight's memory format on the C++ path."""
-    if grad.dtype == torch.float32 and cpp_layout(weight, mask, kind):
+    # Not for an empty weight: an empty grad's strides are arbitrary (expanded: (0, ...)),
+    # and under torch.compile the stride comparison below is traced on other strides than
+    # the grad has at run time, so the C++ kernel's stride check raised ValueError.
+    if grad.dtype == torch.float32 and weight.numel() > 0 and cpp_layout(weight, mask, kind):
         if grad.stride() != weight.stride():  # e.g. a channels_last grad for a contiguous weight
             grad = torch.empty_like(weight).copy_(grad)
         grad_w, grad_m = _backward_op(grad, weight, mask, kind, beta, scale, mask_grad)
