@@ -118,6 +118,16 @@ def test_zero_size_batch(device, kind, lead):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_meta_tensors(kind):
+    """Shape inference on the meta device, as nn.Linear and the other masked ops allow:
+    the autocast query raised RuntimeError for the meta device type."""
+    x, w, b, m, _ = (t.to("meta") for t in inputs(kind, "cpu"))
+    y = ops.masked_linear(x, w, b, m, kind=kind)
+    expected = reference.masked_linear(x, w, b, m, kind)
+    assert (y.device, y.shape, y.dtype) == (expected.device, expected.shape, expected.dtype)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_non_contiguous_inputs(device, kind):
     """Transposed weight and mask, x sliced along its features and its batch."""
     # Sliced after the move: .to(cuda) of a CPU view makes a contiguous copy.

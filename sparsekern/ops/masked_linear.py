@@ -185,7 +185,9 @@ def masked_linear(
     [out, 1]. Gradients flow to x, weight, bias and (float kinds) the mask, per the table.
     On CUDA the GEMMs gate the weight tiles as they load them; w_eff is never stored.
     """
-    autocast = isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type)
+    # is_autocast_enabled raises for a device type autocast does not know (meta).
+    autocast = (isinstance(x, Tensor) and torch.amp.is_autocast_available(x.device.type)
+                and torch.is_autocast_enabled(x.device.type))
     kind, beta, scale = _check(x, weight, bias, mask, kind, beta, scale, autocast)
     if mask_apply.eager_cpu(weight, mask, kind):
         # Eager CPU: the GEMMs are oneDNN's either way; only the gate is ours, with its
