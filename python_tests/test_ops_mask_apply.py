@@ -144,6 +144,18 @@ def test_zero_masked_rejects_bad_keep():
         ops.zero_masked_(w.tolist(), torch.ones(3, 4, dtype=torch.bool))
 
 
+def test_zero_masked_refuses_an_expanded_weight_before_writing_any():
+    # An expanded weight (stride 0) cannot be written in place: mul_ raised RuntimeError
+    # after the C++ kernel had already zeroed the list's other weights.
+    w = torch.randn(3, 4)
+    before = w.clone()
+    expanded = torch.randn(1, 4).expand(3, 4)
+    keep = torch.rand(3, 4) > 0.5
+    with pytest.raises(ValueError, match="`weight`"):
+        ops.zero_masked_([w, expanded], [keep, keep])
+    assert torch.equal(w, before)
+
+
 @pytest.mark.skipif(not HAS_EXTENSION, reason="checks the C++ kernels' own argument checks")
 def test_cpp_kernels_reject_layouts_they_do_not_take():
     w = torch.randn(4, 6)

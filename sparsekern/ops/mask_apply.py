@@ -216,6 +216,10 @@ def zero_masked_(weight, keep) -> None:
             raise ValueError(f"`keep` must be a bool tensor of weight's shape {tuple(w.shape)}")
         if k.device != w.device:  # a meta keep was a silent no-op
             raise ValueError(f"`keep` must be on weight's device {w.device}, got {k.device}")
+        # What mul_ refuses to write (several elements in one place), refused here, before
+        # the C++ kernel has zeroed the other weights of the list.
+        if any(st == 0 and n > 1 for st, n in zip(w.stride(), w.shape)):
+            raise ValueError("`weight` must not be expanded (a stride-0 view): it cannot be written in place")
     cpp, other = [], []
     for w, k in zip(weights, keeps):
         (cpp if cpp_layout(w, k, "binary") else other).append((w, k))
