@@ -89,10 +89,12 @@ def test_layouts(device, kind):
     check_against_reference(w_sliced, m, G, kind, beta=1.5)
 
 
-def test_zero_size(device):
-    w, m, G = inputs("sigmoid", device, shape=(0, 3, 3, 3))
-    out, gw, gm = run(ops.masked_conv2d_weight, w, m, G, "sigmoid")
-    assert out.shape == gw.shape == gm.shape == (0, 3, 3, 3)
+@pytest.mark.parametrize("shape", [(0, 3, 3, 3), (4, 0, 3, 3)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_size(device, kind, shape):
+    w, m, G = inputs(kind, device, shape=shape)
+    out, gw, gm = check_against_reference(w, m, G, kind, beta=1.5)
+    assert out.shape == gw.shape == shape and (gm is None or gm.shape == shape)
 
 
 @pytest.mark.parametrize("kind", KINDS)

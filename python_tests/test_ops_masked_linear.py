@@ -117,6 +117,12 @@ def test_zero_size_batch(device, kind, lead):
     assert gm is None if kind == "binary" else (gm == 0).all()
 
 
+@pytest.mark.parametrize("out_f, in_f", [(0, 53), (37, 0), (0, 0)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_features(device, kind, out_f, in_f):
+    check_against_reference(*inputs(kind, device, out_f=out_f, in_f=in_f), kind, beta=1.5)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_meta_tensors(kind):
     """Shape inference on the meta device, as nn.Linear and the other masked ops allow:
