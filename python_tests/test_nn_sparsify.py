@@ -115,6 +115,7 @@ def test_unsupported_layers_are_refused_by_name():
 
 
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.float8_e4m3fn])
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")  # torch warns on .to(complex)
 def test_layers_of_an_unsupported_dtype_are_refused_by_name(dtype):
     """float8 and complex layers: refused with their names before the model changes. They
     failed at the first forward or pruning step instead, with a float8 promotion error or
