@@ -278,3 +278,34 @@ def test_fused_only_where_torch_has_the_kernels():
     assert not train._fused_ok([{"params": [torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))]}])
     assert not train._fused_ok([{"params": [torch.nn.Parameter(torch.ones(2, device="meta"))]}])
     assert not train._fused_ok([{"params": []}])
+
+
+def test_amp_bf16_runs_the_forward_in_bfloat16_and_resumes_exactly(tmp_path, capsys):
+    args = ["train", "--method", "l0", *TINY, "--density", "0.3", "--amp", "bf16"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli.main([*args, "--out", str(a)]) == 0
+    assert cli.main([*args, "--out", str(b), "--stop-after", "1"]) == 0
+    assert cli.main(["train", "--out", str(b), "--resume"]) == 0
+    assert_same_run(a, b)
+    assert all(v.dtype != torch.bfloat16 for v in final_state(a)["model"].values())  # weights stay float32
+
+    seen = []
+    for amp in train.AMP:
+        cfg = RunConfig("l0", "mlp", density=0.3, epochs=1, max_batches=2, amp=amp)
+        trainer = train.Trainer(cfg, tmp_path / amp, log=lambda s: None)
+        dtypes = set()
+        for m in trainer.model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.register_forward_hook(lambda mod, inp, out: dtypes.add(out.dtype))
+        trainer.out.mkdir()
+        trainer.fit()
+        assert dtypes == {torch.bfloat16 if amp == "bf16" else torch.float32}  # training and evaluation
+        assert isinstance(trainer.history[0]["test_loss"], float)
+        seen.append(trainer.history[0]["train_loss"])
+    assert seen[0] != seen[1]
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--method", "dense", *TINY, "--amp", "fp16", "--out", str(tmp_path / "c")])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--amp"):
+        RunConfig("dense", "mlp", amp="fp16").validate()

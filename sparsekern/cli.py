@@ -94,7 +94,7 @@ def _positive_float(text: str) -> float:
 def train_parser(methods: list[str] | None = None) -> argparse.ArgumentParser:
     """The `train` parser. `methods`: whose options to add (all by default; one when
     --help follows --method X)."""
-    from .train import LR_SCHEDULES, OPTIMIZERS
+    from .train import AMP, LR_SCHEDULES, OPTIMIZERS
 
     d = _defaults()
     shown = methods if methods is not None else list(mo.METHODS)
@@ -154,6 +154,10 @@ def train_parser(methods: list[str] | None = None) -> argparse.ArgumentParser:
     sched.add_argument("--test-batch-size", type=_positive_int, default=S, help=f"(default: {d['test_batch_size']})")
     sched.add_argument("--seed", type=_nonnegative_int, default=S,
                        help=f"seeds init, data split, batch order, gates (default: {d['seed']})")
+    sched.add_argument("--amp", choices=AMP, default=S,
+                       help="mixed precision: bf16 runs the forward, loss and penalty (training and evaluation) "
+                            "under torch.autocast(bfloat16); weights, gradients and optimiser state stay "
+                            f"float32 (default: {d['amp']})")
     sched.add_argument("--device", default=S, help=f"torch device, e.g. cpu, cuda, cuda:1 (default: {d['device']})")
     sched.add_argument("--threads", type=_positive_int, default=S,
                        help="CPU threads for torch (default: torch's choice; 1 is much faster on a busy machine; "

@@ -59,6 +59,10 @@ from .models import build_model
 
 LR_SCHEDULES = ("multistep", "cosine", "constant")
 OPTIMIZERS = ("sgd", "adam")
+# Mixed precision: bfloat16 needs no loss scaling (float32's exponent range), so a step
+# stays forward, backward, optimizer.step(), method.step(). float16 would need a
+# GradScaler, whose skipped steps the methods' step counters would have to follow.
+AMP = ("off", "bf16")
 
 # Every file a run writes into its folder (from report.json on: sparsekern.run_report's).
 # Any one of them means the folder holds a run, even without a checkpoint (one that died
@@ -117,6 +121,7 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None  # torch.set_num_threads; None: torch's default
+    amp: str = "off"  # "bf16": forward, loss and penalty under torch.autocast(bfloat16)
     method_options: dict = field(default_factory=dict)  # the method flags given, by argument name
 
     def __post_init__(self):
@@ -150,6 +155,7 @@ class RunConfig:
             v = getattr(self, name)
             need(v is None or v >= 0, f"--{name.replace('_', '-')} must be >= 0, got {v}")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {list(OPTIMIZERS)}")
+        need(self.amp in AMP, f"--amp must be one of {list(AMP)}, got {self.amp!r}")
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}")
         need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
@@ -441,6 +447,11 @@ class Trainer:
             g["lr"] = g["initial_lr"] * factor
         return self.optimizer.param_groups[0]["lr"]
 
+    def autocast(self):
+        """The forward's precision: under --amp bf16, torch.autocast(bfloat16) on the run's
+        device (parameters, gradients and optimiser state stay float32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16")
+
     def train_epoch(self, index: int, spec: EpochSpec) -> dict:
         from tqdm import tqdm
 
@@ -457,13 +468,14 @@ class Trainer:
         for x, y in bar:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             lr = self._set_lr(spec)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            total = loss
-            if method is not None:
-                penalty = method.penalty()
-                total = loss + penalty
-                pen_sum += penalty.detach().double()
+            with self.autocast():
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                total = loss
+                if method is not None:
+                    penalty = method.penalty()
+                    total = loss + penalty
+                    pen_sum += penalty.detach().double()
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
             self.optimizer.step()
@@ -488,7 +500,8 @@ class Trainer:
         loss_sum, correct, n = 0.0, 0, 0
         for x, y in self.data.test_batches(self.cfg.test_batch_size):
             x, y = x.to(self.device), y.to(self.device)
-            logits = model(x)
+            with self.autocast():
+                logits = model(x).float()  # the loss in float32, as autocast computes training's
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
             n += len(y)
