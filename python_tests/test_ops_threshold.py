@@ -127,6 +127,16 @@ def test_zero_size_tensors(device):
     assert [m.shape for m in masks] == [empty.shape, empty.shape]
 
 
+def test_meta_tensors_give_shapes():
+    """Shape inference on the meta device, as nn layers allow (the finite check's item()
+    raised RuntimeError there)."""
+    w = [torch.empty(10, 10, device="meta"), torch.empty(3, device="meta", dtype=torch.float16)]
+    t = ops.magnitude_threshold(w, 0.5)
+    assert t.device.type == "meta" and t.shape == () and t.dtype == torch.float32
+    masks, t = ops.magnitude_masks(w, 0.5, return_threshold=True)
+    assert [m.shape for m in masks] == [(10, 10), (3,)] and all(m.dtype == torch.bool for m in masks)
+
+
 def test_large_tensor_crosses_chunks(device):
     # More than one CPU chunk (2^16) and one CUDA block (8192) per tensor.
     t = rand(300_001, device=device, seed=13).half().float()  # fp16 values: ties across chunks
