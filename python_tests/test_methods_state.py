@@ -102,6 +102,9 @@ DAMAGE = [
     ("l0", ("extra", "defect"), lambda t: torch.zeros(3), ValueError, "defect"),
     ("l0", ("noise",), {}, ValueError, "noise"),
     ("l0", ("noise", "0"), (1, 2.5), ValueError, "noise"),
+    # The last layer's pair: the mask setters refused it only after the earlier layers loaded.
+    ("l0", ("noise", "2"), (0, -5), ValueError, "noise"),
+    ("l0", ("noise", "2"), (2**63, 0), ValueError, "noise"),
     ("l0-structured", ("masks", "KEY"), lambda t: torch.zeros(16, 8), ValueError, "shape"),
 ]
 

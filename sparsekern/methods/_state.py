@@ -52,9 +52,12 @@ def check_state(method, state: Any, masks: dict[str, torch.Size], noisy: set[str
         raise ValueError(f"state['noise'] must name the hard-concrete layers {sorted(noisy)}, got "
                          f"{sorted(noise) if isinstance(noise, dict) else type(noise).__name__}")
     for layer, pair in noise.items():
+        # The mask's seed / offset setters take [0, 2**63) only; left to them, a pair out of
+        # range raised halfway through the load, with the earlier layers' masks overwritten.
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2
-                and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pair)):
-            raise ValueError(f"state['noise'][{layer!r}] must be a (seed, offset) pair of ints, got {pair!r}")
+                and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v < 2**63 for v in pair)):
+            raise ValueError(f"state['noise'][{layer!r}] must be a (seed, offset) pair of ints in [0, 2**63), "
+                             f"got {pair!r}")
     if state["rewind_state"] is not None:
         check_tensors("['rewind_state']", state["rewind_state"], method._rewind_shapes())
     extra = state["extra"]
