@@ -91,6 +91,8 @@ DAMAGE = [
     ("imp", ("rewind_state", "extra.weight"), lambda _: torch.zeros(1), ValueError, "unexpected"),
     ("imp", ("extra", "history"), None, ValueError, "extra"),
     ("gmp", ("masks", "KEY"), shrink, ValueError, "shape"),
+    ("gmp", ("extra", "history"), lambda h: None, TypeError, "history"),
+    ("dpf", ("extra", "history"), lambda h: h + [3], TypeError, "history"),
     ("dpf", ("masks", "KEY"), shrink, ValueError, "shape"),
     ("cs", ("extra", "beta"), math.inf, ValueError, "beta"),
     ("cs", ("extra", "beta"), 0.5, ValueError, "beta"),
@@ -100,6 +102,8 @@ DAMAGE = [
     ("concave", ("extra", "alive"), lambda a: {"zzz": a["0"], "2": a["2"]}, ValueError, "alive"),
     ("l0", ("extra", "multipliers"), lambda t: torch.zeros(2), ValueError, "multipliers"),
     ("l0", ("extra", "defect"), lambda t: torch.zeros(3), ValueError, "defect"),
+    ("l0", ("extra", "multipliers"), lambda t: torch.full_like(t, -1.0), ValueError, "multipliers"),
+    ("l0", ("extra", "multipliers"), lambda t: torch.full_like(t, math.nan), ValueError, "multipliers"),
     ("l0", ("noise",), {}, ValueError, "noise"),
     ("l0", ("noise", "0"), (1, 2.5), ValueError, "noise"),
     # The last layer's pair: the mask setters refused it only after the earlier layers loaded.

@@ -104,5 +104,11 @@ class HistoryState:
     def _extra_state(self) -> dict[str, Any]:
         return {"history": copy.deepcopy(self.history)}
 
+    def _check_extra_state(self, extra: dict[str, Any]) -> None:
+        # Loaded unchecked, a None history failed only at the next update's append().
+        history = extra["history"]
+        if not (isinstance(history, list) and all(isinstance(entry, dict) for entry in history)):
+            raise TypeError(f"state['extra']['history'] must be a list of dicts, got {type(history).__name__}")
+
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         self.history = copy.deepcopy(extra["history"])

@@ -243,6 +243,11 @@ class ConstrainedL0(_HardConcreteMethod):
         if extra["groups"] != self.group_names:
             raise ValueError(f"state has constraints {extra['groups']}, this method {self.group_names}")
         check_tensor("['extra']['multipliers']", extra["multipliers"], self._lambda.shape)
+        # The dual step keeps λ >= 0; a negative λ rewards violating the constraint, a NaN
+        # one turns the penalty and every gate's gradient into NaN.
+        multipliers = extra["multipliers"]
+        if not (multipliers.is_floating_point() and bool((torch.isfinite(multipliers) & (multipliers >= 0)).all())):
+            raise ValueError(f"state['extra']['multipliers'] must be finite floats >= 0, got {multipliers.tolist()}")
         if extra["defect"] is not None:
             check_tensor("['extra']['defect']", extra["defect"], self._lambda.shape)
 
