@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from methods_helpers import _reload, mlp, one_thread, sgd, small_batches, small_mlp, train  # noqa: F401
+import sparsekern
+from methods_helpers import (_reload, assert_untouched, mlp, one_thread, sgd, small_batches, small_mlp,  # noqa: F401
+                             snapshot, train)
 from sparsekern.methods import (DPF, IMP, ConcaveRegularization, ConstrainedL0, ContinuousSparsification,
                                 GradualMagnitude, OneShot, PenalizedL0)
 
@@ -243,3 +245,22 @@ def test_infinite_arguments_are_refused_before_the_model_changes(cls, kwargs, wo
 def test_param_groups_refuse_infinite_rates(kwargs):
     with pytest.raises(ValueError, match=next(k for k, v in kwargs.items() if math.isinf(v))):
         ConstrainedL0(mlp(), target_density=0.5).param_groups(**kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_model_with_sparse_layers_of_another_kind_is_refused_before_it_changes(name):
+    # Such layers are taken over as they are: a DPF on a sigmoid layer failed with an
+    # AttributeError after swapping the other layers, an L0 on a binary one at penalty().
+    probe = small_mlp()
+    kind = METHODS[name](probe).layers[0][1].mask.name
+    model = sparsekern.sparsify(small_mlp(), mask="binary" if kind != "binary" else "sigmoid", include=["0"])
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="mask kind"):
+        METHODS[name](model)
+    assert_untouched(model, before)
+
+
+def test_sparse_layers_of_the_methods_own_kind_are_taken_over():
+    model = sparsekern.sparsify(small_mlp(), mask="binary", include=["0"])
+    method = IMP(model)
+    assert [name for name, _ in method.layers] == ["0", "2"]

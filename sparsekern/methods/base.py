@@ -85,6 +85,17 @@ class PruningMethod:
         self.rewind_iteration = check_int("rewind_iteration", rewind_iteration)
         if mask_options is not None and not isinstance(mask_options, dict):
             raise TypeError(f"`mask_options` must be a dict, got {type(mask_options).__name__}")
+        # Layers already sparse are taken over as they are (sparsify leaves them), so they
+        # must carry this method's kind: another one failed later with an AttributeError
+        # (DPF, IMP: after the other layers were swapped; L0, CS, concave: at penalty()).
+        other = [f"{name!r} ({layer.mask.name})" for name, layer in sparse_modules(model)
+                 if layer.mask.name != self.mask_kind]
+        if other:
+            more = f" and {len(other) - 3} more" if len(other) > 3 else ""
+            raise ValueError(
+                f"`model` has sparse layers whose mask kind is not {type(self).__name__}'s {self.mask_kind!r}: "
+                f"{', '.join(other[:3])}{more}. Start from a dense model (sparsekern.export(model).model bakes "
+                "the masks in).")
         sparsify(model, mask=self.mask_kind, include=include, exclude=exclude, **(mask_options or {}))
         self.model = model
         self.layers: list[tuple[str, nn.Module]] = list(sparse_modules(model))
