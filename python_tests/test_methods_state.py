@@ -264,3 +264,21 @@ def test_sparse_layers_of_the_methods_own_kind_are_taken_over():
     model = sparsekern.sparsify(small_mlp(), mask="binary", include=["0"])
     method = IMP(model)
     assert [name for name, _ in method.layers] == ["0", "2"]
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: OneShot(m, sparsity=0.5),
+    lambda m: DPF(m, sparsity=0.5),
+    lambda m: DPF(m, sparsity=0.5, mode="structured"),
+    lambda m: GradualMagnitude(m, sparsity=0.5, end_iteration=10, initial_sparsity=0.2),
+])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_methods_that_rank_at_construction_refuse_nonfinite_weights_before_the_swap(make, bad):
+    # The ranking op raised only after sparsify had swapped every layer, naming `tensors`.
+    model = small_mlp()
+    with torch.no_grad():
+        model[0].weight[1, 3] = bad  # not the classifier, which DPF leaves dense
+    types = [(n, type(m)) for n, m in model.named_modules()]
+    with pytest.raises(ValueError, match=r"NaN or Inf weights in \['0'\]"):
+        make(model)
+    assert [(n, type(m)) for n, m in model.named_modules()] == types

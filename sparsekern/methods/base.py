@@ -27,6 +27,7 @@ from torch import nn
 from .. import _checks, ops
 from ..nn import export as export_model
 from ..nn import sparse_modules, sparsify
+from ..nn.sparsify import planned_weights
 from ..nn.masks import HardConcreteMask, project_layers
 from ._state import check_state
 
@@ -75,6 +76,7 @@ class PruningMethod:
     mask_kind: str = "binary"
     round_based: bool = False
     default_mask_lr: float | None = None  # None: the mask group uses the weights' lr
+    ranks_at_init: bool = False  # ranks |w| in the constructor (OneShot, DPF, GMP)
 
     def __init__(self, model: nn.Module, *, include=None, exclude=None, rewind_iteration: int = 0,
                  mask_options: dict | None = None):
@@ -96,6 +98,12 @@ class PruningMethod:
                 f"`model` has sparse layers whose mask kind is not {type(self).__name__}'s {self.mask_kind!r}: "
                 f"{', '.join(other[:3])}{more}. Start from a dense model (sparsekern.export(model).model bakes "
                 "the masks in).")
+        if self.ranks_at_init:
+            # NaN / Inf weights (a diverged run): the ranking op raised only after sparsify
+            # had swapped the layers, naming its own argument (`tensors`), not the layers.
+            bad = [name for name, w in planned_weights(model, include, exclude) if not bool(torch.isfinite(w).all())]
+            if bad:
+                raise ValueError(f"`model` has NaN or Inf weights in {bad}: magnitude pruning cannot rank them")
         sparsify(model, mask=self.mask_kind, include=include, exclude=exclude, **(mask_options or {}))
         self.model = model
         self.layers: list[tuple[str, nn.Module]] = list(sparse_modules(model))

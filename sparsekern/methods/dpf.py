@@ -56,6 +56,7 @@ MODES = ("global", "layerwise", "structured")
 
 class DPF(HistoryState, PruningMethod):
     mask_kind = "straight_through"
+    ranks_at_init = True
 
     def __init__(self, model, sparsity: float, end_iteration: int | None = None, period: int = 16,
                  mode: str = "global", include=None, exclude=None, ignore_classifier: bool = True):

@@ -24,6 +24,7 @@ from .schedules import zhu_gupta
 
 class GradualMagnitude(HistoryState, PruningMethod):
     mask_kind = "binary"
+    ranks_at_init = True
 
     def __init__(self, model, sparsity: float, end_iteration: int, start_iteration: int = 0,
                  frequency: int = 100, initial_sparsity: float = 0.0, include=None, exclude=None,

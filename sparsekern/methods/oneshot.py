@@ -18,6 +18,7 @@ from .base import PruningMethod, check_real
 
 class OneShot(PruningMethod):
     mask_kind = "binary"
+    ranks_at_init = True
 
     def __init__(self, model, sparsity: float, include=None, exclude=None, ignore_classifier: bool = False):
         self.sparsity = check_real("sparsity", sparsity, low=0.0, high=1.0, high_open=True)

@@ -317,6 +317,20 @@ def _plan(model: nn.Module, include, exclude) -> _Plan:
     return _Plan(targets, projections, layer_names, new_layers)
 
 
+def planned_weights(model: nn.Module, include=None, exclude=None) -> list[tuple[str, nn.Parameter]]:
+    """(name, weight) for each layer planned_layer_names gives, read from the model as it
+    is now (an attention's in-projection: its in_proj_weight / q_proj_weight, ...)."""
+    weights = []
+    for name in _plan(model, include, exclude).layer_names:
+        parent, _, last = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        if type(owner) is nn.MultiheadAttention and last != "out_proj":
+            weights.append((name, getattr(owner, f"{last}_weight")))
+        else:
+            weights.append((name, model.get_submodule(name).weight))
+    return weights
+
+
 def planned_layer_names(model: nn.Module, include=None, exclude=None) -> list[str]:
     """The names the sparse layers of `model` will have after sparsify(model, include=...,
     exclude=...) (the ones already sparse included), without changing the model; raises
