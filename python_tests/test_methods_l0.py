@@ -325,6 +325,7 @@ def snapshot(model):
     ((0.3,), {"layerwise": 1}, TypeError),
     ((0.3,), {"dual_restarts": None}, TypeError),
     ((0.3,), {"include": ["nope"]}, ValueError),
+    (({"0": 0.3},), {"layerwise": True}, ValueError),  # ignored before: only "0" was constrained
 ])
 def test_constrained_bad_arguments_raise_before_the_model_changes(args, kwargs, error):
     model = toy()

@@ -144,6 +144,9 @@ class ConstrainedL0(_HardConcreteMethod):
                  include=None, exclude=None):
         layerwise = check_bool("layerwise", layerwise)
         targets = self._check_targets(model, target_density, include, exclude)
+        if layerwise and isinstance(targets, dict):  # it was ignored: the dict's layers alone are constrained
+            raise ValueError("`layerwise` applies to one ε for every layer; a per-layer `target_density` dict "
+                             "already constrains each layer it names")
         self.dual_lr = check_real("dual_lr", dual_lr, low=0.0)
         self.dual_restarts = check_bool("dual_restarts", dual_restarts)
         super().__init__(model, structured=structured, droprate_init=droprate_init, rescale_init=rescale_init,
