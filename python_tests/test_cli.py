@@ -197,6 +197,12 @@ def fails(capsys, argv, *needles):
     (["--method", "l0", "--layer-density", "fc1=1.5"], ["--layer-density", "must be in (0, 1]"]),
     (["--method", "l0", "--layer-density", "fc1=0.5", "--density", "0.5"], ["not allowed with argument"]),
     (["--method", "l0", "--layer-density", "fc1=0.5", "fc1=0.3"], ["--layer-density names a layer twice"]),
+    # The flag given, not --density.
+    (["--method", "l0", "--layer-density", "fc9=0.5"], ["`target_density` (--layer-density) names unknown layers"]),
+    (["--method", "l0", "--layer-density", "fc1=0.5", "--layerwise"], ["`layerwise` (--layerwise) applies to"]),
+    # Ignored by the other methods before.
+    (["--method", "dpf", "--sparsity", "0.5", "--ticket-epochs", "2"], ["--ticket-epochs is for --method cs"]),
+    (["--method", "imp", "--pretrain-epochs", "2"], ["--pretrain-epochs is for --method oneshot"]),
 ])
 def test_bad_arguments_fail_before_anything_is_written(args, needles, tmp_path, capsys):
     out = tmp_path / "run"

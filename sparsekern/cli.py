@@ -270,7 +270,8 @@ def cmd_train(argv: list[str]) -> int:
             cfg = train.RunConfig(**config, method_options=options)
         trainer = train.Trainer(cfg, out, resume=control["resume"], progress=control["progress"])
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
-        parser.exit(2, f"{parser.prog}: error: {mo.with_flags(str(e))}\n")
+        per_layer = getattr(ns, "layer_density", None) is not None
+        parser.exit(2, f"{parser.prog}: error: {mo.with_flags(str(e), layer_density=per_layer)}\n")
     except KeyboardInterrupt:  # e.g. while the data loads
         print(f"interrupted before the run started; nothing written to {out}", file=sys.stderr)
         return 130

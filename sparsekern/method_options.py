@@ -390,16 +390,18 @@ _FROM_FLAG = {"sparsity": "--sparsity", "target_density": "--density", "epochs_p
               "seed": "--seed", "lr": "--lr", "weight_decay": "--weight-decay", "mask_lr": "--mask-lr"}
 
 
-def with_flags(message: str) -> str:
+def with_flags(message: str, layer_density: bool = False) -> str:
     """`message` (a method's ValueError) with the flag after each method argument it names
     in backticks: "`period` must be >= 1" → "`period` (--period) must be >= 1", so the CLI
-    user sees which flag to change."""
+    user sees which flag to change. layer_density: target_density came from
+    --layer-density (an unknown layer there was blamed on --density)."""
     names = {p.name for m in available_methods() if (cls := method_class(m)) for p in constructor_parameters(cls)}
+    from_flag = {**_FROM_FLAG, "target_density": "--layer-density"} if layer_density else _FROM_FLAG
 
     def flag(match: re.Match) -> str:
         name = match[1]
-        if name in _FROM_FLAG:
-            return f"{match[0]} ({_FROM_FLAG[name]})"
+        if name in from_flag:
+            return f"{match[0]} ({from_flag[name]})"
         return f"{match[0]} ({_flag(name)})" if name in names and name not in DERIVED else match[0]
 
     return re.sub(r"`(\w+)`", flag, message)

@@ -151,9 +151,12 @@ class RunConfig:
         need(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
         need(self.rounds == 1 or self.method in mo.ROUND_BASED,
              f"--rounds applies to the round-based methods {list(mo.ROUND_BASED)} only, not --method {self.method}")
-        for name in ("pretrain_epochs", "ticket_epochs"):
+        for name, method in (("pretrain_epochs", "oneshot"), ("ticket_epochs", "cs")):
             v = getattr(self, name)
             need(v is None or v >= 0, f"--{name.replace('_', '-')} must be >= 0, got {v}")
+            # Ignored by the other methods; and --milestones was checked against it.
+            need(v is None or self.method == method,
+                 f"--{name.replace('_', '-')} is for --method {method}, not --method {self.method}")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {list(OPTIMIZERS)}")
         need(self.amp in AMP, f"--amp must be one of {list(AMP)}, got {self.amp!r}")
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}")
