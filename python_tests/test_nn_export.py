@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 from sparsekern import export, sparsify
-from sparsekern.nn import SparseConv2d, SparseLinear, count_macs, sparse_modules
+from sparsekern.nn import SparseConv2d, SparseLinear, count_macs, count_params, sparse_modules
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 KIND_OPTIONS = [
@@ -244,6 +244,19 @@ def test_bad_export_arguments():
         export(model, purge="yes")
     with pytest.raises(TypeError, match="example_input"):
         export(model, example_input="2x10")
+    with pytest.raises(ValueError, match="example_input"):  # torch.zeros' RuntimeError before
+        export(model, example_input=(1, -10))
+
+
+def test_bad_count_arguments():
+    # Public in sparsekern.nn: None and a shape failed inside (AttributeError, torch's linear()).
+    model = mlp()
+    with pytest.raises(TypeError, match="model"):
+        count_params(None)
+    with pytest.raises(TypeError, match="model"):
+        count_macs(None, torch.zeros(1, 10))
+    with pytest.raises(TypeError, match="example"):
+        count_macs(model, (1, 10))
 
 
 @torch.no_grad()

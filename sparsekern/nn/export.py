@@ -41,8 +41,14 @@ def is_attention(m: nn.Module) -> bool:
     return isinstance(m, ATTENTION) or _swin_attention(m)
 
 
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+
+
 def count_params(model: nn.Module) -> int:
     """Number of parameter elements (shared parameters once)."""
+    _check_model(model)  # public: None raised an AttributeError ('parameters')
     return sum(p.numel() for p in model.parameters())
 
 
@@ -129,7 +135,9 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     forward of `example` (the whole batch given), counted with forward hooks in eval mode
     (attention: attention_macs); other layers' (BatchNorm, activations, pooling, the
     residual adds) are not counted."""
-
+    _check_model(model)
+    if not isinstance(example, torch.Tensor):  # a shape raised torch's "linear(): argument 'input'" error
+        raise TypeError(f"`example` must be a tensor, got {type(example).__name__}")
     total = 0
 
     def hook(m, inputs, out):
@@ -152,6 +160,8 @@ def _example(model: nn.Module, example_input) -> torch.Tensor | None:
     if example_input is None or isinstance(example_input, torch.Tensor):
         return example_input
     if isinstance(example_input, Sequence) and all(isinstance(s, int) and not isinstance(s, bool) for s in example_input):
+        if any(s < 0 for s in example_input):  # torch.zeros raised a RuntimeError not naming it
+            raise ValueError(f"`example_input` shape must be sizes >= 0, got {tuple(example_input)}")
         p = next(model.parameters(), None)
         return torch.zeros(tuple(example_input), device=None if p is None else p.device, dtype=None if p is None else p.dtype)
     raise TypeError(f"`example_input` must be a tensor, a shape (tuple of ints) or None, got {type(example_input).__name__}")
@@ -213,8 +223,7 @@ def export(model: nn.Module, purge: bool = False, example_input=None) -> Exporte
     could not be removed exactly; "<attention>.heads": attention heads removed, see
     sparsekern.nn.heads)}.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    _check_model(model)
     if not isinstance(purge, bool):
         raise TypeError(f"`purge` must be a bool, got {type(purge).__name__}")
     example = _example(model, example_input)
