@@ -25,7 +25,7 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	touch $@
 
 # The main job's default run: structured constrained L0 on an MLP over scikit-learn's
-# digits, 30% density target (about 15 s on 2 cores); prints where the report is.
+# digits, 30% density target (7-9 s on 2 cores); prints where the report is.
 demo: $(VENV)/.built
 	rm -rf runs/demo
 	$(PY) -m sparsekern train --method l0 --structured --model mlp --data digits --density 0.3 \

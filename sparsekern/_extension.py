@@ -13,7 +13,7 @@ try:
 
     HAS_EXTENSION = True
     EXTENSION_ERROR = None
-except ImportError as exc:  # pragma: no cover - exercised by test_extension_fallback
+except ImportError as exc:  # pragma: no cover - exercised by test_missing_extension_warns_once_and_falls_back
     HAS_EXTENSION = False
     EXTENSION_ERROR = exc
     warnings.warn(
