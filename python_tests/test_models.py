@@ -19,6 +19,9 @@ def test_output_shape(name, shape):
         mode()
         assert model(torch.randn(3, *shape)).shape == (3, 10)
     fx.symbolic_trace(model)  # purge (sparsekern.nn.purge) needs a traceable model
+    with torch.device("meta"):  # built without memory, e.g. to materialise later (to_empty)
+        meta = build_model(name, shape, 10)
+    assert n_params(meta) == n_params(model) and all(p.is_meta for p in meta.parameters())
 
 
 def n_params(model):

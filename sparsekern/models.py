@@ -28,6 +28,7 @@ for sparsekern.nn.purge, which traces them with torch.fx.
 from __future__ import annotations
 
 import inspect
+import math
 from collections import OrderedDict
 
 import torch
@@ -42,7 +43,7 @@ class MLP(nn.Sequential):
 
     def __init__(self, input_shape, num_classes: int, hidden=(300, 100)):
         layers: dict[str, nn.Module] = {"flatten": nn.Flatten()}
-        width = int(torch.tensor(input_shape).prod())
+        width = math.prod(input_shape)  # not a tensor: under `with torch.device("meta")` it had no value
         for i, h in enumerate(hidden, 1):
             layers[f"fc{i}"], layers[f"relu{i}"] = nn.Linear(width, h), nn.ReLU(inplace=True)
             width = h

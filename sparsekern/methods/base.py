@@ -101,7 +101,8 @@ class PruningMethod:
         if self.ranks_at_init:
             # NaN / Inf weights (a diverged run): the ranking op raised only after sparsify
             # had swapped the layers, naming its own argument (`tensors`), not the layers.
-            bad = [name for name, w in planned_weights(model, include, exclude) if not bool(torch.isfinite(w).all())]
+            bad = [name for name, w in planned_weights(model, include, exclude)
+                   if w.device.type != "meta" and not bool(torch.isfinite(w).all())]  # meta: no values
             if bad:
                 raise ValueError(f"`model` has NaN or Inf weights in {bad}: magnitude pruning cannot rank them")
         sparsify(model, mask=self.mask_kind, include=include, exclude=exclude, **(mask_options or {}))
