@@ -203,6 +203,12 @@ def fails(capsys, argv, *needles):
     # Ignored by the other methods before.
     (["--method", "dpf", "--sparsity", "0.5", "--ticket-epochs", "2"], ["--ticket-epochs is for --method cs"]),
     (["--method", "imp", "--pretrain-epochs", "2"], ["--pretrain-epochs is for --method oneshot"]),
+    (["--method", "dense", "--optimizer", "adam", "--momentum", "0.5"], ["--momentum: SGD's, unused by --optimizer adam"]),
+    (["--method", "dense", "--optimizer", "adam", "--nesterov"], ["--nesterov: SGD's"]),
+    (["--method", "dpf", "--sparsity", "0.5", "--mask-lr", "0.1"],
+     ["--mask-lr: --method dpf has no learnable mask parameters", "cs, concave, l0, l0-penalized"]),
+    (["--method", "dense", "--mask-lr", "0.1"], ["--mask-lr: --method dense has no learnable"]),
+    (["--method", "dense", "--nesterov", "--momentum", "0"], ["--nesterov needs --momentum > 0"]),
 ])
 def test_bad_arguments_fail_before_anything_is_written(args, needles, tmp_path, capsys):
     out = tmp_path / "run"

@@ -251,6 +251,20 @@ def _interrupted(trainer, out: Path) -> str:
     return f"interrupted; the last checkpoint is after epoch {trainer.saved_epochs}/{len(trainer.plan)}; {resume}"
 
 
+def _refuse_unused(config: dict) -> None:
+    """ValueError for a flag the run would ignore: given, it says the user expects an effect."""
+    from .ops.mask_math import LEARNABLE_KINDS
+
+    sgd_only = [f for f in ("momentum", "nesterov") if f in config]
+    if config.get("optimizer") == "adam" and sgd_only:
+        raise ValueError(f"--{' / --'.join(sgd_only)}: SGD's, unused by --optimizer adam")
+    cls = mo.method_class(config["method"])
+    if "mask_lr" in config and getattr(cls, "mask_kind", None) not in LEARNABLE_KINDS:
+        learnable = [m for m in mo.METHODS if getattr(mo.method_class(m), "mask_kind", None) in LEARNABLE_KINDS]
+        raise ValueError(f"--mask-lr: --method {config['method']} has no learnable mask parameters "
+                         f"(the methods that do: {', '.join(learnable)})")
+
+
 def cmd_train(argv: list[str]) -> int:
     from . import train
 
@@ -267,6 +281,7 @@ def cmd_train(argv: list[str]) -> int:
             missing = [f"--{k}" for k in ("method", "model") if k not in config]
             if missing:
                 parser.error(f"the following arguments are required: {', '.join(missing)}")
+            _refuse_unused(config)
             cfg = train.RunConfig(**config, method_options=options)
         trainer = train.Trainer(cfg, out, resume=control["resume"], progress=control["progress"])
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:

@@ -161,6 +161,9 @@ class RunConfig:
         need(self.amp in AMP, f"--amp must be one of {list(AMP)}, got {self.amp!r}")
         need(self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}")
         need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
+        # torch checks this in SGD's defaults only, not per group: it ran plain SGD.
+        need(not (self.optimizer == "sgd" and self.nesterov and self.momentum == 0),
+             "--nesterov needs --momentum > 0")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         need(self.mask_lr is None or self.mask_lr > 0, f"--mask-lr must be > 0, got {self.mask_lr}")
         need(self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {list(LR_SCHEDULES)}")
