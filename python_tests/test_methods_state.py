@@ -112,6 +112,13 @@ DAMAGE = [
     ("l0", ("noise", "2"), (0, -5), ValueError, "noise"),
     ("l0", ("noise", "2"), (2**63, 0), ValueError, "noise"),
     ("l0-structured", ("masks", "KEY"), lambda t: torch.zeros(16, 8), ValueError, "shape"),
+    # Values of the wrong kind: a float 0.5 copied into a bool mask became True.
+    ("imp", ("masks", "KEY"), lambda t: torch.full(t.shape, 0.5), TypeError, "must be bool"),
+    ("dpf", ("masks", "KEY"), lambda t: t.float(), TypeError, "must be bool"),
+    ("cs", ("masks", "KEY"), lambda t: t > 0, TypeError, "floating point"),
+    ("cs", ("masks", "KEY"), lambda t: torch.full_like(t, math.nan), ValueError, "NaN"),
+    ("l0", ("masks", "KEY"), lambda t: torch.full_like(t, math.nan), ValueError, "NaN"),
+    ("concave", ("masks", "KEY"), lambda t: t.long(), TypeError, "floating point"),
 ]
 
 
@@ -147,15 +154,17 @@ def test_a_constraint_set_that_differs_changes_nothing():
     assert_same(before, everything(model, layerwise))
 
 
-def test_a_ticket_state_of_the_wrong_shape_leaves_the_search_phase_as_it_was():
+@pytest.mark.parametrize("damage, error, words", [(shrink, ValueError, "shape"),
+                                                   (lambda t: t.float(), TypeError, "must be bool")])
+def test_a_ticket_state_that_does_not_fit_leaves_the_search_phase_as_it_was(damage, error, words):
     # A ticket-phase state makes a search-phase CS binarize its layers first: only after
     # the whole state has passed its checks.
     model, cs = trained("cs")
     cs.to_ticket()
-    state = damaged(cs.state_dict(), ("masks", "0.weight_mask"), shrink)
+    state = damaged(cs.state_dict(), ("masks", "0.weight_mask"), damage)
     fresh_model, fresh = trained("cs", seed=1)
     before = everything(fresh_model, fresh)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(error, match=words):
         fresh.load_state_dict(state)
     assert not fresh.ticket and all(layer.mask.name == "sigmoid" for _, layer in fresh.layers)
     assert_same(before, everything(fresh_model, fresh))

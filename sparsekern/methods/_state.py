@@ -31,6 +31,20 @@ def check_tensors(where: str, given: Any, expected: dict[str, torch.Size]) -> No
         check_tensor(f"{where}[{key!r}]", given[key], shape)
 
 
+def check_mask_values(given: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> None:
+    """Each mask entry has its kind of values: a bool mask bool, a learnable one floating
+    point without NaN. Copied in unchecked, a float 0.5 became True in a bool mask, and a
+    NaN log α or score made every later penalty and gradient NaN."""
+    for key, ref in live.items():
+        value = given[key]
+        if (value.dtype == torch.bool) != (ref.dtype == torch.bool) or not (value.dtype == torch.bool
+                                                                           or value.is_floating_point()):
+            raise TypeError(f"state ['masks'][{key!r}] must be {'bool' if ref.dtype == torch.bool else 'floating point'}"
+                            f", got {value.dtype}")
+        if value.is_floating_point() and bool(torch.isnan(value).any()):
+            raise ValueError(f"state ['masks'][{key!r}] holds NaN")
+
+
 def check_state(method, state: Any, masks: dict[str, torch.Size], noisy: set[str]) -> None:
     """Every check load_state_dict needs, none of them changing anything. `masks`: the
     mask entries the state must hold ("<layer>.<state name>" -> shape); `noisy`: the layers

@@ -29,7 +29,7 @@ from ..nn import export as export_model
 from ..nn import sparse_modules, sparsify
 from ..nn.sparsify import planned_weights
 from ..nn.masks import HardConcreteMask, project_layers
-from ._state import check_state
+from ._state import check_mask_values, check_state
 
 
 # ---- argument checks shared by every method: TypeError / ValueError naming the argument
@@ -340,9 +340,10 @@ class PruningMethod:
         self._load_extra_state(state["extra"])
 
     def _check_state(self, state: Any) -> None:
-        masks = {f"{name}.{s}": getattr(layer, s).shape for name, layer in self.layers for s in layer.mask.state_names}
+        live = {f"{name}.{s}": getattr(layer, s) for name, layer in self.layers for s in layer.mask.state_names}
         noisy = {name for name, layer in self.layers if isinstance(layer.mask, HardConcreteMask)}
-        check_state(self, state, masks, noisy)
+        check_state(self, state, {k: v.shape for k, v in live.items()}, noisy)
+        check_mask_values(state["masks"], live)
 
     def _extra_state(self) -> dict[str, Any]:
         return {}

@@ -36,7 +36,7 @@ from ..nn import sparse_modules
 from ..nn.export import Exported
 from ..nn.masks import S0_MIN, BinaryMask
 from . import schedules
-from ._state import check_state
+from ._state import check_mask_values, check_state
 from .base import PruningMethod, check_bool, check_choice, check_epochs_per_round, check_real, sum_terms
 
 SOFT_RESETS = ("paper", "code")
@@ -202,6 +202,7 @@ class ContinuousSparsification(PruningMethod):
         # The layers will be binarized first: the state holds a binary mask per layer.
         masks = {f"{name}.weight_mask": layer.weight.shape for name, layer in self.layers}
         check_state(self, state, masks, noisy=set())
+        check_mask_values(state["masks"], {k: torch.empty((), dtype=torch.bool) for k in masks})
 
     def _ticket_state(self, state: Any) -> bool:
         """A ticket-phase state for this search-phase method."""
