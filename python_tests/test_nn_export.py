@@ -246,6 +246,8 @@ def test_bad_export_arguments():
         export(model, example_input="2x10")
     with pytest.raises(ValueError, match="example_input"):  # torch.zeros' RuntimeError before
         export(model, example_input=(1, -10))
+    with pytest.raises(ValueError, match=r"`example_input` of shape \(1, 5\) does not fit"):  # torch's matmul error
+        export(model, example_input=(1, 5))
 
 
 def test_bad_count_arguments():

@@ -140,6 +140,7 @@ def test_layers_of_an_unsupported_dtype_are_refused_by_name(dtype):
         (dict(include=["layer9"]), ValueError, "'layer9' matches no module"),
         (dict(exclude=["fc", "classifier"]), ValueError, "'classifier' matches no module"),
         (dict(include=3), TypeError, "include"),
+        (dict(include=b"fc"), TypeError, "got bytes"),  # was 'patterns must be str ..., got int'
         (dict(exclude=[nn.Linear]), TypeError, "exclude"),
         (dict(include=["layer1"], exclude=["layer1"]), ValueError, "no nn.Linear or nn.Conv2d selected"),
         (dict(mask="hard_concrete", seed=2**63 - 5), ValueError, "seed"),  # seed + 20 overflows

@@ -107,6 +107,8 @@ def _patterns(name: str, value) -> list:
         return []
     if isinstance(value, (str, re.Pattern)):
         return [value]
+    if isinstance(value, (bytes, bytearray)):  # iterable: its ints were reported as the patterns
+        raise TypeError(f"`{name}` must be a pattern or a list of patterns, got {type(value).__name__}")
     try:
         items = list(value)
     except TypeError:
