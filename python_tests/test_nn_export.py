@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 from sparsekern import export, sparsify
-from sparsekern.nn import SparseConv2d, SparseLinear, count_macs, count_params, sparse_modules
+from sparsekern.nn import SparseConv2d, SparseLinear, count_macs, count_params, purge_channels, sparse_modules
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 KIND_OPTIONS = [
@@ -248,6 +248,17 @@ def test_bad_export_arguments():
         export(model, example_input=(1, -10))
     with pytest.raises(ValueError, match=r"`example_input` of shape \(1, 5\) does not fit"):  # torch's matmul error
         export(model, example_input=(1, 5))
+
+
+def test_purge_channels_wants_a_plain_model():
+    # A sparse model failed in the fx trace ("purge needs a model torch.fx can trace").
+    model = sparsify(mlp(), mask="hard_concrete", structured=True)
+    with pytest.raises(ValueError, match=r"still sparse layers: use sparsekern.export\(model, purge=True\)"):
+        purge_channels(model, torch.zeros(1, 10))
+    with pytest.raises(TypeError, match="example"):
+        purge_channels(export(model).model, (1, 10))
+    with pytest.raises(TypeError, match="model"):
+        purge_channels(None)
 
 
 def test_bad_count_arguments():

@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .attention import SparseMultiheadAttention
 from .heads import PrunedMultiheadAttention, prune_heads, weights_unused
+from .modules import SPARSE_TYPES
 
 # Per-channel modules a group may pass through, by what they do to a constant channel.
 _ELEMENTWISE = (
@@ -350,6 +352,16 @@ def purge_channels(model: nn.Module, example: torch.Tensor | None = None) -> tup
     (an input tensor) gives the shapes a flatten → Linear step needs; without it such
     steps end a group. The model runs once on `example`, in eval mode, without grad.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    if example is not None and not isinstance(example, torch.Tensor):
+        raise TypeError(f"`example` must be a tensor or None, got {type(example).__name__}")
+    sparse = [n for n, m in model.named_modules() if isinstance(m, (*SPARSE_TYPES, SparseMultiheadAttention))]
+    if sparse:
+        # It failed in the fx trace of a sparse layer's forward, saying the model cannot be
+        # traced, when what it needs is the masks baked in.
+        raise ValueError(f"purge_channels needs a plain model; {sparse[:3]}{' ...' if len(sparse) > 3 else ''} are "
+                         "still sparse layers: use sparsekern.export(model, purge=True), or purge export(model).model")
     was_training = model.training
     try:
         model.eval()
