@@ -1,16 +1,19 @@
 """The training loop: --resume continues to the same result as an uninterrupted run (after
 --stop-after, and after a crash in the middle of an epoch), checkpoints are atomic, and
 the plan / lr schedule follow the config."""
+import io
 import json
 import math
+import os
 import shlex
+import signal
 
 import pytest
 import torch
 from run_helpers import one_thread  # noqa: F401  (fixture)
 
 from sparsekern import checkpoint as ckpt
-from sparsekern import cli, train
+from sparsekern import cli, run_report, train
 from sparsekern.train import RunConfig, lr_factor, make_plan
 
 TINY = ["--model", "mlp", "--epochs", "2", "--max-batches", "4", "--batch-size", "32", "--threads", "1",
@@ -207,6 +210,116 @@ def test_failed_checkpoint_in_a_run_leaves_it_resumable(tmp_path, monkeypatch):
     assert ckpt.load(b)[0]["next_epoch"] == 1
     assert cli.main(["train", "--out", str(b), "--resume"]) == 0
     assert_same_run(a, b)
+
+
+def sigkilled(args: list[str], arm) -> None:
+    """Runs the CLI in a forked child (torch already imported: no 8 s start-up) in which
+    arm() has set a trap that SIGKILLs it: no except, finally or atexit runs, as when the
+    OOM killer or a scheduler ends a job. Waits for that death."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            arm()
+            cli.main(args)
+        finally:
+            os._exit(3)  # the trap never went off
+    status = os.waitpid(pid, 0)[1]
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"not SIGKILLed: {status}"
+
+
+def sigkill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def trap(owner, name: str, when, *, nth: int = 1, half: bool = False, after: bool = False):
+    """arm(): the nth call of owner.name for which when(*args) holds is SIGKILLed: before
+    it runs; with half, once the writer (torch.save / torch.export.save (obj, f)) has put
+    half its bytes into f; with after, once it has returned."""
+    def arm():
+        real, seen = getattr(owner, name), [0]
+
+        def wrapper(*a, **k):
+            hit = when(*a)
+            seen[0] += hit
+            if hit and seen[0] == nth and not after:
+                if half:
+                    buf = io.BytesIO()
+                    real(a[0], buf)
+                    data = buf.getvalue()[: len(buf.getvalue()) // 2]
+                    if hasattr(a[1], "write"):
+                        a[1].write(data)
+                        a[1].flush()
+                    else:
+                        open(a[1], "wb").write(data)
+                sigkill()
+            result = real(*a, **k)
+            if hit and seen[0] == nth and after:
+                sigkill()
+            return result
+
+        setattr(owner, name, wrapper)
+    return arm
+
+
+def into(name: str):
+    return lambda obj, f, *a: name in str(getattr(f, "name", f))
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_nothing_truncated(out):
+    """Every file of the run folder reads back whole (a stale NAME.tmp aside: the next
+    write replaces it), and a report.json stands only beside everything it names."""
+    for p in out.iterdir():
+        if p.suffix == ".json":
+            json.loads(p.read_text())
+        elif p.suffix == ".pt":
+            torch.load(p, weights_only=False)
+        elif p.suffix == ".pt2":
+            torch.export.load(p)
+        elif p.suffix == ".png":
+            assert p.read_bytes()[:8] == PNG and p.read_bytes()[-8:-4] == b"IEND", p.name
+        elif p.suffix == ".md":
+            assert "## Files" in p.read_text(), p.name  # its last section
+    if (out / "report.json").exists():
+        report = json.loads((out / "report.json").read_text())
+        for name in ["report.md", report["export"]["state_dict"], report["export"]["program"], *report["plots"]]:
+            assert (out / name).is_file(), f"report.json without {name}"
+
+
+def test_sigkill_at_any_point_resumes_to_the_uninterrupted_result(tmp_path):
+    """A CS run (2 rounds of 2 epochs, 1 ticket epoch) SIGKILLed again and again, each
+    --resume in turn killed at the next point: half-way through writing a checkpoint,
+    between its two renames, right after to_ticket, and half-way through each report
+    file. No file is ever left truncated, and the last resume ends bit for bit where the
+    uninterrupted run does. Before the report was written atomically (report.json first),
+    a kill left half an exported_state_dict.pt / exported_model.pt2 and a report.json
+    without report.md."""
+    args = ["train", "--method", "cs", *TINY, *RESUMABLE["cs"]]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli.main([*args, "--out", str(a)]) == 0
+    resume = ["train", "--out", str(b), "--resume"]
+    ckpt_tmp = into(ckpt.CHECKPOINT + ".tmp")
+    kills = [  # (command, trap, epochs in the checkpoint after the kill)
+        # epoch 2's checkpoint (after end_round), half written: epoch 1's stays
+        ([*args, "--out", str(b)], trap(torch, "save", ckpt_tmp, nth=2, half=True), 1),
+        # the 2nd save of this resume (epoch 3's): checkpoint.pt renamed to -prev, the new one not yet in place
+        (resume, trap(os, "replace", lambda src, dst: str(src).endswith(ckpt.CHECKPOINT + ".tmp"), nth=2), 2),
+        # CS's ticket made (after epoch 4), not yet checkpointed
+        (resume, trap(train.Trainer, "_after", lambda self, spec: spec.after == "to_ticket", after=True), 3),
+        (resume, trap(torch, "save", into("exported_state_dict.pt"), half=True), 5),
+        (resume, trap(torch.export, "save", into("exported_model.pt2"), half=True), 5),
+        (resume, trap(run_report, "markdown", lambda report: True), 5),  # between the report files
+    ]
+    for command, arm, saved in kills:
+        sigkilled(command, arm)
+        assert_nothing_truncated(b)
+        assert ckpt.load(b)[0]["next_epoch"] == saved
+    assert not (b / "report.json").exists()
+    assert cli.main(resume) == 0
+    assert_same_run(a, b)
+    assert (b / "log.txt").read_text().count("resumed from") == len(kills)
 
 
 def phases(plan):

@@ -5,12 +5,17 @@ checkpoint.pt → checkpoint-prev.pt and checkpoint.pt.tmp → checkpoint.pt (os
 on POSIX within a filesystem). A crash or error while writing leaves checkpoint.pt as it
 was; a crash between the two renames leaves checkpoint-prev.pt (the previous epoch) and
 the complete temp file, and load() falls back to checkpoint-prev.pt.
+
+write_atomic(): the same temp file + fsync + rename for every other file of the run folder
+(config.json, the report, plots and exported model), so that a run killed while writing
+one (SIGKILL, a power cut) leaves the old file or none, never a truncated one.
 """
 from __future__ import annotations
 
 import os
 import random
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -36,17 +41,33 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
 
 
-def save(folder: Path, state: dict) -> Path:
-    folder = Path(folder)
-    path, tmp = folder / CHECKPOINT, folder / (CHECKPOINT + ".tmp")
+def _write_tmp(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """`write(f)` into `path`.tmp, flushed and fsynced; the temp file's path."""
+    tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)  # never leave half a file behind
         raise
+    return tmp
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Writes `path` through `write(f)` (f: a binary file) atomically: `path`.tmp, fsync,
+    os.replace. An error leaves `path` as it was and no temp file; a SIGKILL at most a
+    stale temp file, which the next write replaces."""
+    path = Path(path)
+    os.replace(_write_tmp(path, write), path)
+    return path
+
+
+def save(folder: Path, state: dict) -> Path:
+    folder = Path(folder)
+    path = folder / CHECKPOINT
+    tmp = _write_tmp(path, lambda f: torch.save(state, f))
     if path.exists():
         os.replace(path, folder / PREVIOUS)
     os.replace(tmp, path)

@@ -1,4 +1,5 @@
-"""The run report's PNG plots (matplotlib, Agg backend: no display needed)."""
+"""The run report's PNG plots (matplotlib, Agg backend: no display needed), each written
+atomically (sparsekern.checkpoint.write_atomic: a killed run leaves no half a PNG)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,17 @@ import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: files only, also on machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .checkpoint import write_atomic  # noqa: E402
+
+
+def _save(fig, path: Path, **kwargs) -> Path:
+    """fig.savefig to `path` atomically, in the format its suffix names (the temp file's
+    .tmp suffix would not name one), and closes the figure."""
+    fmt = Path(path).suffix[1:] or "png"
+    write_atomic(path, lambda f: fig.savefig(f, format=fmt, dpi=110, **kwargs))
+    plt.close(fig)
+    return Path(path)
 
 
 def _phase_starts(history: list[dict]) -> list[tuple[int, str]]:
@@ -48,9 +60,7 @@ def layer_density(rows: list[dict], path: Path, title: str) -> Path:
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.55 / (0.28 * len(rows) + 0.6)), ncol=2,
               frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # the saved image holds every label and the legend
-    plt.close(fig)
-    return path
+    return _save(fig, path, bbox_inches="tight")  # the saved image holds every label and the legend
 
 
 def training_curves(history: list[dict], path: Path, title: str) -> Path:
@@ -74,9 +84,7 @@ def training_curves(history: list[dict], path: Path, title: str) -> Path:
     dens.legend(fontsize=7)
     _separators(dens, history)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def l0_curves(history: list[dict], path: Path, title: str) -> Path:
@@ -108,6 +116,4 @@ def l0_curves(history: list[dict], path: Path, title: str) -> Path:
         lam.text(0.5, 0.5, "penalised: fixed λ, no multiplier", ha="center", va="center", transform=lam.transAxes)
     lam.set_xlabel("epoch")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -16,6 +16,12 @@ binary ticket. It is saved twice:
 Both are checked: the .pt2 is loaded back and compared with the exported module, and the
 exported module with the masked model, on test inputs.
 
+Every file is written atomically (sparsekern.checkpoint.write_atomic), and report.json
+last: a run killed while writing its report (before, exported_model.pt2 was a truncated
+zip if torch.export.save was under way, report.json half a JSON text, and report.json
+stood without report.md between the two writes) leaves no truncated file, and
+report.json only once everything it describes is on disk. --resume writes them again.
+
 Model size, dense vs exported: params and MACs (Conv2d/Linear/attention
 multiply-accumulates for one input, sparsekern.nn.count_macs) of the dense architecture and of the exported model, and
 the exported model's nonzero params and "nonzero MACs" (each layer's MACs counting only
@@ -35,6 +41,7 @@ from torch import nn
 
 from . import __version__
 from . import plots
+from .checkpoint import write_atomic
 from .nn import export as export_model
 from .nn.export import ATTENTION, attention_macs, forward_with_layer_hooks, is_attention
 from .nn.attention import FLAT
@@ -144,16 +151,17 @@ def export_run(trainer) -> tuple[nn.Module, dict]:
 def save_exported(exported: nn.Module, out: Path, example: torch.Tensor) -> dict:
     """exported_state_dict.pt and exported_model.pt2; returns what was written and checked."""
     info: dict = {"state_dict": "exported_state_dict.pt"}
-    torch.save(exported.state_dict(), out / info["state_dict"])
+    state = exported.state_dict()
+    write_atomic(out / info["state_dict"], lambda f: torch.save(state, f))
     try:
         program = torch.export.export(exported, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
-        torch.export.save(program, out / "exported_model.pt2")
+        write_atomic(out / "exported_model.pt2", lambda f: torch.export.save(program, f))
         loaded = torch.export.load(out / "exported_model.pt2").module()
         info["program"] = "exported_model.pt2"
         info["program_max_abs_diff"] = float((loaded(example) - exported(example)).abs().max())
     except Exception as e:  # torch.export refuses some models: keep a pickled module instead
         info["program_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        torch.save(exported, out / "exported_module.pt")
+        write_atomic(out / "exported_module.pt", lambda f: torch.save(exported, f))
         info["module"] = "exported_module.pt"
     return info
 
@@ -229,8 +237,9 @@ def write_report(trainer) -> dict:
     plot_files = write_plots(report, out)
     report["plots"] = plot_files
     report["timing"]["report_seconds"] = time.perf_counter() - start
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(markdown(report))
+    # report.json last: the sign that the run is complete (see the module's docstring).
+    write_atomic(out / "report.md", lambda f: f.write(markdown(report).encode()))
+    write_atomic(out / "report.json", lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
     return report
 
 

@@ -31,6 +31,9 @@ The run folder:
   exported_model.pt2     the same model as a torch.export ExportedProgram (eval mode,
                          dynamic batch): torch.export.load(path).module()(x) runs it
                          without sparsekern or the model's Python class
+Every file but log.txt is written atomically (NAME.tmp, fsync, rename), report.json last:
+a run killed at any moment (SIGKILL) leaves no truncated file, only a stale NAME.tmp, and
+a report.json means the run is complete.
 """
 from __future__ import annotations
 
@@ -70,10 +73,11 @@ AMP = ("off", "bf16")
 # to its log and replace its reports. Other files do not count: a run writes only these
 # names, so it never touches them, and a folder the user prepared (a .gitkeep, notes)
 # stays usable.
-RUN_FOLDER_FILES = ("config.json", "config.json.tmp", "log.txt",
-                    ckpt.CHECKPOINT, ckpt.PREVIOUS, ckpt.CHECKPOINT + ".tmp",
-                    "report.json", "report.md", "density_layers.png", "training.png", "l0.png",
-                    "exported_state_dict.pt", "exported_model.pt2", "exported_module.pt")
+# Each but log.txt is written atomically through NAME.tmp (sparsekern.checkpoint), which a
+# killed run may leave behind.
+_WRITTEN = ("config.json", ckpt.CHECKPOINT, "report.json", "report.md", "density_layers.png", "training.png",
+            "l0.png", "exported_state_dict.pt", "exported_model.pt2", "exported_module.pt")
+RUN_FOLDER_FILES = (*_WRITTEN, "log.txt", ckpt.PREVIOUS, *(n + ".tmp" for n in _WRITTEN))
 
 
 # torch's SGD and Adam default to a loop of per-tensor ops on the CPU (several passes and a
@@ -583,9 +587,7 @@ def check_out(out: Path) -> None:
 def write_config(out: Path, cfg: RunConfig) -> None:
     """config.json, atomically (temp file + rename): a --resume rewrites it, and a crash
     half-way must not leave a run that cannot be resumed."""
-    tmp = out / "config.json.tmp"
-    tmp.write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
-    os.replace(tmp, out / "config.json")
+    ckpt.write_atomic(out / "config.json", lambda f: f.write((json.dumps(cfg.to_json(), indent=2) + "\n").encode()))
 
 
 def _seed_everything(seed: int) -> None:
