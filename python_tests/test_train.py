@@ -322,6 +322,23 @@ def test_sigkill_at_any_point_resumes_to_the_uninterrupted_result(tmp_path):
     assert (b / "log.txt").read_text().count("resumed from") == len(kills)
 
 
+def test_sigkill_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--method", "dense", *TINY, "--out", str(out)]
+    sigkilled(args, trap(torch, "save", into(ckpt.CHECKPOINT), half=True))
+    assert_nothing_truncated(out)
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--out", str(out), "--resume"])
+    # Was "--resume: no checkpoint in <out>".
+    assert (f"the run in {out} stopped before its first checkpoint (written after each epoch), so there is "
+            f"nothing to resume; start it again with another --out, or after deleting its files (config.json, "
+            f"log.txt, checkpoint.pt.tmp)") in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(args)
+    assert "already holds a run (config.json, log.txt, checkpoint.pt.tmp) but no checkpoint" in capsys.readouterr().err
+    assert cli.main([*args[:-1], str(tmp_path / "again")]) == 0
+
+
 def phases(plan):
     return [(s.phase, s.round, s.epoch, s.after) for s in plan]
 

@@ -225,8 +225,10 @@ def _load_saved_config(out: Path) -> dict:
 def _resume_config(out: Path, config: dict, options: dict):
     """The saved config; flags given must agree with it (a resumed run keeps its config),
     except RESUME_MAY_CHANGE's, which replace the saved values."""
-    from .train import RunConfig
+    from .train import RunConfig, check_resumable, run_files
 
+    if run_files(out):  # a run killed in its first epoch: say so, not "config.json not found"
+        check_resumable(out)
     saved = _load_saved_config(out)
     diffs = [f"--{k.replace('_', '-')} {v!r} (the run has {saved.get(k)!r})" for k, v in config.items()
              if k not in RESUME_MAY_CHANGE and saved.get(k) != v]

@@ -325,9 +325,9 @@ class Trainer:
         self.cfg, self.out, self.resume, self.progress, self._print = cfg, Path(out), resume, progress, log
         cfg.validate()
         check_out(self.out)
-        if resume and not ckpt.exists(self.out):
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.out}")
-        found = [name for name in RUN_FOLDER_FILES if (self.out / name).is_file()]
+        if resume:
+            check_resumable(self.out)
+        found = run_files(self.out)
         if not resume and found:
             if ckpt.exists(self.out):
                 raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it, "
@@ -582,6 +582,26 @@ def check_out(out: Path) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".sparsekern-probe-", dir=existing))
     except OSError as e:
         raise ValueError(f"--out {out}: cannot create a folder in {existing} ({e.strerror})") from None
+
+
+def run_files(out: Path) -> list[str]:
+    """The RUN_FOLDER_FILES in `out`."""
+    return [name for name in RUN_FOLDER_FILES if (Path(out) / name).is_file()]
+
+
+def check_resumable(out: Path) -> None:
+    """FileNotFoundError unless `out` holds a checkpoint. A run killed in its first epoch
+    (SIGKILL, a power cut: no Ctrl-C message) left config.json and log.txt: --resume said
+    only "no checkpoint in X" (or "config.json not found" when killed while writing it)."""
+    if ckpt.exists(out):
+        return
+    found = run_files(out)
+    if found:
+        raise FileNotFoundError(
+            f"--resume: the run in {out} stopped before its first checkpoint (written after each epoch), so there "
+            f"is nothing to resume; start it again with another --out, or after deleting its files "
+            f"({', '.join(found)})")
+    raise FileNotFoundError(f"--resume: no checkpoint in {out}")
 
 
 def write_config(out: Path, cfg: RunConfig) -> None:
