@@ -336,7 +336,13 @@ def test_sigkill_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp
     with pytest.raises(SystemExit):
         cli.main(args)
     assert "already holds a run (config.json, log.txt, checkpoint.pt.tmp) but no checkpoint" in capsys.readouterr().err
-    assert cli.main([*args[:-1], str(tmp_path / "again")]) == 0
+    again = tmp_path / "again"
+    assert cli.main([*args[:-1], str(again)]) == 0
+    for name in (ckpt.CHECKPOINT, ckpt.PREVIOUS):  # a finished run whose checkpoints were deleted
+        (again / name).unlink()
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--out", str(again), "--resume"])
+    assert f"the run in {again} has no checkpoint, so there is nothing to resume" in capsys.readouterr().err
 
 
 def phases(plan):

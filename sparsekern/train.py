@@ -596,12 +596,13 @@ def check_resumable(out: Path) -> None:
     if ckpt.exists(out):
         return
     found = run_files(out)
-    if found:
-        raise FileNotFoundError(
-            f"--resume: the run in {out} stopped before its first checkpoint (written after each epoch), so there "
-            f"is nothing to resume; start it again with another --out, or after deleting its files "
-            f"({', '.join(found)})")
-    raise FileNotFoundError(f"--resume: no checkpoint in {out}")
+    if not found:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out}")
+    # What a run writes before its first checkpoint; anything more: checkpoints deleted.
+    early = set(found) <= {"config.json", "config.json.tmp", "log.txt", ckpt.CHECKPOINT + ".tmp"}
+    why = "stopped before its first checkpoint (written after each epoch)" if early else "has no checkpoint"
+    raise FileNotFoundError(f"--resume: the run in {out} {why}, so there is nothing to resume; start it again "
+                            f"with another --out, or after deleting its files ({', '.join(found)})")
 
 
 def write_config(out: Path, cfg: RunConfig) -> None:
