@@ -27,7 +27,7 @@ from torch import nn
 from .. import _checks, ops
 from ..nn import export as export_model
 from ..nn import sparse_modules, sparsify
-from ..nn.sparsify import planned_weights
+from ..nn.sparsify import first_few, planned_weights
 from ..nn.masks import HardConcreteMask, project_layers
 from ._state import check_mask_values, check_state
 
@@ -93,10 +93,9 @@ class PruningMethod:
         other = [f"{name!r} ({layer.mask.name})" for name, layer in sparse_modules(model)
                  if layer.mask.name != self.mask_kind]
         if other:
-            more = f" and {len(other) - 3} more" if len(other) > 3 else ""
             raise ValueError(
                 f"`model` has sparse layers whose mask kind is not {type(self).__name__}'s {self.mask_kind!r}: "
-                f"{', '.join(other[:3])}{more}. Start from a dense model (sparsekern.export(model).model bakes "
+                f"{first_few(other)}. Start from a dense model (sparsekern.export(model).model bakes "
                 "the masks in).")
         if self.ranks_at_init:
             # NaN / Inf weights (a diverged run): the ranking op raised only after sparsify

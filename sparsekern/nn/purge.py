@@ -32,9 +32,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .attention import SparseMultiheadAttention
 from .heads import PrunedMultiheadAttention, prune_heads, weights_unused
-from .modules import SPARSE_TYPES
+from .sparsify import first_few, sparse_modules
 
 # Per-channel modules a group may pass through, by what they do to a constant channel.
 _ELEMENTWISE = (
@@ -356,12 +355,12 @@ def purge_channels(model: nn.Module, example: torch.Tensor | None = None) -> tup
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
     if example is not None and not isinstance(example, torch.Tensor):
         raise TypeError(f"`example` must be a tensor or None, got {type(example).__name__}")
-    sparse = [n for n, m in model.named_modules() if isinstance(m, (*SPARSE_TYPES, SparseMultiheadAttention))]
+    sparse = [repr(n) for n, _ in sparse_modules(model)]
     if sparse:
         # It failed in the fx trace of a sparse layer's forward, saying the model cannot be
         # traced, when what it needs is the masks baked in.
-        raise ValueError(f"purge_channels needs a plain model; {sparse[:3]}{' ...' if len(sparse) > 3 else ''} are "
-                         "still sparse layers: use sparsekern.export(model, purge=True), or purge export(model).model")
+        raise ValueError(f"purge_channels needs a plain model; {first_few(sparse)} are still sparse layers: "
+                         "use sparsekern.export(model, purge=True), or purge export(model).model")
     was_training = model.training
     try:
         model.eval()

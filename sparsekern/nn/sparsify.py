@@ -82,9 +82,14 @@ def _bypassed(model: nn.Module, name: str, own_parent: bool = False) -> str | No
     return None
 
 
+def first_few(items: list[str], shown: int = 3) -> str:
+    """The first `shown` items, comma-separated, then how many more (for error messages)."""
+    text = ", ".join(items[:shown])
+    return text if len(items) <= shown else f"{text} and {len(items) - shown} more"
+
+
 def _names(names: list[str], shown: int = 3) -> str:
-    text = ", ".join(repr(n) for n in names[:shown])
-    return text if len(names) <= shown else f"{text} and {len(names) - shown} more"
+    return first_few([repr(n) for n in names], shown)
 
 
 def _exclude_hint(refused: list[str], selected: list[str]) -> str:
@@ -280,9 +285,8 @@ def _plan(model: nn.Module, include, exclude) -> _Plan:
     odd = [f"{n!r} ({p.dtype})" for n, m in layers
            for p in [next((p for p in m.parameters() if p.dtype not in FLOAT_DTYPES), None)] if p is not None]
     if odd:
-        shown = ", ".join(odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
         raise TypeError(
-            f"sparsify supports float32, float16, bfloat16 and float64 layers; cannot sparsify {shown}. "
+            f"sparsify supports float32, float16, bfloat16 and float64 layers; cannot sparsify {first_few(odd)}. "
             "Convert the model first (model.float()), or add them to `exclude` to leave them dense."
         )
     bypassed: dict[str, list[str]] = {}
