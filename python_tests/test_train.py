@@ -1,12 +1,14 @@
 """The training loop: --resume continues to the same result as an uninterrupted run (after
 --stop-after, and after a crash in the middle of an epoch), checkpoints are atomic, and
 the plan / lr schedule follow the config."""
+import errno
 import io
 import json
 import math
 import os
 import shlex
 import signal
+import stat
 
 import pytest
 import torch
@@ -186,6 +188,72 @@ def test_load_falls_back_to_the_previous_checkpoint(tmp_path):
     (tmp_path / ckpt.PREVIOUS).unlink()
     with pytest.raises(FileNotFoundError, match="no readable checkpoint.pt"):
         ckpt.load(tmp_path)
+
+
+def record_fsyncs_and_renames(monkeypatch, folder) -> list[tuple]:
+    """Every os.fsync and os.replace from now on, in order: ("fsync", "file") or
+    ("fsync", "folder") (the directory `folder` itself), ("replace", src name, dst name)."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    folder_id = (os.stat(folder).st_dev, os.stat(folder).st_ino)
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        is_folder = stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == folder_id
+        assert is_folder or stat.S_ISREG(st.st_mode), "fsync of another directory"
+        events.append(("fsync", "folder" if is_folder else "file"))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(src), os.path.basename(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_save_and_write_atomic_fsync_the_folder_after_renaming(tmp_path, monkeypatch):
+    """The rename is a change to the folder, which the temp file's fsync does not make
+    durable: without a fsync of the folder after it, a power cut could bring back the old
+    file (or checkpoint.pt renamed to -prev and the new one missing)."""
+    ckpt.save(tmp_path, {"epoch": 1})
+    events = record_fsyncs_and_renames(monkeypatch, tmp_path)
+    ckpt.save(tmp_path, {"epoch": 2})
+    assert events == [("fsync", "file"), ("replace", ckpt.CHECKPOINT, ckpt.PREVIOUS),
+                      ("replace", ckpt.CHECKPOINT + ".tmp", ckpt.CHECKPOINT), ("fsync", "folder")]
+    events.clear()
+    ckpt.write_atomic(tmp_path / "config.json", lambda f: f.write(b"{}"))
+    assert events == [("fsync", "file"), ("replace", "config.json.tmp", "config.json"), ("fsync", "folder")]
+    assert ckpt.load(tmp_path)[0]["epoch"] == 2 and (tmp_path / "config.json").read_bytes() == b"{}"
+
+
+def test_folder_fsync_is_skipped_where_the_platform_cannot_do_it(tmp_path, monkeypatch):
+    """Windows cannot open a directory (PermissionError), some network filesystems refuse
+    a directory fsync (EINVAL): the file is written all the same. An I/O error raises."""
+    real_open, real_fsync = os.open, os.fsync
+
+    def open_no_folders(path, flags, *a, **k):
+        if os.path.isdir(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", open_no_folders)
+    ckpt.write_atomic(tmp_path / "a.txt", lambda f: f.write(b"a"))
+    assert (tmp_path / "a.txt").read_bytes() == b"a"
+    monkeypatch.setattr(os, "open", real_open)
+    for code, raises in ((errno.EINVAL, False), (errno.EIO, True)):
+        def fsync(fd, code=code):
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise OSError(code, os.strerror(code))
+            return real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        if raises:
+            with pytest.raises(OSError, match=os.strerror(code)):
+                ckpt.save(tmp_path, {"epoch": 1})
+        else:
+            ckpt.save(tmp_path, {"epoch": 1})
+        assert ckpt.load(tmp_path)[0]["epoch"] == 1  # renamed before the folder's fsync
 
 
 def test_failed_checkpoint_in_a_run_leaves_it_resumable(tmp_path, monkeypatch):

@@ -9,9 +9,14 @@ the complete temp file, and load() falls back to checkpoint-prev.pt.
 write_atomic(): the same temp file + fsync + rename for every other file of the run folder
 (config.json, the report, plots and exported model), so that a run killed while writing
 one (SIGKILL, a power cut) leaves the old file or none, never a truncated one.
+
+Both then fsync the folder: a rename is a change to the directory, which the file's own
+fsync does not make durable, so after a power cut the folder could still show the old
+file (or, for save(), checkpoint.pt renamed away and the new one not in place).
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 from pathlib import Path
@@ -55,12 +60,35 @@ def _write_tmp(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     return tmp
 
 
+def _fsync_dir(folder: Path) -> None:
+    """fsync the directory `folder`, making the renames done in it durable (POSIX: rename
+    changes the directory's entries, which only a fsync of the directory itself commits)."""
+    try:
+        # O_DIRECTORY where the platform has it: fail rather than open something else.
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        # Windows cannot open a directory as a file (PermissionError), and has no use for
+        # this: NTFS journals the rename itself. The rename has been done either way.
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # Some filesystems (certain network and FUSE ones) refuse fsync on a directory with
+        # EINVAL / ENOTSUP: they offer no directory durability to ask for. An I/O error
+        # (EIO) still raises: the data may not have reached the disk.
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     """Writes `path` through `write(f)` (f: a binary file) atomically: `path`.tmp, fsync,
-    os.replace. An error leaves `path` as it was and no temp file; a SIGKILL at most a
-    stale temp file, which the next write replaces."""
+    os.replace, fsync of the folder. An error leaves `path` as it was and no temp file; a
+    SIGKILL at most a stale temp file, which the next write replaces."""
     path = Path(path)
     os.replace(_write_tmp(path, write), path)
+    _fsync_dir(path.parent)
     return path
 
 
@@ -71,6 +99,9 @@ def save(folder: Path, state: dict) -> Path:
     if path.exists():
         os.replace(path, folder / PREVIOUS)
     os.replace(tmp, path)
+    # One fsync after both renames is enough: whichever of them a power cut before it
+    # undoes, load() finds a complete checkpoint.pt or falls back to checkpoint-prev.pt.
+    _fsync_dir(folder)
     return path
 
 

@@ -31,9 +31,9 @@ The run folder:
   exported_model.pt2     the same model as a torch.export ExportedProgram (eval mode,
                          dynamic batch): torch.export.load(path).module()(x) runs it
                          without sparsekern or the model's Python class
-Every file but log.txt is written atomically (NAME.tmp, fsync, rename), report.json last:
-a run killed at any moment (SIGKILL) leaves no truncated file, only a stale NAME.tmp, and
-a report.json means the run is complete.
+Every file but log.txt is written atomically (NAME.tmp, fsync, rename, fsync of the
+folder), report.json last: a run killed at any moment (SIGKILL) leaves no truncated file,
+only a stale NAME.tmp, and a report.json means the run is complete.
 """
 from __future__ import annotations
 
