@@ -372,8 +372,9 @@ def test_sigkill_at_any_point_resumes_to_the_uninterrupted_result(tmp_path):
     kills = [  # (command, trap, epochs in the checkpoint after the kill)
         # epoch 2's checkpoint (after end_round), half written: epoch 1's stays
         ([*args, "--out", str(b)], trap(torch, "save", ckpt_tmp, nth=2, half=True), 1),
-        # the 2nd save of this resume (epoch 3's): checkpoint.pt renamed to -prev, the new one not yet in place
-        (resume, trap(os, "replace", lambda src, dst: str(src).endswith(ckpt.CHECKPOINT + ".tmp"), nth=2), 2),
+        # the 3rd save of this resume (epoch 3's; the 1st records the command): checkpoint.pt renamed to -prev,
+        # the new one not yet in place
+        (resume, trap(os, "replace", lambda src, dst: str(src).endswith(ckpt.CHECKPOINT + ".tmp"), nth=3), 2),
         # CS's ticket made (after epoch 4), not yet checkpointed
         (resume, trap(train.Trainer, "_after", lambda self, spec: spec.after == "to_ticket", after=True), 3),
         (resume, trap(torch, "save", into("exported_state_dict.pt"), half=True), 5),
@@ -388,6 +389,40 @@ def test_sigkill_at_any_point_resumes_to_the_uninterrupted_result(tmp_path):
     assert cli.main(resume) == 0
     assert_same_run(a, b)
     assert (b / "log.txt").read_text().count("resumed from") == len(kills)
+    # Every resume, the killed ones included; the two killed in the report of the finished
+    # run (no checkpoint after them) were missing.
+    assert json.loads((b / "report.json").read_text())["resume_commands"] == [resume] * len(kills)
+
+
+def test_every_resume_is_in_the_report_however_it_ended(tmp_path, monkeypatch):
+    """A resume that dies before its first checkpoint, or in the report of a run whose
+    epochs are all done, is in the report's resume_commands: they were checkpointed only
+    with the next epoch, so the report of the resume after it lacked them."""
+    out = tmp_path / "run"
+    assert cli.main(["train", "--method", "dense", *TINY, "--out", str(out), "--stop-after", "1"]) == 0
+    resume = ["train", "--out", str(out), "--resume"]
+    # Told apart by their run-control flags.
+    mid_epoch, report_after_epoch, report_only = ([*resume, flag] for flag in ("--no-progress", "--malloc-defaults",
+                                                                              "--stop-after=5"))
+    die_at_step(monkeypatch, 2, Crash)  # epoch 2, before its checkpoint
+    with pytest.raises(Crash):
+        cli.main(mid_epoch)
+    monkeypatch.undo()
+
+    def crash(report):
+        raise Crash
+
+    monkeypatch.setattr(run_report, "markdown", crash)
+    for command in (report_after_epoch, report_only):  # trains epoch 2, then dies; then only the report
+        with pytest.raises(Crash):
+            cli.main(command)
+    monkeypatch.undo()
+    assert ckpt.load(out)[0]["next_epoch"] == 2 and not (out / "report.json").exists()
+    assert torch.load(out / ckpt.PREVIOUS, weights_only=False)["next_epoch"] == 1  # the epoch before, kept
+    assert cli.main(resume) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["resume_commands"] == [mid_epoch, report_after_epoch, report_only, resume]
+    assert report["command"][-2:] == ["--stop-after", "1"] and report["epochs_trained"] == 2
 
 
 def test_sigkill_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, capsys):

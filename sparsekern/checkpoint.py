@@ -92,11 +92,14 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     return path
 
 
-def save(folder: Path, state: dict) -> Path:
+def save(folder: Path, state: dict, *, keep_previous: bool = False) -> Path:
+    """Writes `state` as checkpoint.pt, the one it replaces becoming checkpoint-prev.pt;
+    with keep_previous, checkpoint.pt is replaced and checkpoint-prev.pt left as it is:
+    for the same epoch written again, which must not push out the epoch before it."""
     folder = Path(folder)
     path = folder / CHECKPOINT
     tmp = _write_tmp(path, lambda f: torch.save(state, f))
-    if path.exists():
+    if path.exists() and not keep_previous:
         os.replace(path, folder / PREVIOUS)
     os.replace(tmp, path)
     # One fsync after both renames is enough: whichever of them a power cut before it

@@ -17,9 +17,11 @@ final value (clamped), rather than shortening the round's first epoch.
 
 After every epoch — once its end-of-round action is done — the checkpoint is written
 atomically (sparsekern.checkpoint) with the model, optimiser, method.state_dict(), the plan
-position, the lr step counter, the RNG states and the history. The batch order is a
-function of (seed, epoch) only (sparsekern.data), so `--resume` reproduces the
-uninterrupted run bit for bit on CPU (on CUDA, as far as its kernels are deterministic).
+position, the lr step counter, the RNG states, the history and the command lines (a
+--resume writes the loaded one again with its own command added before it trains). The
+batch order is a function of (seed, epoch) only (sparsekern.data), so `--resume`
+reproduces the uninterrupted run bit for bit on CPU (on CUDA, as far as its kernels are
+deterministic).
 
 The run folder:
   config.json            the run's configuration (what --resume continues; a --resume that
@@ -423,7 +425,9 @@ class Trainer:
         else:
             self.log(f"resumed from {path} at epoch {self.next_epoch + 1}/{len(self.plan)}")
 
-    def save(self) -> None:
+    def save(self, *, same_epoch: bool = False) -> None:
+        """The checkpoint of the epochs done; same_epoch: the one loaded, written again
+        (checkpoint-prev.pt stays the epoch before it)."""
         ckpt.save(self.out, {
             "format": 1,
             "config": self.cfg.to_json(),
@@ -442,7 +446,7 @@ class Trainer:
             "elapsed": self.elapsed,
             "command": self.command,
             "resume_commands": self.resume_commands,
-        })
+        }, keep_previous=same_epoch)
         self.saved_epochs = self.next_epoch
 
     # ---- the loop
@@ -628,9 +632,18 @@ def execute(trainer: Trainer, *, stop_after: int | None = None, command: list[st
     trainer.out.mkdir(parents=True, exist_ok=True)
     if trainer.resume:
         trainer.load()
-        if command is not None:
-            trainer.resume_commands.append(command)
         write_config(trainer.out, cfg)  # its --data-dir / --threads may be new
+        if command is not None:
+            # Checkpointed before this resume does any work. Appended in memory only, the
+            # command reached the disk with the next epoch's checkpoint, so a resume killed
+            # before one (in its first epoch, or writing the report of a run whose epochs
+            # were all done: no checkpoint follows) was missing from the report of the
+            # resume after it. Now every "resumed from" line of log.txt has its command in
+            # resume_commands. The loaded epoch written again replaces checkpoint.pt only
+            # (checkpoint-prev.pt stays the epoch before); it costs one checkpoint write
+            # per resume, and keeps the commands in the one file that --resume reads.
+            trainer.resume_commands.append(command)
+            trainer.save(same_epoch=True)
     else:
         trainer.command = command
         write_config(trainer.out, cfg)
