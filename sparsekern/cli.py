@@ -227,7 +227,10 @@ def _resume_config(out: Path, config: dict, options: dict):
     except RESUME_MAY_CHANGE's, which replace the saved values."""
     from .train import RunConfig, check_resumable, run_files
 
-    if run_files(out):  # a run killed in its first epoch: say so, not "config.json not found"
+    # A run killed in its first epoch: say so, not "config.json not found", and before the
+    # flags are compared with the saved config (else a user fixes flags for a run that has
+    # nothing to resume). The Trainer checks again for Python users; that costs two stat()s.
+    if run_files(out):
         check_resumable(out)
     saved = _load_saved_config(out)
     diffs = [f"--{k.replace('_', '-')} {v!r} (the run has {saved.get(k)!r})" for k, v in config.items()
