@@ -227,6 +227,25 @@ def test_save_and_write_atomic_fsync_the_folder_after_renaming(tmp_path, monkeyp
     assert ckpt.load(tmp_path)[0]["epoch"] == 2 and (tmp_path / "config.json").read_bytes() == b"{}"
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fsynced fds through /proc")
+def test_make_folder_fsyncs_each_new_folder_into_its_parent(tmp_path, monkeypatch):
+    """A run folder whose own entry was never fsynced into its parent can vanish, with its
+    checkpoints, in a power cut soon after the run starts: each directory make_folder
+    creates is fsynced into its parent, outermost first; existing ones are left alone."""
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    ckpt.make_folder(tmp_path / "runs" / "a")
+    assert synced == [str(tmp_path), str(tmp_path / "runs")] and (tmp_path / "runs" / "a").is_dir()
+    synced.clear()
+    ckpt.make_folder(tmp_path / "runs" / "a")  # exists: nothing to make durable
+    assert synced == []
+
+
 def test_folder_fsync_is_skipped_where_the_platform_cannot_do_it(tmp_path, monkeypatch):
     """Windows cannot open a directory (PermissionError), some network filesystems refuse
     a directory fsync (EINVAL): the file is written all the same. An I/O error raises."""

@@ -82,6 +82,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def make_folder(folder: Path) -> None:
+    """mkdir -p `folder`, each directory it creates fsynced into its parent: a power cut
+    soon after a run starts must not take the whole run folder, checkpoints and all."""
+    folder = Path(folder)
+    created = [d for d in (folder, *folder.parents) if not d.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in reversed(created):
+        _fsync_dir(d.parent)
+
+
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     """Writes `path` through `write(f)` (f: a binary file) atomically: `path`.tmp, fsync,
     os.replace, fsync of the folder. An error leaves `path` as it was and no temp file; a

@@ -629,7 +629,7 @@ def execute(trainer: Trainer, *, stop_after: int | None = None, command: list[st
     from .run_report import write_report
 
     cfg = trainer.cfg
-    trainer.out.mkdir(parents=True, exist_ok=True)
+    ckpt.make_folder(trainer.out)
     if trainer.resume:
         trainer.load()
         write_config(trainer.out, cfg)  # its --data-dir / --threads may be new
