@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from sparsekern import ops
 from sparsekern.nn import SparseConv2d, SparseLinear, make_mask
@@ -487,6 +488,56 @@ def test_compile_sigmoid_beta_change_does_not_recompile():
         torch.testing.assert_close(y, ref(x), **TOL)
         assert float(layer.weight_beta) == beta == layer.mask.beta
     assert compiles == 1
+
+
+@pytest.mark.parametrize("dtype, convert", [(torch.bfloat16, "to"), (torch.float16, "to"), (torch.float16, "half")])
+@pytest.mark.parametrize("cls, args, x_shape", [
+    (SparseLinear, (8, 4), (3, 8)),
+    (SparseConv2d, (3, 4, 3), (2, 3, 6, 6)),
+])
+def test_compiled_sigmoid_uses_eager_beta_in_16_bit_models(cls, args, x_shape, dtype, convert):
+    """model.to(bfloat16) converted `weight_beta` with the weights: β = 14.142 became 14.125
+    in compiled forwards while eager ones multiplied by the float. It stays in the gate's
+    compute dtype (float32), and the compiled β·s is formed there, as the eager op forms it."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = make_layer("sigmoid", cls, *args, dtype=torch.float32).train()
+    layer.mask.set_beta(layer, 14.142)  # not a bfloat16 (nor a float16) number
+    layer = layer.to(dtype) if convert == "to" else layer.half()
+    exact = torch.tensor(14.142, dtype=torch.float32)  # what the eager op multiplies a float32 s by
+    assert layer.weight_beta.dtype == torch.float32 and torch.equal(layer.weight_beta, exact)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, fullgraph=True, backend=counter)
+    x = torch.randn(x_shape, dtype=dtype)
+    for beta in (14.142, 3.3):
+        layer.mask.set_beta(layer, beta)
+        assert torch.equal(layer.weight_beta, torch.tensor(beta, dtype=torch.float32))
+        ref = copy.deepcopy(layer)
+        y = compiled(x)
+        y_ref = ref(x)
+        assert y.dtype == dtype and torch.equal(y, y_ref)
+        y.float().square().sum().backward()
+        y_ref.float().square().sum().backward()
+        assert layer.weight_score.grad.dtype == dtype
+        torch.testing.assert_close(layer.weight_score.grad, ref.weight_score.grad, rtol=1e-2, atol=1e-5)
+        torch.testing.assert_close(layer.weight.grad, ref.weight.grad, rtol=0, atol=0)
+        layer.zero_grad()
+        # The compiled penalty (CS's L1 of the gate) too.
+        l1 = torch.compile(layer.mask.l1, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(l1(layer), ref.mask.l1(ref), rtol=1e-6, atol=0)
+    assert counter.frame_count == 1  # set_beta is a new input value, not a new graph
+
+
+def test_sigmoid_beta_buffer_survives_to_empty_and_float64():
+    """weight_beta is not in the state_dict, so after to_empty() nothing loads it: it is set
+    from β again, not left uninitialised. A float64 model keeps β exactly."""
+    layer = SparseLinear(3, 2, mask="sigmoid", beta=1.7, device="meta")
+    layer.to_empty(device="cpu")
+    assert torch.equal(layer.weight_beta, torch.tensor(1.7, dtype=torch.float32))
+    layer.double()
+    assert layer.weight_beta.dtype == torch.float64 and float(layer.weight_beta) == 1.7
+    assert SparseLinear(3, 2, mask="sigmoid", beta=1.7, dtype=torch.float64).weight_beta.item() == 1.7
+    assert layer.float().weight_beta.dtype == torch.float32
 
 
 def test_sigmoid_beta_is_set_through_set_beta():

@@ -69,6 +69,11 @@ class MaskKind(abc.ABC):
         """Whether the bias is multiplied by the same gate as its output channel."""
         return False
 
+    def after_apply(self, layer: nn.Module) -> None:
+        """Called after the layer's Module._apply (to(), half(), cuda(), to_empty(), ...)
+        converted every float tensor on it: puts right what that blanket conversion gets
+        wrong for this kind's own tensors. Nothing by default."""
+
     def masked_weight(self, layer: nn.Module) -> torch.Tensor | None:
         """w ⊙ g computed by the kind itself in one fused op that also yields its penalty
         term (unstructured hard-concrete: sampling z with the expected L0; sigmoid and
@@ -297,6 +302,26 @@ class SigmoidMask(MaskKind):
         self._beta = _real("beta", beta, low=0.0, low_open=True)
         layer.weight_beta.fill_(self._beta)
 
+    @staticmethod
+    def _beta_dtype(layer: nn.Module) -> torch.dtype:
+        # The dtype the op computes β·s in (float32 at least, float64 for float64 models):
+        # β held in it is the very number the eager forward multiplies by.
+        return mask_math.compute_dtype(layer.weight_score, layer.weight.dtype)
+
+    def after_apply(self, layer):
+        """Keeps `weight_beta` in the gate's compute dtype and equal to β. model.to(bfloat16)
+        or .half() converted it with the weights: β = 14.142 became 14.125 in compiled
+        forwards while the eager ones used the float (outputs up to 4e-3 apart), and
+        to_empty() left it uninitialised (it is not in the state_dict, so nothing loads it)."""
+        buffer = layer._buffers.get("weight_beta")
+        if buffer is None:
+            return
+        dtype = self._beta_dtype(layer)
+        if buffer.dtype != dtype:
+            buffer = torch.empty((), dtype=dtype, device=buffer.device)
+        # In place when it kept its dtype: a buffer _apply shared (share_memory_) stays shared.
+        layer._buffers["weight_beta"] = buffer.fill_(self._beta)
+
     @property
     def scale(self) -> float:
         # Fixed by s0, not by β: the code divides by σ(s0) whatever the current temperature.
@@ -305,12 +330,17 @@ class SigmoidMask(MaskKind):
     def attach(self, layer):
         w = layer.weight
         layer.weight_score = nn.Parameter(torch.full_like(w, self.s0, requires_grad=True))
-        layer.register_buffer("weight_beta", torch.tensor(self._beta, device=w.device), persistent=False)
+        layer.register_buffer("weight_beta", torch.full((), self._beta, dtype=self._beta_dtype(layer), device=w.device),
+                              persistent=False)
 
     def op_mask(self, layer):
         if torch.compiler.is_compiling():
             # β·s from the buffer, so the graph takes β as an input; the op then runs with β = 1.
-            return layer.weight_beta * layer.weight_score, {"kind": self.name, "beta": 1.0, "scale": self.scale}
+            # Formed in the compute dtype, as the eager op forms it: a 16-bit product rounded
+            # β·s before the sigmoid (bfloat16 outputs 4e-3 apart from eager's even with β exact).
+            dtype = self._beta_dtype(layer)
+            scores = layer.weight_beta.to(dtype) * layer.weight_score.to(dtype)
+            return scores, {"kind": self.name, "beta": 1.0, "scale": self.scale}
         return layer.weight_score, {"kind": self.name, "beta": self._beta, "scale": self.scale}
 
     def gate(self, layer, dtype=None):

@@ -44,6 +44,15 @@ class _SparseMixin:
         self.mask = _as_mask(mask, options)
         self.mask.attach(self)
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # The mask kind's own fix-ups after a blanket conversion (MaskKind.after_apply). The
+        # mask is not there yet if _apply runs inside nn.Linear/nn.Conv2d's __init__.
+        mask = self.__dict__.get("mask")
+        if mask is not None:
+            mask.after_apply(self)
+        return self
+
     def mask_parameters(self) -> list[nn.Parameter]:
         """The learnable mask tensors (empty for binary / straight_through)."""
         return self.mask.mask_parameters(self)
