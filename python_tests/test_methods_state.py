@@ -291,3 +291,75 @@ def test_methods_that_rank_at_construction_refuse_nonfinite_weights_before_the_s
     with pytest.raises(ValueError, match=r"NaN or Inf weights in \['0'\]"):
         make(model)
     assert [(n, type(m)) for n, m in model.named_modules()] == types
+
+
+META_EXTRA = {  # a structured DPF, and concave rounds that leave dead entries (alive False)
+    "dpf-structured": lambda m: DPF(m, sparsity=0.5, end_iteration=10, period=2, mode="structured"),
+    "concave-fraction": lambda m: ConcaveRegularization(m, prune_fraction=0.3),
+    "concave-sigmoid-fraction": lambda m: ConcaveRegularization(m, prune_fraction=0.3, reparameterization="sigmoid",
+                                                                epochs_per_round=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS) + sorted(META_EXTRA))
+def test_a_method_attached_on_the_meta_device_resumes_from_a_checkpoint(name):
+    """A model built under torch.device("meta") takes every method (DPF read its first
+    mask's counts off the meta device and raised; GMP, the structured DPF and the concave
+    regularisers asked a meta tensor for a value). After to_empty() its state is loaded
+    from a checkpoint and training goes on exactly as in the run that wrote it; before that
+    load, step() refuses (the masks and rewind point were never computed: after
+    to_empty() they are uninitialised memory)."""
+    make = METHODS.get(name) or META_EXTRA[name]
+    model = small_mlp(0)
+    method = make(model)
+    train(model, method, sgd(method), small_batches(3))
+    if method.round_based:  # dead entries (concave), a pruned level (IMP), a soft reset (CS)
+        method.end_round()
+    if name.endswith("fraction"):
+        assert not all(bool(a.all()) for a in method.alive.values())
+    ckpt = _reload({"model": model.state_dict(), "method": method.state_dict()})
+
+    with torch.device("meta"):
+        meta_model = small_mlp(1)
+    meta = make(meta_model)
+    assert [n for n, _ in meta.layers] == [n for n, _ in method.layers]
+    assert all(getattr(layer, s).is_meta for _, layer in meta.layers for s in layer.mask.state_names)
+    meta_model.to_empty(device="cpu")
+    with pytest.raises(RuntimeError, match=r"meta device.*load_state_dict"):
+        meta.step()
+    assert meta.iteration == 0
+    meta_model.load_state_dict(ckpt["model"])
+    meta.load_state_dict(ckpt["method"])
+    assert_same(everything(model, method), everything(meta_model, meta))
+
+    data = small_batches(3, seed=7)
+    train(model, method, sgd(method), data)
+    train(meta_model, meta, sgd(meta), data)
+    if method.round_based:
+        method.end_round()
+        meta.end_round()
+    assert_same(everything(model, method), everything(meta_model, meta))
+    assert method.density() == meta.density()
+
+
+def test_a_checkpoint_loaded_while_the_model_is_still_meta_does_not_count():
+    # The values went nowhere (copies into meta tensors): training after to_empty() is
+    # refused as if nothing had been loaded.
+    model, method = trained("imp")
+    with torch.device("meta"):
+        meta_model = small_mlp(1)
+    meta = IMP(meta_model)
+    meta.load_state_dict(_reload(method.state_dict()))
+    meta_model.to_empty(device="cpu")
+    with pytest.raises(RuntimeError, match="meta device"):
+        meta.step()
+
+
+def test_constrained_l0_penalty_on_a_materialised_meta_model_says_what_to_load():
+    # Its multipliers have no value before the load: "Cannot copy out of meta tensor" before.
+    with torch.device("meta"):
+        model = small_mlp(1)
+    method = ConstrainedL0(model, target_density=0.5)
+    model.to_empty(device="cpu")
+    with pytest.raises(RuntimeError, match=r"ConstrainedL0 was attached to a model on the meta device"):
+        method.penalty()

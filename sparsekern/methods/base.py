@@ -107,6 +107,12 @@ class PruningMethod:
         sparsify(model, mask=self.mask_kind, include=include, exclude=exclude, **(mask_options or {}))
         self.model = model
         self.layers: list[tuple[str, nn.Module]] = list(sparse_modules(model))
+        # A model built under torch.device("meta") has shapes but no values: the method
+        # attaches with its structure, skipping what reads weights (the magnitude rankings
+        # at init), and its state comes from a checkpoint once the model is materialised
+        # (to_empty, then model.load_state_dict and load_state_dict). step() refuses to
+        # train on before that (_check_values).
+        self._awaiting_values = self._on_meta()
         self.iteration = 0  # optimiser steps taken (reset to rewind_iteration by a rewind)
         self.epoch = 0      # epochs within the current round
         self.round = 0
@@ -147,11 +153,27 @@ class PruningMethod:
         w = self.layers[0][1].weight
         return torch.zeros((), device=w.device, dtype=w.dtype)
 
+    def _on_meta(self) -> bool:
+        return any(layer.weight.is_meta for _, layer in self.layers)
+
+    def _check_values(self) -> None:
+        """Raises if the method was attached on the meta device, the model has values now
+        (to_empty) and no checkpoint has been loaded since: its masks, rewind point and
+        other state were never computed (after to_empty they are uninitialised memory:
+        an IMP model trained on at 12% density, masks of garbage)."""
+        if self._awaiting_values and not self._on_meta():
+            raise RuntimeError(
+                f"{type(self).__name__} was attached to a model on the meta device, which has no weight values, "
+                "so its state (masks, rewind point, ...) was never computed. After model.to_empty(...), load a "
+                "checkpoint (model.load_state_dict, then this method's load_state_dict) before training, or "
+                "attach the method to the materialised, initialised model.")
+
     @torch.no_grad()
     def step(self) -> None:
         """Call after optimizer.step(): projects learnable masks back to their domain,
         keeps binary-masked weights exactly zero (momentum or weight decay could move
         them), runs the method's per-step hook and saves the rewind point when due."""
+        self._check_values()
         self.iteration += 1
         if not self._checked_masks_applied:
             self._check_masks_applied()
@@ -337,6 +359,8 @@ class PruningMethod:
         else:
             self._rewind_probe = None
         self._load_extra_state(state["extra"])
+        # Loaded into a model still on the meta device, the values went nowhere.
+        self._awaiting_values = self._on_meta()
 
     def _check_state(self, state: Any) -> None:
         live = {f"{name}.{s}": getattr(layer, s) for name, layer in self.layers for s in layer.mask.state_names}

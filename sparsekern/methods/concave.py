@@ -101,8 +101,8 @@ class ConcaveRegularization(PruningMethod):
         self.beta = 1.0
         super().__init__(model, include=include, exclude=exclude, rewind_iteration=rewind_iteration,
                          mask_options=options)
-        # alive[name]: the entries not pruned at a round's end, updated in place only (by
-        # end_round and load_state_dict, which then call _sync_alive). Dead entries get no
+        # alive[name]: the entries not pruned at a round's end, updated in place by end_round
+        # and replaced by load_state_dict, both then calling _sync_alive. Dead entries get no
         # gradient and are re-zeroed after every step, so momentum, weight decay or an
         # optimiser's running state cannot revive them.
         self.alive = {name: torch.ones_like(layer.weight, dtype=torch.bool) for name, layer in self.layers}
@@ -118,7 +118,8 @@ class ConcaveRegularization(PruningMethod):
         self._dead_layers = []
         for name, layer in self.layers:
             alive = self.alive[name]
-            has_dead = not bool(alive.all())
+            # Meta (a model built under torch.device("meta")): no values to read; all alive at attach.
+            has_dead = not alive.is_meta and not bool(alive.all())
             if self.sigmoid:
                 if has_dead:
                     with torch.no_grad():
@@ -214,6 +215,9 @@ class ConcaveRegularization(PruningMethod):
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         if self.sigmoid:
             self._set_beta(extra["beta"])
-        for name, a in self.alive.items():
-            a.copy_(extra["alive"][name])  # in place: the layers' masks hold these tensors
+        for name, layer in self.layers:
+            # On the layer's device, where the forward and step() use it: a method attached
+            # on the meta device kept a meta `alive` through to_empty(), and copy_ into it
+            # dropped the loaded entries silently. _sync_alive hands the layers the new tensors.
+            self.alive[name] = extra["alive"][name].to(device=layer.weight.device, dtype=torch.bool, copy=True)
         self._sync_alive()

@@ -68,7 +68,8 @@ class DPF(HistoryState, PruningMethod):
         self.ignore_classifier = ignore_classifier
         super().__init__(model, include=include, exclude=exclude)
         self.history: list[dict[str, Any]] = []
-        self._update_mask()  # t = 0: Algorithm 1 computes the first mask before any step
+        if not self._awaiting_values:  # a meta model has no |w| to rank (its history had no counts to read)
+            self._update_mask()  # t = 0: Algorithm 1 computes the first mask before any step
 
     def target_sparsity(self, iteration: int) -> float:
         if self.end_iteration is None:

@@ -40,7 +40,8 @@ class GradualMagnitude(HistoryState, PruningMethod):
         super().__init__(model, include=include, exclude=exclude)
         # One entry per update point: iteration, target sparsity, achieved density.
         self.history: list[dict[str, Any]] = []
-        self._after_step()  # the update at iteration 0 when the schedule starts there
+        if not self._awaiting_values:  # a meta model has no |w| to rank
+            self._after_step()  # the update at iteration 0 when the schedule starts there
 
     def target_sparsity(self, iteration: int) -> float:
         return zhu_gupta(iteration, final_sparsity=self.sparsity, end=self.end_iteration,

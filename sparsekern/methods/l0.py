@@ -163,7 +163,8 @@ class ConstrainedL0(_HardConcreteMethod):
         self._group_numel = [sum(self.layers[i][1].weight.numel() for i in g[1]) for g in groups]
         w = self.layers[0][1].weight
         dtype = torch.promote_types(w.dtype, torch.float32)  # the dtype of the expected L0
-        self._targets = torch.tensor([g[2] for g in groups], dtype=dtype, device=w.device)
+        self._target_values = [g[2] for g in groups]
+        self._targets = torch.tensor(self._target_values, dtype=dtype, device=w.device)
         self._lambda = torch.zeros_like(self._targets)   # multipliers start at 0
         self._defect: torch.Tensor | None = None         # density − ε from the last penalty()
 
@@ -195,9 +196,14 @@ class ConstrainedL0(_HardConcreteMethod):
                             for idx, n in zip(self._group_layers, self._group_numel)])
 
     def _on(self, device: torch.device) -> None:
-        # The model may have been moved after the method was built.
+        # The model may have been moved after the method was built. The targets are made
+        # from their values: a method attached on the meta device has no others.
+        if self._targets.device != device:
+            self._targets = torch.tensor(self._target_values, dtype=self._targets.dtype, device=device)
         if self._lambda.device != device:
-            self._lambda, self._targets = self._lambda.to(device), self._targets.to(device)
+            if self._lambda.is_meta:  # never loaded since to_empty(): λ has no value
+                self._check_values()
+            self._lambda = self._lambda.to(device)
 
     def penalty(self) -> torch.Tensor:
         """Σ_g λ_g (density_g − ε_g) (+ the expected-L2 term): its gradient pushes the
@@ -255,8 +261,12 @@ class ConstrainedL0(_HardConcreteMethod):
             check_tensor("['extra']['defect']", extra["defect"], self._lambda.shape)
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
-        self._lambda = extra["multipliers"].clone().to(self._targets.device)
-        self._defect = None if extra["defect"] is None else extra["defect"].clone().to(self._targets.device)
+        # On log α's device, where penalty() computes the densities (the targets may still
+        # be on the meta device the method was attached on).
+        device = self.layers[0][1].weight_log_alpha.device
+        self._lambda = extra["multipliers"].clone().to(device)
+        self._defect = None if extra["defect"] is None else extra["defect"].clone().to(device)
+        self._on(device)
 
 
 class PenalizedL0(_HardConcreteMethod):

@@ -25,6 +25,8 @@ class OneShot(PruningMethod):
         exclude = exclude_classifier(model, exclude, ignore_classifier)
         self.ignore_classifier = ignore_classifier
         super().__init__(model, include=include, exclude=exclude)
+        if self._awaiting_values:  # a meta model has no |w| to rank: the masks come from a checkpoint
+            return
         with torch.no_grad():
             n_prune = round(self.sparsity * total_count(self.layers))
             set_masks(self.layers, exact_keep_masks([layer.weight for _, layer in self.layers], n_prune))
