@@ -397,6 +397,44 @@ def test_state_dict_round_trip_continues_bit_exactly(cls, args, kwargs):
         assert method.multipliers == restored.multipliers
 
 
+def test_multipliers_and_targets_follow_the_model_dtype():
+    """λ and ε are in the expected L0's dtype whatever the model was built in. A float64
+    run's λ (its checkpoint, or model.float() after attaching) stayed float64 and made a
+    float32 model's penalty and loss float64; a model converted to float64 after attaching
+    compared its densities with ε rounded to float32 (0.30000001)."""
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)) for _ in range(3)]
+    model = toy(0).double()
+    method = ConstrainedL0(model, 0.3, dual_lr=0.5)
+    train(model, method, torch.optim.SGD(method.param_groups(lr=0.1)), [(x.double(), y) for x, y in data])
+    assert any(v > 0 for v in method.multipliers.values())
+    lam = method.multipliers
+    saved = copy.deepcopy(method.state_dict())
+    assert saved["extra"]["multipliers"].dtype == torch.float64
+
+    model.float()
+    x, y = data[0]
+    loss = F.cross_entropy(model(x), y) + method.penalty()
+    assert method.penalty().dtype == loss.dtype == torch.float32
+    assert method.multipliers == {k: float(torch.tensor(v, dtype=torch.float32)) for k, v in lam.items()}
+
+    # The float64 checkpoint into a float32 model's method.
+    other = toy(1)
+    restored = ConstrainedL0(other, 0.3, dual_lr=0.5)
+    other.load_state_dict(model.state_dict())
+    restored.load_state_dict(saved)
+    assert restored._lambda.dtype == torch.float32 and restored.penalty().dtype == torch.float32
+    train(other, restored, torch.optim.SGD(restored.param_groups(lr=0.1)), data)  # the dual step keeps it
+    assert restored._lambda.dtype == torch.float32
+
+    # Attached in float32, converted to float64: ε exact, as if attached there.
+    wide = toy(2)
+    method = ConstrainedL0(wide, 0.3)
+    wide.double()
+    assert method.penalty().dtype == torch.float64
+    assert method.targets == {"global": 0.3} and method._lambda.dtype == torch.float64
+
+
 # --- the expected L0 of the gates' forward --------------------------------------------------
 # A layer's training forward computes its expected L0 in the same pass as its gates;
 # penalty() reuses that tensor while it is current, so the L0 gradient joins the gates' one

@@ -195,22 +195,26 @@ class ConstrainedL0(_HardConcreteMethod):
         return torch.stack([sum_terms([nonzero[i] for i in idx]) / n
                             for idx, n in zip(self._group_layers, self._group_numel)])
 
-    def _on(self, device: torch.device) -> None:
-        # The model may have been moved after the method was built. The targets are made
-        # from their values: a method attached on the meta device has no others.
-        if self._targets.device != device:
-            self._targets = torch.tensor(self._target_values, dtype=self._targets.dtype, device=device)
-        if self._lambda.device != device:
+    def _on(self, device: torch.device, dtype: torch.dtype) -> None:
+        # ε and λ on the device and in the dtype of the expected L0: the model may have been
+        # moved or converted after the method was built, or a checkpoint of another dtype
+        # loaded. A float64 λ (a float64 run's checkpoint, or model.float() after attaching)
+        # made a float32 model's penalty and loss float64; float32 targets in a model
+        # converted to float64 were ε rounded (0.3 -> 0.30000001). The targets are made from
+        # their values: rounded once, and a method attached on the meta device has no others.
+        if self._targets.device != device or self._targets.dtype != dtype:
+            self._targets = torch.tensor(self._target_values, dtype=dtype, device=device)
+        if self._lambda.device != device or self._lambda.dtype != dtype:
             if self._lambda.is_meta:  # never loaded since to_empty(): λ has no value
                 self._check_values()
-            self._lambda = self._lambda.to(device)
+            self._lambda = self._lambda.to(device=device, dtype=dtype)
 
     def penalty(self) -> torch.Tensor:
         """Σ_g λ_g (density_g − ε_g) (+ the expected-L2 term): its gradient pushes the
         gates of violated groups down with weight λ_g. Also records density_g − ε_g
         (detached) for the dual step in step()."""
         density = self._group_densities()
-        self._on(density.device)
+        self._on(density.device, density.dtype)
         defect = density - self._targets
         self._defect = defect.detach()
         return (self._lambda * defect).sum() + self._expected_l2()
@@ -220,7 +224,7 @@ class ConstrainedL0(_HardConcreteMethod):
         defect = self._defect
         if defect is None:
             density = self._group_densities()
-            self._on(density.device)
+            self._on(density.device, density.dtype)
             defect = density - self._targets
         lam = torch.clamp(self._lambda + self.dual_lr * defect, min=0.0)
         if self.dual_restarts:
@@ -261,12 +265,13 @@ class ConstrainedL0(_HardConcreteMethod):
             check_tensor("['extra']['defect']", extra["defect"], self._lambda.shape)
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
-        # On log α's device, where penalty() computes the densities (the targets may still
-        # be on the meta device the method was attached on).
-        device = self.layers[0][1].weight_log_alpha.device
-        self._lambda = extra["multipliers"].clone().to(device)
-        self._defect = None if extra["defect"] is None else extra["defect"].clone().to(device)
-        self._on(device)
+        # On log α's device and in the expected L0's dtype, where penalty() computes the
+        # densities (the targets may still be on the meta device the method was attached on).
+        log_alpha = self.layers[0][1].weight_log_alpha
+        device, dtype = log_alpha.device, torch.promote_types(log_alpha.dtype, torch.float32)
+        self._lambda = extra["multipliers"].to(device=device, dtype=dtype, copy=True)
+        self._defect = None if extra["defect"] is None else extra["defect"].to(device=device, dtype=dtype, copy=True)
+        self._on(device, dtype)
 
 
 class PenalizedL0(_HardConcreteMethod):
