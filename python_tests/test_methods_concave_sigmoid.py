@@ -177,3 +177,25 @@ def test_state_round_trip_restores_beta_and_the_dead_entries():
     x = batches(1)[0][0]
     model.eval(), fresh_model.eval()
     assert torch.equal(model(x), fresh_model(x))
+
+
+def test_bfloat16_rounds_prune_by_the_gate_the_layers_use():
+    """m = σ(β·s) is formed in float32 at least, as the layers' forward, density() and the
+    export form the gate. In bfloat16, β·s was rounded first: with β = 150 and the bfloat16
+    score s = -251·2^-13, β·s = -4.59595 and m = 0.009992 < α = 0.01 in the layer, but
+    -4.59375 and m = 0.01007 in bfloat16, so α-pruning left alive an entry whose gate was
+    below α."""
+    model = mlp().to(torch.bfloat16)
+    c = method(model, alpha=0.01, beta_final=200.0)
+    layer = c.layers[0][1]
+    with torch.no_grad():
+        for _, other in c.layers:
+            other.weight_score.fill_(1.0)
+        layer.weight_score[0, 0] = -251 * 2.0**-13  # exact in bfloat16
+    c._set_beta(150.0)
+    gate = layer.mask.gate(layer, torch.float32)[0, 0]
+    assert float(gate) < 0.01  # what the model computes with
+    c.end_round()
+    alive = c.alive[c.layers[0][0]]
+    assert not alive[0, 0] and int(alive.sum()) == alive.numel() - 1
+    assert layer.weight_score[0, 0] == -math.inf

@@ -28,6 +28,7 @@ from torch import nn
 
 from .. import ops
 from ..nn.masks import S0_MIN
+from ..ops import mask_math
 from . import schedules
 from ._state import check_tensors
 from .base import PruningMethod, check_choice, check_epochs_per_round, check_int, check_real, sum_terms
@@ -132,7 +133,11 @@ class ConcaveRegularization(PruningMethod):
     def _m(self, layer: nn.Module) -> torch.Tensor:
         """m, differentiable (dead entries: no gradient)."""
         if self.sigmoid:
-            return torch.sigmoid(self.beta * layer.weight_score)
+            # In the gate's compute dtype (float32 at least), as the layers' forward and the
+            # export form it: a bfloat16 β·s was rounded before the sigmoid, and α-pruning
+            # kept entries whose gate in the model was below α.
+            s = layer.weight_score
+            return torch.sigmoid(self.beta * s.to(mask_math.compute_dtype(s, layer.weight.dtype)))
         return layer.mask.op_mask(layer)[0]
 
     def _after_epoch(self) -> None:
