@@ -1,6 +1,7 @@
 """What every method's state_dict / load_state_dict and argument checks share: a state
 that does not fit is refused before anything changes, state_dict() hands out copies, and
 no argument accepts ±inf."""
+import copy
 import math
 
 import pytest
@@ -363,3 +364,25 @@ def test_constrained_l0_penalty_on_a_materialised_meta_model_says_what_to_load()
     model.to_empty(device="cpu")
     with pytest.raises(RuntimeError, match=r"ConstrainedL0 was attached to a model on the meta device"):
         method.penalty()
+
+
+@pytest.mark.parametrize("convert", [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double()],
+                         ids=["to(bfloat16)", "half", "double"])
+@pytest.mark.parametrize("name", ["cs", "concave", "l0", "l0-structured", "l0-penalized"])
+def test_a_penalty_right_after_a_dtype_conversion_is_the_converted_models(name, convert):
+    """The layers keep their forward's penalty term (ForwardTerm) while its mask parameter
+    is unchanged; Module._apply swaps a parameter's data without bumping its version, so a
+    penalty() between a forward and model.to(...) took the old dtype's term for current, and
+    its backward raised (mask_apply: `weight` must be float32, got BFloat16)."""
+    model = small_mlp(0)
+    method = METHODS[name](model)
+    model(small_batches(1)[0][0])
+    convert(model)
+    fresh = copy.deepcopy(method)  # copies keep no term: computed afresh
+    got, expected = method.penalty(), fresh.penalty()
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+    got.backward()
+    expected.backward()
+    for (_, layer), (_, ref) in zip(method.layers, fresh.layers):
+        for p, r in zip(layer.mask_parameters(), ref.mask_parameters()):
+            assert p.grad.dtype == p.dtype and torch.equal(p.grad, r.grad)

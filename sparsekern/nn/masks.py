@@ -72,7 +72,11 @@ class MaskKind(abc.ABC):
     def after_apply(self, layer: nn.Module) -> None:
         """Called after the layer's Module._apply (to(), half(), cuda(), to_empty(), ...)
         converted every float tensor on it: puts right what that blanket conversion gets
-        wrong for this kind's own tensors. Nothing by default."""
+        wrong for this kind's own tensors. Drops the kept penalty term: Module._apply swaps
+        a parameter's data without bumping its version, so ForwardTerm.current took the
+        old dtype's term for current, and a penalty() right after model.to(bfloat16) had
+        a float32 graph whose backward raised (mask_apply: `weight` must be float32)."""
+        self._forward_term = None
 
     def masked_weight(self, layer: nn.Module) -> torch.Tensor | None:
         """w ⊙ g computed by the kind itself in one fused op that also yields its penalty
@@ -313,6 +317,7 @@ class SigmoidMask(MaskKind):
         or .half() converted it with the weights: β = 14.142 became 14.125 in compiled
         forwards while the eager ones used the float (outputs up to 4e-3 apart), and
         to_empty() left it uninitialised (it is not in the state_dict, so nothing loads it)."""
+        super().after_apply(layer)
         buffer = layer._buffers.get("weight_beta")
         if buffer is None:
             return
