@@ -5,6 +5,7 @@ checks and the state round-trip."""
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 from methods_helpers import one_thread  # noqa: F401  (autouse fixture)
@@ -118,6 +119,24 @@ def test_classifier_dense_by_default():
     assert pruned(method) == round(0.5 * 324)
     assert isinstance(DPF(cnn(), 0.5, ignore_classifier=False).model[5], SparseLinear)
 
+
+def test_classifier_of_a_model_without_linear_is_its_last_conv():
+    # SqueezeNet classifies with a 1x1 conv (torchvision starts it at std 0.01): with no
+    # nn.Linear to leave dense, global ranking pruned all of it at sparsity 0.5, and the
+    # model output zeros for every input.
+    torch.manual_seed(0)
+    model = torchvision.models.SqueezeNet("1_1", num_classes=10)
+    head = model.classifier[1]
+    method = DPF(model, sparsity=0.5)
+    assert model.classifier[1] is head and type(head) is nn.Conv2d
+    assert "classifier.1" not in dict(method.layers)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 3, 64, 64)).abs().max() > 0
+    # Opt-out as before; a model with a Linear keeps it as the classifier.
+    assert "classifier.1" in dict(DPF(torchvision.models.SqueezeNet("1_1", num_classes=10), 0.5,
+                                      ignore_classifier=False).layers)
+    mixed = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(36, 8), nn.Unflatten(1, (8, 1, 1)), nn.Conv2d(8, 2, 1))
+    assert [n for n, _ in DPF(mixed, 0.5).layers] == ["0", "4"]
 
 def test_layerwise_exact_count_per_layer():
     model = mlp()

@@ -90,7 +90,7 @@ RUN_LEVEL = {"mask_lr"}
 FALLBACK_HELP = {
     "prune_fraction": "fraction of the remaining weights pruned per round",
     "rewind_iteration": "optimiser step whose weights each round rewinds to (0: the initialisation)",
-    "ignore_classifier": "leave the last nn.Linear dense",
+    "ignore_classifier": "leave the classifier dense (the last nn.Linear; without one, the last nn.Conv2d)",
     "include": "fnmatch patterns of the layers to prune (default: every Conv2d and Linear; an attention A counts as A.in_proj and A.out_proj)",
     "exclude": "fnmatch patterns of layers to leave dense",
     "end_iteration": "step at which the sparsity schedule reaches its target",

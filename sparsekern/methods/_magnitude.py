@@ -47,17 +47,21 @@ def prune_remaining(weights: list[torch.Tensor], masks: list[torch.Tensor], n_pr
 
 
 def classifier_name(model: nn.Module) -> str | None:
-    """Name of the model's last nn.Linear in module order (open_lth's "fc"), or None."""
-    name = None
+    """Name of the model's last nn.Linear in module order (open_lth's "fc"); in a model
+    without one, its last nn.Conv2d (SqueezeNet classifies with a 1×1 conv: with nothing
+    left dense, global ranking pruned all of its small-init weights and the model output
+    zeros); None if neither."""
+    last = {nn.Linear: None, nn.Conv2d: None}
     for n, m in model.named_modules():
-        if n and isinstance(m, nn.Linear):
-            name = n
-    return name
+        for kind in last:
+            if n and isinstance(m, kind):
+                last[kind] = n
+    return last[nn.Linear] or last[nn.Conv2d]
 
 
 def exclude_classifier(model, exclude, ignore_classifier: bool):
     """Checks `ignore_classifier`; when True, returns `exclude` plus an exact pattern for
-    the last nn.Linear (unchanged when there is none). Malformed `exclude` values are
+    the classifier (classifier_name; unchanged when there is none). Malformed `exclude` values are
     passed through for sparsify to reject, a non-module `model` for the base."""
     check_bool("ignore_classifier", ignore_classifier)
     if not ignore_classifier or not isinstance(model, nn.Module):

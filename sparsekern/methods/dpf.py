@@ -33,7 +33,8 @@ Modes (every count is of weights in the pruned layers, N in total):
 
 Layers: every Conv2d and Linear except the last Linear (ignore_classifier=True), which
 for the paper's ResNets / WideResNets is exactly "all conv layers; the last FC, biases
-and BN dense". Pass ignore_classifier=False to prune the classifier too.
+and BN dense"; a model without a Linear (SqueezeNet) keeps its last Conv2d dense instead.
+Pass ignore_classifier=False to prune the classifier too.
 
 Each update appends to `method.history`: {"iteration", "sparsity" (target s_t),
 "density" (achieved, global), "flips" (coordinates whose mask changed, global), "iou"
