@@ -208,6 +208,9 @@ def test_purge_resnet18_keeps_residual_shapes():
 
     purged, stats = export(model, purge=True, example_input=x)
     assert stats["removed_channels"] == {"layer1.0.conv1": 10, "layer2.1.conv1": 2, "layer4.0.conv1": 3}
+    # The zero rows that stay are counted too: they reach the residual add (the stats
+    # said nothing of them, as if purge had found no zero channel there).
+    assert stats["kept_zero_channels"] == {"layer1.1.conv2": 2, "layer2.0.downsample.0": 1}
     assert purged.layer1[0].conv1.out_channels == 54 and purged.layer1[0].bn1.num_features == 54
     assert purged.layer1[0].conv2.in_channels == 54 and purged.layer1[0].conv2.out_channels == 64
     assert purged.layer1[1].conv2.out_channels == 64 and purged.layer2[0].downsample[0].out_channels == 128

@@ -219,8 +219,10 @@ def export(model: nn.Module, purge: bool = False, example_input=None) -> Exporte
 
     Returns Exported(model, stats), stats = {"params_before", "params_after",
     "macs_before", "macs_after" (None without example_input), "removed_channels" and
-    "kept_zero_channels" ({layer: count}; kept = all-zero channels whose constant output
-    could not be removed exactly; "<attention>.heads": attention heads removed, see
+    "kept_zero_channels" ({layer: count}; kept = all-zero output channels of a Conv2d /
+    Linear that stay: their output reaches something purge does not slice (an add, a cat,
+    a multiply, a reshape, a grouped conv, the model output) or a constant that could not
+    be removed exactly; "<attention>.heads": attention heads removed, see
     sparsekern.nn.heads)}.
     """
     _check_model(model)

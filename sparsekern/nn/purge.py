@@ -250,12 +250,20 @@ class _Purger:
     def run(self) -> tuple[dict, dict]:
         removed, kept_zero = {}, {}
         for producer in list(self.gm.graph.nodes):
-            if producer.op != "call_module" or self._producer_layout(producer) is None:
-                continue
-            group = self._group(producer)
-            if group is None or not group.consumers:
+            m = _module(self.model, producer)
+            if type(m) not in (nn.Conv2d, nn.Linear):
                 continue
             name = str(producer.target)
+            group = self._group(producer) if self._producer_layout(producer) is not None else None
+            if group is None or not group.consumers:
+                # Its output reaches something purge cannot slice (an add, a cat, a grouped
+                # conv, the model output): its zero rows stay, and are counted as kept.
+                # Uncounted, a model whose every zero channel was of this kind (ShuffleNet:
+                # channel shuffles and cats) reported {} for both, as if none were zero.
+                n_kept = int(m.weight.detach().flatten(1).eq(0).all(1).sum())
+                if n_kept:
+                    kept_zero[name] = n_kept
+                continue
             n_removed, n_kept = self._purge(group)
             if n_removed:
                 removed[name] = n_removed
