@@ -3,14 +3,18 @@
 The model is traced with torch.fx to find, for every plain Conv2d (groups=1) or Linear
 ("producer"), where its output goes. A producer's output channels can be removed only when
 every path from it runs through per-channel modules (BatchNorm, elementwise activations,
-pooling, dropout, flatten) into Conv2d/Linear "consumers" and nowhere else. An add, a cat,
-a view or the model output stops the group, which is what keeps a residual block's output
-channels (tied to its shortcut) intact while its inner channels can go.
+pooling, dropout, flatten, depthwise convs) into Conv2d/Linear "consumers" and nowhere
+else. An add, a cat, a multiply, a view, a grouped conv or the model output stops the
+group, which is what keeps a residual block's output channels (tied to its shortcut)
+intact while its inner channels can go. A depthwise conv (groups = in = out channels:
+MobileNet's, EfficientNet's, ShuffleNet's) computes channel o from channel o alone, so it
+is sliced with the group; a grouped conv or one with a channel multiplier is not.
 
 Channel o of a group is removed when removing it cannot change any consumer's input:
 - every consumer ignores it (its input slice of the consumer's weight is all zero), or
-- the producer's row o is all zero, so the channel carries a constant (its bias, then
-  through BatchNorm's running statistics and the activations) that is 0 where it reaches
+- the producer's row o (or a depthwise conv's on the way) is all zero, so the channel
+  carries a constant (its bias, then through BatchNorm's running statistics, the
+  activations and unpadded depthwise convs) that is 0 where it reaches
   a consumer, or is folded exactly into that consumer's bias (a Linear, or a Conv2d without
   padding; with padding the borders see zeros, not the constant, so the channel stays).
 The result equals the input model in eval mode (BatchNorm with running statistics).
@@ -44,6 +48,11 @@ _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)  # identity
 _CONSTANT_POOL = (nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _ELEMENTWISE_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.leaky_relu}
 _ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh"}
+
+
+def _depthwise(m) -> bool:
+    """A plain Conv2d computing output channel o from input channel o alone."""
+    return type(m) is nn.Conv2d and m.groups == m.in_channels == m.out_channels > 1
 
 
 def _inplace(node: fx.Node, m) -> bool:
@@ -163,6 +172,9 @@ class _Purger:
                 return (layout, factor) if ok else None
             if type(m) in _CONSTANT_POOL + (nn.AvgPool2d,) and layout == "conv":
                 return layout, factor
+            if _depthwise(m) and layout == "conv":
+                # Sliced with the group: it must not be shared with another call.
+                return (layout, factor) if self._exclusive(node) else None
             if type(m) is nn.Flatten:
                 return self._flattened(node, m.start_dim if m.end_dim == -1 else None, layout, factor)
             return None
@@ -213,6 +225,17 @@ class _Purger:
             if m.affine:
                 out = out * m.weight.detach().double() + m.bias.detach().double()
             return out
+        if _depthwise(m):
+            w = m.weight.detach().double().flatten(1)
+            b = torch.zeros_like(c) if m.bias is None else m.bias.detach().double()
+            # Every output tap sees the input constant unless zero padding replaces some of
+            # them (the borders then differ from the interior); a zero constant gives the
+            # bias everywhere either way. A zero row outputs its bias whatever comes in.
+            if m.padding_mode != "zeros" or self._foldable(m):
+                out = c * w.sum(1) + b
+            else:
+                out = torch.where(c == 0, b, torch.nan)
+            return torch.where(w.eq(0).all(1), b, out)
         if isinstance(m, nn.AvgPool2d):
             # divisor_override scales a constant by k·k / divisor (ignored, a purge was off by 0.19).
             exact = (m.padding in (0, (0, 0)) or not m.count_include_pad) and m.divisor_override is None
@@ -317,6 +340,9 @@ class _Purger:
             m = _module(self.model, node)
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 _slice_bn(m, keep)
+            elif _depthwise(m):
+                _slice_out(m, keep)
+                m.in_channels = m.groups = m.out_channels
         return int(removable.sum()), int((dead & keep).sum())
 
 
