@@ -1,13 +1,14 @@
-"""purge on CNNs beyond ResNet: a depthwise conv (MobileNet, EfficientNet, ShuffleNet)
-is sliced with the conv that feeds it, its own zero rows become constants, and what purge
-cannot slice (grouped convs, squeeze-excitation, channel shuffles, cats) stays with its
-zero channels counted; tiny torchvision models purge to smaller ones with the outputs
-unchanged."""
+"""purge on torchvision architectures beyond ResNet: a depthwise conv (MobileNet,
+EfficientNet, ShuffleNet) is sliced with the conv that feeds it, its own zero rows become
+constants, and what purge cannot slice (grouped convs, squeeze-excitation, channel
+shuffles, cats) stays with its zero channels counted; tiny MobileNetV2/V3, EfficientNet,
+ShuffleNetV2, SqueezeNet, DenseNet, RegNetY, ConvNeXt and Swin purge to smaller models with
+the outputs unchanged (ViT: test_nn_heads.py)."""
 import pytest
 import torch
 import torchvision
 from torch import nn
-from torchvision.models import efficientnet
+from torchvision.models import convnext, efficientnet, regnet, swin_transformer
 
 from sparsekern import export, sparsify
 from sparsekern.methods import DPF, ConstrainedL0
@@ -179,6 +180,57 @@ def test_structured_dpf_purge_of_mobilenet_v2():
     before = dict(model.named_modules())
     shrunk = [n for n, m in purged.named_modules() if isinstance(m, nn.Conv2d) and m.out_channels < before[n].out_channels]
     assert "features.2.conv.1.0" in shrunk  # a depthwise conv
+    model.eval(), purged.eval()
+    want = model(x)
+    torch.testing.assert_close(purged(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    assert stats["params_after"] < stats["params_before"]
+
+
+def other_tiny(name):
+    if name == "squeezenet1_1":
+        return torchvision.models.squeezenet1_1(num_classes=10), 64
+    if name == "densenet":
+        return torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=10), 32
+    if name == "regnet_y":
+        params = regnet.BlockParams.from_init_params(depth=4, w_0=8, w_a=8.0, w_m=2.0, group_width=4, se_ratio=0.25)
+        return regnet.RegNet(params, num_classes=10, stem_width=8), 32
+    if name == "convnext":
+        setting = [convnext.CNBlockConfig(8, 16, 1), convnext.CNBlockConfig(16, None, 1)]
+        return convnext.ConvNeXt(setting, num_classes=10), 32
+    if name == "swin":
+        return swin_transformer.SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 2],
+                                                window_size=[2, 2], num_classes=10), 32
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name, sliced, whole", [
+    # Fire: the squeeze conv feeds the 1×1 and the 3×3 expansion; their cat stops the group.
+    ("squeezenet1_1", ["features.3.squeeze"], ["features.3.expand1x1", "features.3.expand3x3"]),
+    # A dense layer's bottleneck shrinks; its output joins the cat.
+    ("densenet", ["features.denseblock1.denselayer1.conv1"], ["features.denseblock1.denselayer1.conv2"]),
+    # The stem feeds two 1×1 convs; a block's first 1×1 feeds the grouped 3×3: stays.
+    ("regnet_y", ["stem.0"], ["trunk_output.block1.block1-0.f.a.0", "trunk_output.block1.block1-0.f.b.0"]),
+    # The MLP inside each block (channels-last Linears) loses hidden units; the depthwise
+    # 7×7 reads the residual stream.
+    ("convnext", ["features.1.0.block.3"], ["features.1.0.block.0"]),
+    # Swin: the MLP's hidden units; the patch embedding's conv reads into a LayerNorm.
+    ("swin", ["features.1.0.mlp.0"], ["features.0.0"]),
+])
+@torch.no_grad()
+def test_structured_l0_purge_of_other_torchvision_cnns(name, sliced, whole):
+    torch.manual_seed(0)
+    model, size = other_tiny(name)
+    method = ConstrainedL0(model, 0.5, structured=True)
+    tame_batchnorm(model)
+    for _, layer in method.layers:
+        log_alpha = layer.weight_log_alpha
+        log_alpha[torch.rand(log_alpha.shape) < 0.4] = -20.0
+    x = torch.randn(2, 3, size, size)
+    purged, stats = method.export(purge=True, example_input=x)
+    for layer in sliced:
+        assert stats["removed_channels"][layer] > 0, layer
+    for layer in whole:
+        assert layer not in stats["removed_channels"] and stats["kept_zero_channels"][layer] > 0, layer
     model.eval(), purged.eval()
     want = model(x)
     torch.testing.assert_close(purged(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
