@@ -236,3 +236,65 @@ def test_state_dict_round_trip_continues_bit_exactly():
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert all(torch.equal(method_a["extra"]["alive"][k], method_b["extra"]["alive"][k]) for k in method_a["extra"]["alive"])
     assert method_a["iteration"] == method_b["iteration"] and method_a["round"] == method_b["round"] == 2
+
+
+# The relaxed m (l1, log) masks dead entries' gradients with `alive`; the sigmoid
+# reparameterisation sets their score to -inf and reads `alive` at each round's end.
+VARIANTS = {"l1": {"regularizer": "l1"}, "log": {"regularizer": "log"},
+            "sigmoid": {"reparameterization": "sigmoid", "epochs_per_round": 2}}
+
+
+def _one_round_in(variant):
+    """A method one round in, with entries pruned for good (the fixed fraction prunes
+    whatever the values of m)."""
+    model = mlp()
+    method = ConcaveRegularization(model, prune_fraction=0.3, **VARIANTS[variant])
+    train(model, method, torch.optim.SGD(method.param_groups(lr=0.1), momentum=0.9), batches(2))
+    method.end_round()
+    assert not all(bool(a.all()) for a in method.alive.values())
+    return model, method
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_alive_follows_the_model_to_another_device(variant):
+    """method = ConcaveRegularization(model); model.to("cuda"): the alive masks stayed on
+    the device the method was attached on, and the forward masked m's CUDA gradient with a
+    CPU tensor (relaxed m), end_round's `alive &= m >= α` mixed devices. The meta device is
+    a real move (Module._apply) that needs no GPU; it has no values, so the round ends are
+    checked on the CPU with a dtype conversion (the next test)."""
+    model, method = _one_round_in(variant)
+    model.to("meta")
+    assert all(a.is_meta for a in method.alive.values())
+    for _, layer in method.layers:
+        if not method.sigmoid:
+            assert layer.mask.has_dead and layer.mask.grad_keep(layer) is layer.weight_alive
+    x, y = batches(1)[0]
+    (F.cross_entropy(model(x.to("meta")), y.to("meta")) + method.penalty()).backward()
+    method.step()
+    assert all(a.is_meta for a in method.alive.values())
+    assert all(a.is_meta for a in method.state_dict()["extra"]["alive"].values())
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_rounds_go_on_after_a_dtype_conversion(variant):
+    model, method = _one_round_in(variant)
+    dead = {name: ~a.clone() for name, a in method.alive.items()}
+    model.to(torch.float64)
+    data = [(x.double(), y) for x, y in batches(2)]
+    train(model, method, torch.optim.SGD(method.param_groups(lr=0.1), momentum=0.9), data)
+    method.end_round()
+    for name, layer in method.layers:
+        alive = method.alive[name]
+        assert alive is layer.weight_alive and alive.dtype == torch.bool
+        assert not torch.any(alive & dead[name])  # pruned for good stays pruned
+        m = method._m(layer).detach()
+        assert m.dtype == torch.float64 and torch.all(m[~alive] == 0)
+    assert sum(int((~a).sum()) for a in method.alive.values()) > sum(int(d.sum()) for d in dead.values())
+
+
+def test_alive_is_not_in_the_models_state_dict():
+    # A buffer of each layer, not persistent: checkpoints keep their keys; the method's
+    # state_dict holds it, as before.
+    model, method = _one_round_in("l1")
+    assert sorted(model.state_dict()) == ["0.bias", "0.weight", "0.weight_mask", "2.bias", "2.weight", "2.weight_mask"]
+    assert sorted(method.state_dict()["extra"]["alive"]) == ["0", "2"]

@@ -594,3 +594,18 @@ def test_hard_concrete_constants_are_checked_when_set():
         assert getattr(mask, name) == before
     mask.beta = 0.5
     assert mask.beta == 0.5
+
+
+def test_relaxed_mask_pickled_holding_its_gradient_keep_mask_loads():
+    # torch.save(model) from when the mask held the tensor itself as `grad_keep` (now a
+    # method reading the layer's `weight_alive` buffer, which the instance attribute shadowed).
+    layer = SparseLinear(3, 2, mask="relaxed")
+    state = layer.mask.__getstate__()
+    state.pop("has_dead")
+    state["grad_keep"] = None
+    old = type(layer.mask).__new__(type(layer.mask))
+    old.__setstate__(state)
+    layer.mask = old
+    assert old.grad_keep(layer) is None and not old.has_dead
+    layer(torch.randn(4, 3)).sum().backward()
+    assert layer.weight_mask.grad is not None

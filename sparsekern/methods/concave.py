@@ -102,12 +102,23 @@ class ConcaveRegularization(PruningMethod):
         self.beta = 1.0
         super().__init__(model, include=include, exclude=exclude, rewind_iteration=rewind_iteration,
                          mask_options=options)
-        # alive[name]: the entries not pruned at a round's end, updated in place by end_round
-        # and replaced by load_state_dict, both then calling _sync_alive. Dead entries get no
-        # gradient and are re-zeroed after every step, so momentum, weight decay or an
-        # optimiser's running state cannot revive them.
-        self.alive = {name: torch.ones_like(layer.weight, dtype=torch.bool) for name, layer in self.layers}
+        # Each layer's `weight_alive`: the entries not pruned at a round's end, updated in
+        # place by end_round and replaced by load_state_dict, both then calling _sync_alive.
+        # Dead entries get no gradient and are re-zeroed after every step, so momentum,
+        # weight decay or an optimiser's running state cannot revive them. A buffer of the
+        # layer, so model.to(device) moves it with m: a dict of tensors held here stayed on
+        # the device the method was attached on, and after model.to("cuda") the forward's
+        # gradient masking and end_round's `alive &= m >= α` mixed devices. Not persistent:
+        # the model's state_dict keeps its keys, and the method's holds it (extra.alive).
+        for _, layer in self.layers:
+            layer.register_buffer("weight_alive", torch.ones_like(layer.weight, dtype=torch.bool), persistent=False)
         self._sync_alive()
+
+    @property
+    def alive(self) -> dict[str, torch.Tensor]:
+        """{layer name: bool tensor of the weight's shape, False where pruned for good}: the
+        layers' `weight_alive` buffers themselves, not copies."""
+        return {name: layer.weight_alive for name, layer in self.layers}
 
     def _sync_alive(self) -> None:
         """A layer with a dead entry gets its gradient masked by alive (RelaxedMask.grad_keep:
@@ -116,9 +127,9 @@ class ConcaveRegularization(PruningMethod):
         dead entries re-zeroed after each step. A layer with none (all of them in the first
         round) skips both: there is nothing to mask. Sigmoid: a dead entry's score is −inf
         instead: its gate and gradient are exactly 0, and no finite optimiser update moves it."""
-        self._dead_layers = []
-        for name, layer in self.layers:
-            alive = self.alive[name]
+        self._dead_layers = []  # the layers, not their buffers: model.to() replaces those
+        for _, layer in self.layers:
+            alive = layer.weight_alive
             # Meta (a model built under torch.device("meta")): no values to read; all alive at attach.
             has_dead = not alive.is_meta and not bool(alive.all())
             if self.sigmoid:
@@ -126,9 +137,9 @@ class ConcaveRegularization(PruningMethod):
                     with torch.no_grad():
                         layer.weight_score.masked_fill_(~alive, -math.inf)
                 continue
-            layer.mask.grad_keep = alive if has_dead else None
+            layer.mask.has_dead = has_dead
             if has_dead:
-                self._dead_layers.append((layer, alive))
+                self._dead_layers.append(layer)
 
     def _m(self, layer: nn.Module) -> torch.Tensor:
         """m, differentiable (dead entries: no gradient)."""
@@ -162,14 +173,15 @@ class ConcaveRegularization(PruningMethod):
     @torch.no_grad()
     def _after_step(self) -> None:
         if self._dead_layers:
-            ops.zero_masked_([layer.weight_mask for layer, _ in self._dead_layers],
-                             [alive for _, alive in self._dead_layers])
+            ops.zero_masked_([layer.weight_mask for layer in self._dead_layers],
+                             [layer.weight_alive for layer in self._dead_layers])
 
     @torch.no_grad()
     def _prune_round(self) -> None:
         if self.prune_fraction is None:
-            for name, layer in self.layers:
-                self.alive[name] &= self._m(layer) >= self.alpha
+            for _, layer in self.layers:
+                alive = layer.weight_alive
+                alive &= self._m(layer) >= self.alpha
         else:
             self._prune_fraction()
         self._sync_alive()
@@ -183,15 +195,14 @@ class ConcaveRegularization(PruningMethod):
     def _prune_fraction(self) -> None:
         # Rank only the alive entries, so dead zeros (ties at 0 with alive ones) never
         # take a slot: exactly round(p · n_alive) alive entries go.
-        names = [name for name, _ in self.layers]
-        values = [self._m(layer).detach()[self.alive[name]] for name, layer in self.layers]
+        values = [self._m(layer).detach()[layer.weight_alive] for _, layer in self.layers]
         n_alive = sum(v.numel() for v in values)
         n_prune = ops.n_prune_for(self.prune_fraction, n_alive)
         if n_prune == 0:
             return
         keeps = ops.magnitude_masks(values, n_prune=n_prune)  # m ≥ 0, so |m| = m
-        for name, keep in zip(names, keeps):
-            alive = self.alive[name]
+        for (_, layer), keep in zip(self.layers, keeps):
+            alive = layer.weight_alive
             alive[alive.clone()] = keep
 
     def density(self) -> dict[str, Any]:
@@ -221,8 +232,8 @@ class ConcaveRegularization(PruningMethod):
         if self.sigmoid:
             self._set_beta(extra["beta"])
         for name, layer in self.layers:
-            # On the layer's device, where the forward and step() use it: a method attached
-            # on the meta device kept a meta `alive` through to_empty(), and copy_ into it
-            # dropped the loaded entries silently. _sync_alive hands the layers the new tensors.
-            self.alive[name] = extra["alive"][name].to(device=layer.weight.device, dtype=torch.bool, copy=True)
+            # On the layer's device, where the forward and step() use it (a model loaded while
+            # still on the meta device keeps a meta buffer: the values went nowhere, and step()
+            # refuses until a load after to_empty()).
+            layer.weight_alive = extra["alive"][name].to(device=layer.weight.device, dtype=torch.bool, copy=True)
         self._sync_alive()

@@ -387,28 +387,44 @@ class RelaxedMask(MaskKind):
 
     def __init__(self, *, m0: float = 0.5):
         self.m0 = _real("m0", m0, low=0.0, high=1.0)
-        # Set by ConcaveRegularization: a bool tensor of m's shape, False where m is pruned
-        # for good; those entries get no gradient (mask_apply.grad_masked). None: all learn.
-        self.grad_keep = None
+        # Set True by ConcaveRegularization once the layer has entries pruned for good: those
+        # get no gradient (mask_apply.grad_masked), by the layer's bool buffer `weight_alive`
+        # (m's shape, False where pruned; the method registers it). Read off the layer at
+        # each forward rather than held here: a buffer follows model.to(device) with m
+        # (Module._apply), while a tensor held by this object stayed on the old device, and
+        # the forward after model.to("cuda") masked a CUDA gradient with a CPU tensor.
+        self.has_dead = False
+
+    def __setstate__(self, state):
+        # A mask pickled (torch.save(model)) when it held the tensor itself as `grad_keep`.
+        state.pop("grad_keep", None)
+        state.setdefault("has_dead", False)
+        self.__dict__.update(state)
 
     def attach(self, layer):
         layer.weight_mask = nn.Parameter(torch.full_like(layer.weight, self.m0, requires_grad=True))
 
+    def grad_keep(self, layer: nn.Module) -> torch.Tensor | None:
+        """The bool tensor m's gradient is masked by (False: pruned for good), or None: every
+        entry learns."""
+        return layer.weight_alive if self.has_dead else None
+
     def op_mask(self, layer):
         m = layer.weight_mask
-        if self.grad_keep is not None:
-            m = mask_apply.grad_masked(m, self.grad_keep)
+        keep = self.grad_keep(layer)
+        if keep is not None:
+            m = mask_apply.grad_masked(m, keep)
         return m, {"kind": self.name}
 
     def masked_weight(self, layer):
         """Eager CPU: w ⊙ m and Σ m from one op (mask_apply.masked_weight_l1); Σ m is kept
         for l1(). None elsewhere: the layer calls the masked op."""
-        return self._masked_weight_l1(layer, self.op_mask(layer)[0], layer.weight_mask, self.grad_keep)
+        return self._masked_weight_l1(layer, self.op_mask(layer)[0], layer.weight_mask, self.grad_keep(layer))
 
     def l1(self, layer: nn.Module) -> torch.Tensor:
         """Σ m, differentiable in m (dead entries: no gradient): the layer's last forward's
         when it still stands (ForwardTerm), else m.sum()."""
-        cached = self._current_term(layer.weight_mask, self.grad_keep)
+        cached = self._current_term(layer.weight_mask, self.grad_keep(layer))
         if cached is not None:
             return cached
         return self.op_mask(layer)[0].sum()
