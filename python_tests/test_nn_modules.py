@@ -540,6 +540,35 @@ def test_sigmoid_beta_buffer_survives_to_empty_and_float64():
     assert layer.float().weight_beta.dtype == torch.float32
 
 
+@pytest.mark.parametrize("structured", [False, True])
+def test_hard_concrete_noise_offsets_follow_the_layer(structured):
+    """The counter and the last forward's offset were moved only by the next training
+    forward: after layer.to(device) an offset set in between (a method's load_state_dict)
+    went to the old device, and both stayed there. The meta device is a real move that
+    needs no GPU; moved off it (to_empty), the counter, which had no value there, restarts
+    at 0 (copying it raised at the first training forward: no data)."""
+    torch.manual_seed(0)
+    layer = SparseLinear(4, 3, mask="hard_concrete", structured=structured, seed=5).train()
+    for _ in range(3):
+        layer(torch.randn(2, 4))
+    assert layer.mask.offset == 3
+    layer.double()  # a conversion on the same device keeps the values
+    assert layer.mask.offset == 3 and layer.mask._counter.dtype == torch.int64
+    layer.to("meta")
+    assert layer.mask._counter.is_meta and layer.mask._last_offset.is_meta
+    layer.mask.offset = 7  # set on log α's device
+    assert layer.mask._counter.is_meta
+    layer.to_empty(device="cpu")
+    assert layer.mask._counter.device.type == "cpu" and layer.mask._last_offset is None
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.zero_()
+        layer.weight_log_alpha.fill_(1.0)
+    assert layer.mask.offset == 0
+    layer(torch.randn(2, 4, dtype=torch.float64)).sum().backward()
+    assert layer.mask.offset == 1 and layer.weight_log_alpha.grad is not None
+
+
 def test_sigmoid_beta_is_set_through_set_beta():
     layer = SparseLinear(3, 2, mask="sigmoid")
     with pytest.raises(AttributeError, match="set_beta"):

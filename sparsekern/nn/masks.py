@@ -549,6 +549,22 @@ class HardConcreteMask(MaskKind):
         log_alpha = torch.empty(self.gate_shape(w), dtype=w.dtype, device=w.device).normal_(mean, 0.01)
         layer.weight_log_alpha = nn.Parameter(log_alpha)
 
+    def after_apply(self, layer):
+        """Also keeps the noise offsets on log α's device, where the ops read them: after
+        model.to(device) they stayed on the old one until the next training forward, and an
+        offset loaded in between (a method's load_state_dict) was set there. Moved off the
+        meta device, which holds no values (to_empty), the counter restarts at 0 until a
+        checkpoint's offset is loaded: copying it raised at the first training forward."""
+        super().after_apply(layer)
+        log_alpha = layer._parameters.get("weight_log_alpha")
+        if log_alpha is None or self._counter.device == log_alpha.device:
+            return
+        device = log_alpha.device
+        self._counter = (torch.zeros((), dtype=torch.int64, device=device) if self._counter.is_meta
+                         else self._counter.to(device))
+        last = self._last_offset
+        self._last_offset = None if last is None or last.is_meta else last.to(device)
+
     def _hc(self) -> dict:
         return {"beta": self.beta, "gamma": self.gamma, "zeta": self.zeta}
 
