@@ -2,7 +2,9 @@
 that does not fit is refused before anything changes, state_dict() hands out copies, and
 no argument accepts ±inf."""
 import copy
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -194,6 +196,37 @@ def test_the_rewind_point_follows_a_model_converted_to_bfloat16(name):
     assert {v.dtype for v in method._rewind_state.values()} == {torch.bfloat16}
     assert {v.dtype for v in method.state_dict()["rewind_state"].values()} == {torch.bfloat16}
     assert_same(want, method._rewind_state)
+
+
+@pytest.mark.parametrize("move", ["meta", "overwrite"])
+@pytest.mark.parametrize("name", ["imp", "cs", "concave"])
+def test_the_rewind_point_follows_a_model_whose_parameters_are_replaced(name, move):
+    """model.to() gives each weight a new Parameter object when it moves to or from the
+    meta device (a real move that needs no GPU), or under
+    torch.__future__.set_overwrite_module_params_on_conversion(True). step() compared the
+    saved copies with the Parameter it had held since the rewind point: it never saw the
+    move, the copies stayed on the old device or in the old dtype, and the old weight was
+    kept alive."""
+    model = small_mlp()
+    method = METHODS[name](model)
+    old = weakref.ref(method.layers[0][1].weight)
+    if move == "meta":
+        model.to("meta")
+        data = [(x.to("meta"), y.to("meta")) for x, y in small_batches(1)]
+    else:
+        overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            model.double()
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+        data = [(x.double(), y) for x, y in small_batches(1)]
+    train(model, method, sgd(method), data)
+    live = method.layers[0][1].weight
+    assert live is not old()
+    assert {(v.device, v.dtype) for v in method._rewind_state.values()} == {(live.device, live.dtype)}
+    gc.collect()
+    assert old() is None
 
 
 @pytest.mark.parametrize("name", ["imp", "cs"])

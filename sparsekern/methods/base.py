@@ -252,21 +252,24 @@ class PruningMethod:
         self._rewind_state = {k: v.detach().clone() for k, v in self._rewound().items()}
         self._set_rewind_probe()
 
-    # (key, live tensor) of one rewound entry: step() compares its dtype and device with the
-    # saved copy's, one attribute read, to notice a model.to(...) since the rewind point.
-    _rewind_probe: tuple[str, torch.Tensor] | None = None
+    # (key, layer) of the first sparse layer's weight, a rewound entry: step() compares the
+    # dtype and device of layer.weight with the saved copy's, to notice a model.to(...)
+    # since the rewind point. Read off the layer each time, not held: model.to() gives the
+    # weight a new Parameter object when it moves to or from the meta device, or under
+    # torch.__future__.set_overwrite_module_params_on_conversion(True); a Parameter held
+    # here then never changed, the saved copies stayed on the old device and dtype until
+    # end_round(), and the old weight was kept alive.
+    _rewind_probe: tuple[str, nn.Module] | None = None
 
     def _set_rewind_probe(self) -> None:
-        live = self.model.state_dict(keep_vars=True)
-        # A parameter: model.to() converts it in place, while a buffer becomes a new tensor
-        # the probe would not see.
-        key = next((k for k, v in self._rewind_state.items()
-                    if v.is_floating_point() and isinstance(live[k], nn.Parameter)), None)
-        self._rewind_probe = None if key is None else (key, live[key])
+        layer = self.layers[0][1]
+        key = next((k for k, v in self.model.state_dict(keep_vars=True).items()
+                    if v is layer.weight and k in self._rewind_state), None)
+        self._rewind_probe = None if key is None else (key, layer)
 
     def _rewind_stale(self) -> bool:
-        key, live = self._rewind_probe
-        saved = self._rewind_state[key]
+        key, layer = self._rewind_probe
+        saved, live = self._rewind_state[key], layer.weight
         return saved.dtype != live.dtype or saved.device != live.device
 
     def _rewind_follow_model(self) -> None:
