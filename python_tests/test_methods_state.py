@@ -376,6 +376,26 @@ def test_a_method_attached_on_the_meta_device_resumes_from_a_checkpoint(name):
     assert method.density() == meta.density()
 
 
+@pytest.mark.parametrize("name", ["l0", "l0-structured", "l0-penalized"])
+def test_a_hard_concrete_method_attaches_under_the_meta_default_device(name):
+    """Model and method built inside `with torch.device("meta")`: the gates' seed was drawn
+    as a meta tensor, which has no value to read (the constructor raised), and the noise
+    counter started on meta. Materialised and loaded, it trains on as the run it came from."""
+    model, method = trained(name)
+    ckpt = _reload({"model": model.state_dict(), "method": method.state_dict()})
+    with torch.device("meta"):
+        meta_model = small_mlp(1)
+        meta = METHODS[name](meta_model)
+    assert all(not layer.mask._counter.is_meta for _, layer in meta.layers)
+    meta_model.to_empty(device="cpu")
+    meta_model.load_state_dict(ckpt["model"])
+    meta.load_state_dict(ckpt["method"])
+    data = small_batches(2, seed=7)
+    train(model, method, sgd(method), data)
+    train(meta_model, meta, sgd(meta), data)
+    assert_same(everything(model, method), everything(meta_model, meta))
+
+
 def test_a_checkpoint_loaded_while_the_model_is_still_meta_does_not_count():
     # The values went nowhere (copies into meta tensors): training after to_empty() is
     # refused as if nothing had been loaded.

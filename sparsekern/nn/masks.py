@@ -483,11 +483,14 @@ class HardConcreteMask(MaskKind):
             raise ValueError("mask option `inputs_per_gate` > 1 needs structured=True (it groups a Linear's input gates)")
         self.droprate_init = _real("droprate_init", droprate_init, low=0.0, high=1.0, low_open=True, high_open=True)
         self.beta, self.gamma, self.zeta = beta, gamma, zeta  # validated by __setattr__
+        # On the CPU whatever the default device: under `with torch.device("meta")` (a model
+        # and its method built without memory) the draw had no value to read and raised,
+        # and the counter started on meta. after_apply moves the counter to log α's device.
         if seed is None:
             # From torch's default generator, so torch.manual_seed makes runs repeatable.
-            seed = int(torch.randint(0, 2**31 - 1, ()))
+            seed = int(torch.randint(0, 2**31 - 1, (), device="cpu"))
         self.seed = seed
-        self._counter = torch.zeros((), dtype=torch.int64)
+        self._counter = torch.zeros((), dtype=torch.int64, device="cpu")
         self._last_offset = None  # the tensor the last training forward drew its noise at
 
     @property
