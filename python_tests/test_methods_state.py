@@ -8,8 +8,10 @@ import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sparsekern
+from conftest import HAS_CUDA
 from methods_helpers import (_reload, assert_untouched, mlp, one_thread, sgd, small_batches, small_mlp,  # noqa: F401
                              snapshot, train)
 from sparsekern.methods import (DPF, IMP, ConcaveRegularization, ConstrainedL0, ContinuousSparsification,
@@ -439,3 +441,121 @@ def test_a_penalty_right_after_a_dtype_conversion_is_the_converted_models(name, 
     for (_, layer), (_, ref) in zip(method.layers, fresh.layers):
         for p, r in zip(layer.mask_parameters(), ref.mask_parameters()):
             assert p.grad.dtype == p.dtype and torch.equal(p.grad, r.grad)
+
+
+# ---- a model moved after the method was attached (method = M(model); model.to(...)):
+# every tensor the method and the layers' mask kinds hold outside the model's parameters
+# and buffers must follow it.
+MOVED = {**METHODS, **META_EXTRA, "concave-log": lambda m: ConcaveRegularization(m, regularizer="log")}
+
+
+def held_tensors(method):
+    """(path, tensor) for every tensor the method and its layers' mask kinds hold in their
+    own attributes, through dicts, lists, tuples and slotted objects (ForwardTerm). Modules
+    are left out: Module._apply moves their parameters and buffers itself."""
+    found, seen = [], set()
+
+    def walk(obj, path):
+        if id(obj) in seen or isinstance(obj, torch.nn.Module):
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found.append((path, obj))
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{path}[{k!r}]")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{path}[{i}]")
+        elif hasattr(type(obj), "__slots__"):
+            for slot in type(obj).__slots__:
+                walk(getattr(obj, slot, None), f"{path}.{slot}")
+
+    walk(vars(method), type(method).__name__)
+    for name, layer in method.layers:
+        walk(vars(layer.mask), f"{name}.mask")
+    return found
+
+
+def _trained_a_round(name, model):
+    """The method attached and trained a little, past a round's end when it has rounds:
+    its state exists (rewind point, dead concave entries, L0 multipliers, noise offsets)."""
+    method = MOVED[name](model)
+    train(model, method, sgd(method), small_batches(2))
+    if method.round_based:
+        method.end_round()
+        train(model, method, sgd(method), small_batches(1, seed=5))
+    return method
+
+
+def _step_reads_no_values(method):
+    # GMP's and DPF's mask updates count weights on the host; the meta device has no values.
+    return not isinstance(method, (GradualMagnitude, DPF))
+
+
+@pytest.mark.parametrize("name", sorted(MOVED))
+def test_method_state_follows_a_move_to_another_device(name):
+    """model.to("meta") is a real device move (Module._apply) that needs no GPU. The mask
+    kinds' tensors follow at once (MaskKind.after_apply); the method's own follow by the
+    first use after the move (L0's ε and λ at penalty(), the rewind point at step()), and
+    the concave alive masks are the layers' buffers. ConcaveRegularization's alive stayed on
+    the old device (its forward masked gradients across devices), as did the hard-concrete
+    noise counters until a training forward, and, moved to meta, the rewind point."""
+    model = small_mlp(0)
+    method = _trained_a_round(name, model)
+    model.to("meta")
+    assert all(layer.mask._forward_term is None for _, layer in method.layers)
+    early = [(path, t.device) for path, t in held_tensors(method) if ".mask" in path and not t.is_meta]
+    assert not early
+    if isinstance(method, ConcaveRegularization):
+        assert all(a.is_meta for a in method.alive.values())
+    x, y = small_batches(1, seed=9)[0]
+    (F.cross_entropy(model(x.to("meta")), y.to("meta")) + method.penalty()).backward()
+    if _step_reads_no_values(method):
+        method.step()
+    held = held_tensors(method)
+    assert held or isinstance(method, (OneShot, GradualMagnitude, DPF))  # the magnitude methods hold none
+    assert [(path, t.device) for path, t in held if not t.is_meta] == []
+
+
+@pytest.mark.parametrize("name", sorted(MOVED))
+def test_training_goes_on_after_a_dtype_conversion(name):
+    """The same move within the CPU, which keeps values: float32 to float64 after a round,
+    then training and another round's end. Every floating tensor the method and the mask
+    kinds hold is float64 afterwards (the rewind point, L0's ε, λ and density defect, kept
+    penalty terms)."""
+    model = small_mlp(0)
+    method = _trained_a_round(name, model)
+    model.to(torch.float64)
+    data = [(x.double(), y) for x, y in small_batches(3, seed=11)]
+    train(model, method, sgd(method), data[:2])
+    if method.round_based:
+        method.end_round()
+    train(model, method, sgd(method), data[2:])
+    floats = [(path, t.dtype) for path, t in held_tensors(method) if t.is_floating_point()]
+    assert [(path, dtype) for path, dtype in floats if dtype != torch.float64] == []
+    assert all(layer.weight.dtype == torch.float64 for _, layer in method.layers)
+    assert all(math.isfinite(v) for v in method.density()["layers"].values())
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("name", sorted(MOVED))
+def test_a_method_attached_on_the_cpu_trains_on_after_model_to_cuda(name):
+    """method = M(model); model.to("cuda"): training and the rounds' ends go on on the GPU
+    with every tensor of the method and its mask kinds there (ConcaveRegularization masked
+    CUDA gradients with its CPU alive masks)."""
+    model = small_mlp(0)
+    method = _trained_a_round(name, model)
+    model.to("cuda")
+    data = [(x.cuda(), y.cuda()) for x, y in small_batches(3, seed=11)]
+    train(model, method, sgd(method), data[:2])
+    if method.round_based:
+        method.end_round()
+    train(model, method, sgd(method), data[2:])
+    assert [(path, t.device) for path, t in held_tensors(method) if t.device.type != "cuda"] == []
+    if isinstance(method, ConcaveRegularization):
+        assert all(a.is_cuda for a in method.alive.values())
+        if name.endswith("fraction"):  # entries pruned for good, their gradients masked on the GPU
+            assert any(not bool(a.all()) for a in method.alive.values())
+    state = method.state_dict()
+    assert all(t.is_cuda for t in (state["rewind_state"] or {}).values())
