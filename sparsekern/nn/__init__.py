@@ -1,5 +1,6 @@
 """The module layer: sparse layers, mask kinds, sparsify(), export()/purge and report()."""
 from .attention import SparseMultiheadAttention
+from .batchnorm import GatedBatchNorm2d
 from .export import Exported, count_macs, count_params, export
 from .heads import PrunedMultiheadAttention
 from .masks import (
@@ -23,6 +24,7 @@ __all__ = [
     "SparseConv2d",
     "SparseMultiheadAttention",
     "SparseTransformerEncoderLayer",
+    "GatedBatchNorm2d",
     "PrunedMultiheadAttention",
     "sparsify",
     "sparse_modules",

@@ -11,12 +11,15 @@ from torch import nn
 
 from .purge import purge_channels
 from .attention import SparseMultiheadAttention, projection_names
+from .batchnorm import GatedBatchNorm2d
 from .heads import PrunedMultiheadAttention
 from .modules import SPARSE_TYPES, SparseLinear, carry_hooks
 from .transformer import Retyped
 
 # Modules holding sparse layers that bake() turns back into their torch class.
 PARENTS = (SparseMultiheadAttention, Retyped)
+# Baked with the sparse layers: a plain BatchNorm2d with the conv's eval gate in it.
+BAKED = SPARSE_TYPES + (GatedBatchNorm2d,)
 # Attention modules: their projections' weights are used by the module itself, not called.
 ATTENTION = (nn.MultiheadAttention, PrunedMultiheadAttention)
 
@@ -170,10 +173,12 @@ def _example(model: nn.Module, example_input) -> torch.Tensor | None:
 def bake(model: nn.Module) -> nn.Module:
     """Replaces every sparse module of `model` in place by its to_dense() (w ⊙ g baked in);
     returns `model`, or the dense module when `model` itself is sparse."""
-    if isinstance(model, SPARSE_TYPES + PARENTS):
+    if isinstance(model, BAKED + PARENTS):
         return bake(model.to_dense())
     # Attention first: its sparse projections are baked into its dense copy, not replaced.
-    for types in (PARENTS, SPARSE_TYPES):
+    # A gated BatchNorm reads its conv's gate, which it holds whether or not that conv
+    # was baked already.
+    for types in (PARENTS, BAKED):
         dense: dict[int, tuple[nn.Module, nn.Module]] = {}  # id(sparse) -> (sparse, dense)
         for name, module in list(model.named_modules(remove_duplicate=False)):
             if name and isinstance(module, types):
@@ -213,6 +218,9 @@ def export(model: nn.Module, purge: bool = False, example_input=None) -> Exporte
     next layer's inputs and the BatchNorm in between sliced, and residual blocks'
     output channels kept; and attention heads whose out_proj columns are all zero
     (sparsekern.nn.heads). Needs a torch.fx-traceable model.
+
+    A GatedBatchNorm2d becomes a plain nn.BatchNorm2d with its conv's eval gate baked in
+    (GatedBatchNorm2d.to_dense), so its closed channels output 0 and purge removes them.
 
     example_input: a tensor or a shape; used to count MACs (before/after) and, when
     purging, to learn the spatial size behind a flatten → Linear step.

@@ -69,6 +69,17 @@ class MaskKind(abc.ABC):
         """Whether the bias is multiplied by the same gate as its output channel."""
         return False
 
+    def gates_output_channels(self, layer: nn.Module) -> bool:
+        """Whether every forward of `layer` passes or zeroes each output channel as a whole
+        (weights and bias), so a BatchNorm right after it can run on the open channels
+        alone (sparsekern.nn.batchnorm); open_channels then says which."""
+        return False
+
+    def open_channels(self, layer: nn.Module) -> torch.Tensor:
+        """The output channels `layer`'s current forward passes, a bool [out_channels]
+        tensor; only where gates_output_channels(layer)."""
+        raise TypeError(f"mask kind {self.name!r} does not gate whole output channels")
+
     def after_apply(self, layer: nn.Module) -> None:
         """Called after the layer's Module._apply (to(), half(), cuda(), to_empty(), ...)
         converted every float tensor on it: puts right what that blanket conversion gets
@@ -492,6 +503,10 @@ class HardConcreteMask(MaskKind):
         self.seed = seed
         self._counter = torch.zeros((), dtype=torch.int64, device="cpu")
         self._last_offset = None  # the tensor the last training forward drew its noise at
+        # Set when a BatchNorm is gated by this layer (sparsekern.nn.batchnorm): each
+        # training forward then keeps which channels its z left open, for that BatchNorm.
+        self.keep_open = False
+        self._open = None
 
     @property
     def offset(self) -> int:
@@ -512,6 +527,8 @@ class HardConcreteMask(MaskKind):
             state["_counter"] = torch.tensor(state.pop("offset"), dtype=torch.int64)
         state.setdefault("_last_offset", None)
         state.setdefault("inputs_per_gate", 1)
+        state.setdefault("keep_open", False)
+        state.setdefault("_open", None)
         self.__dict__.update(state)
 
     def __setattr__(self, name, value):
@@ -582,6 +599,10 @@ class HardConcreteMask(MaskKind):
         )
         if not recompute:
             self._keep_forward_l0(layer, l0, offset)
+        if self.keep_open and layer.training:
+            # A checkpoint's recompute draws the same z (same offset), so it keeps the same
+            # channels open for the BatchNorm's recompute.
+            self._open = z.detach().reshape(-1) != 0
         return self.expand_gate(z)
 
     def masked_weight(self, layer: nn.Module) -> torch.Tensor | None:
@@ -636,6 +657,22 @@ class HardConcreteMask(MaskKind):
 
     def bias_gated(self, layer):
         return self.structured and layer.weight.dim() == 4
+
+    def gates_output_channels(self, layer):
+        return self.bias_gated(layer)
+
+    def open_channels(self, layer):
+        """Training: the channels whose z, sampled by the layer's last training forward, is
+        nonzero (kept only while keep_open is set). Eval: those whose median gate is
+        nonzero, a function of log α alone, as export bakes them."""
+        if not self.gates_output_channels(layer):
+            return super().open_channels(layer)
+        if not layer.training:
+            return self.gate(layer).reshape(-1) != 0
+        if self._open is None:
+            raise RuntimeError("open_channels of a training layer before its first training forward "
+                               "(or with keep_open unset): no z has been drawn")
+        return self._open
 
     def gate(self, layer, dtype=None):
         log_alpha = layer.weight_log_alpha.detach()
