@@ -36,7 +36,11 @@ def _train(rank, init_file, method_name, model_name, results):
     torch.manual_seed(0)  # the same initial model on both ranks, as DDP requires
     model = _model(model_name)
     method = {"dpf": lambda: M.DPF(model, sparsity=0.8, period=4),
-              "l0": lambda: M.ConstrainedL0(model, target_density=0.5)}[method_name]()
+              "l0": lambda: M.ConstrainedL0(model, target_density=0.5),
+              # Structured: the BatchNorms after the gated convs are GatedBatchNorm2d.
+              "l0 structured": lambda: M.ConstrainedL0(model, target_density=0.5, structured=True)}[method_name]()
+    if method_name == "l0 structured":
+        assert any(type(m).__name__ == "GatedBatchNorm2d" for m in model.modules())
     ddp = DistributedDataParallel(model)
     opt = torch.optim.SGD(method.param_groups(lr=0.05), momentum=0.9)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
@@ -53,7 +57,8 @@ def _train(rank, init_file, method_name, model_name, results):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("method_name, model_name", [("dpf", "resnet20"), ("l0", "resnet20"), ("l0", "vit")])
+@pytest.mark.parametrize("method_name, model_name", [("dpf", "resnet20"), ("l0", "resnet20"), ("l0 structured", "resnet20"),
+                                                     ("l0", "vit")])
 def test_ranks_stay_identical_under_ddp(method_name, model_name):
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp, ctx.Manager() as manager:

@@ -13,6 +13,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..ops.mask_math import FLOAT_DTYPES
 from .attention import SparseMultiheadAttention, projection_names
+from .batchnorm import gate_batchnorms
 from .masks import make_mask
 from .modules import SPARSE_TYPES, SparseConv2d, SparseLinear, carry_hooks
 from .transformer import SparseTransformerEncoderLayer
@@ -166,6 +167,12 @@ def sparsify(
     (nn.TransformerEncoderLayer, torchvision's Swin attention) changes class in place to
     one that applies the mask (transformer.Retyped).
 
+    A BatchNorm2d that directly and exclusively consumes a structured hard-concrete
+    conv's output becomes a GatedBatchNorm2d, in place (same state_dict): a channel the
+    conv's gate closes comes out of it as exactly 0, not as the BatchNorm's shift, and its
+    running statistics stay (sparsekern.nn.batchnorm; needs a torch.fx-traceable model,
+    else it warns and leaves the BatchNorms as they are).
+
     A layer is selected when it matches some `include` pattern (all layers when include is
     None) and no `exclude` pattern; patterns are matched against module names (see
     _matches); a layer shared under several names is selected when any of them is. A
@@ -204,6 +211,7 @@ def sparsify(
             carry_hooks(module, swapped[id(module)])
         model.set_submodule(name, swapped[id(module)])
     _retype_parents(model)
+    gate_batchnorms(model)
     return model
 
 
