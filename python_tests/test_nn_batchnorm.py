@@ -1,5 +1,6 @@
 """GatedBatchNorm2d: the BatchNorm after a structured hard-concrete conv runs on the conv's
-open channels only (closed: output exactly 0, running statistics unchanged), against a
+open channels only (closed: output exactly 0, running statistics unchanged; open: the
+running statistics are those of the ungated output y of x = z·y), against a
 float64 reference in train and eval, with and without affine parameters and running
 statistics, gradients included; which BatchNorms sparsify gates (fx pairing), what it
 leaves alone, the warning for a model fx cannot trace; export (a plain BatchNorm2d with
@@ -51,17 +52,20 @@ def gated_pair(channels=5, affine=True, track=True, momentum=0.1, dtype=torch.fl
     return conv, GatedBatchNorm2d.from_dense(bn, conv)
 
 
-def reference(x, open_, bn, training):
-    """float64: an ordinary BatchNorm on the open channels, 0 on the closed; returns
-    (output, new running mean, new running var) (statistics None when not tracked)."""
-    x = x.double()
+def reference(x, z, bn, training):
+    """float64: on the open channels (gate z > 0; x = z·y) an ordinary BatchNorm whose
+    running statistics are y's (used as z·μ, z²·σ²; updated with x's batch statistics
+    divided by z, z²), 0 on the closed; returns (output, new running mean, new running var)
+    (statistics None when not tracked)."""
+    x, z = x.double(), z.double()
+    open_ = z != 0
     rm = None if bn.running_mean is None else bn.running_mean.detach().double().clone()
     rv = None if bn.running_var is None else bn.running_var.detach().double().clone()
     batch = training or rm is None
     if batch:
         mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
     else:
-        mean, var = rm, rv
+        mean, var = rm * z, rv * z * z
     y = (x - mean[:, None, None]) / torch.sqrt(var[:, None, None] + bn.eps)
     if bn.affine:
         y = y * bn.weight.double()[:, None, None] + bn.bias.double()[:, None, None]
@@ -69,15 +73,21 @@ def reference(x, open_, bn, training):
     if training and bn.track_running_stats:
         n = x.numel() / x.shape[1]
         f = bn.momentum if bn.momentum is not None else 1.0 / (int(bn.num_batches_tracked) + 1)
-        rm = torch.where(open_, (1 - f) * rm + f * mean.detach(), rm)
-        rv = torch.where(open_, (1 - f) * rv + f * var.detach() * n / (n - 1), rv)
+        zz = torch.where(open_, z, 1.0)
+        rm = torch.where(open_, (1 - f) * rm + f * mean.detach() / zz, rm)
+        rv = torch.where(open_, (1 - f) * rv + f * var.detach() * n / (n - 1) / (zz * zz), rv)
     return y, rm, rv
 
 
-def drawn_open(conv):
-    """The channels the conv's last training forward left open, from the op itself."""
+def drawn_z(conv):
+    """The gates the conv's last training forward drew, from the op itself."""
     z = hard_concrete_gates(conv.weight_log_alpha.detach(), conv.mask.seed, conv.mask.offset - 1)
-    return z.reshape(-1) != 0
+    return z.reshape(-1)
+
+
+def drawn_open(conv):
+    """The channels the conv's last training forward left open."""
+    return drawn_z(conv) != 0
 
 
 CASES = [dict(affine=a, track=t, momentum=m) for a in (True, False) for t in (True, False) for m in (0.1, None)]
@@ -91,16 +101,18 @@ def test_matches_the_float64_reference_with_gradients(case, training):
     gen = torch.Generator().manual_seed(1)
     for step in range(3):  # several steps: the running statistics carry over
         conv(torch.randn(3, 2, 5, 7, dtype=torch.float64, generator=gen))  # draws this forward's gates
-        open_ = drawn_open(conv) if training else conv.mask.gate(conv).reshape(-1) != 0
-        assert torch.equal(bn.open_channels(), open_)
+        z = drawn_z(conv) if training else conv.mask.gate(conv).reshape(-1)
+        open_ = z != 0
+        assert torch.equal(bn.channel_gates(), z) and torch.equal(bn.open_channels(), open_)
         assert 0 < int(open_.sum()) < 7  # both kinds of channel
+        assert ((z > 0) & (z < 1)).any()  # and a gate strictly between: the statistics' scaling
         # Any input, the closed channels' not zero: the gated BatchNorm zeroes them itself.
         x = (torch.randn(3, 7, 5, 7, dtype=torch.float64, generator=gen) * 2 + 0.5).requires_grad_()
         x_ref = x.detach().clone().requires_grad_()
         ref_bn = copy.deepcopy(bn)
         for p in ref_bn.parameters():
             p.grad = None
-        want, rm, rv = reference(x_ref, open_, ref_bn, training)
+        want, rm, rv = reference(x_ref, z, ref_bn, training)
         got = bn(x)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         assert torch.equal(got[:, ~open_], torch.zeros_like(got[:, ~open_]))  # exactly 0
@@ -511,3 +523,22 @@ def test_dpf_structured_keeps_its_feedback_through_batchnorm():
         model[1].bias.fill_(0.5)  # a pruned channel outputs β: past the ReLU when β > 0
     F.cross_entropy(model(torch.randn(8, 1, 6, 6)), torch.arange(8)).backward()
     assert model[0].weight.grad[pruned].abs().sum() > 0
+
+
+def test_eval_normalises_a_gated_input_as_training_does():
+    """Running statistics are the ungated output's: in eval a channel at median gate z sees
+    z·y and normalises it with z·μ, z²·σ², so its output is the plain BatchNorm's of y (up
+    to eps), as batch statistics make it in training. Kept as statistics of z·y, eval's
+    median gate met statistics gathered under other sampled z: near-chance eval accuracy
+    (README, structured L0 and BatchNorm)."""
+    conv, bn = gated_pair(channels=7, dtype=torch.float64)
+    plain = nn.BatchNorm2d(7, dtype=torch.float64)
+    plain.load_state_dict(bn.state_dict())
+    conv.eval(), bn.eval(), plain.eval()
+    z = conv.mask.gate(conv).reshape(-1)
+    assert ((z > 0) & (z < 1)).any()
+    y = torch.randn(4, 7, 5, 5, dtype=torch.float64) * bn.running_var.sqrt()[:, None, None] + bn.running_mean[:, None, None]
+    got = bn(y * z[:, None, None])
+    want = plain(y) * (z != 0)[:, None, None]
+    # eps = 1e-5 against z²σ² ≥ 0.25·0.5: a relative difference below 1e-4
+    torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)

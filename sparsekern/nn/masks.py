@@ -72,12 +72,12 @@ class MaskKind(abc.ABC):
     def gates_output_channels(self, layer: nn.Module) -> bool:
         """Whether every forward of `layer` passes or zeroes each output channel as a whole
         (weights and bias), so a BatchNorm right after it can run on the open channels
-        alone (sparsekern.nn.batchnorm); open_channels then says which."""
+        alone (sparsekern.nn.batchnorm); channel_gates then says which."""
         return False
 
-    def open_channels(self, layer: nn.Module) -> torch.Tensor:
-        """The output channels `layer`'s current forward passes, a bool [out_channels]
-        tensor; only where gates_output_channels(layer)."""
+    def channel_gates(self, layer: nn.Module) -> torch.Tensor:
+        """The gate `layer`'s current forward multiplies each output channel by (0: closed),
+        a detached [out_channels] tensor; only where gates_output_channels(layer)."""
         raise TypeError(f"mask kind {self.name!r} does not gate whole output channels")
 
     def after_apply(self, layer: nn.Module) -> None:
@@ -504,9 +504,9 @@ class HardConcreteMask(MaskKind):
         self._counter = torch.zeros((), dtype=torch.int64, device="cpu")
         self._last_offset = None  # the tensor the last training forward drew its noise at
         # Set when a BatchNorm is gated by this layer (sparsekern.nn.batchnorm): each
-        # training forward then keeps which channels its z left open, for that BatchNorm.
+        # training forward then keeps its z per channel (C values), for that BatchNorm.
         self.keep_open = False
-        self._open = None
+        self._channel_z = None
 
     @property
     def offset(self) -> int:
@@ -528,7 +528,8 @@ class HardConcreteMask(MaskKind):
         state.setdefault("_last_offset", None)
         state.setdefault("inputs_per_gate", 1)
         state.setdefault("keep_open", False)
-        state.setdefault("_open", None)
+        state.pop("_open", None)
+        state.setdefault("_channel_z", None)
         self.__dict__.update(state)
 
     def __setattr__(self, name, value):
@@ -576,6 +577,7 @@ class HardConcreteMask(MaskKind):
         meta device, which holds no values (to_empty), the counter restarts at 0 until a
         checkpoint's offset is loaded: copying it raised at the first training forward."""
         super().after_apply(layer)
+        self._channel_z = None  # the next training forward draws it again, on the new device
         log_alpha = layer._parameters.get("weight_log_alpha")
         if log_alpha is None or self._counter.device == log_alpha.device:
             return
@@ -601,8 +603,8 @@ class HardConcreteMask(MaskKind):
             self._keep_forward_l0(layer, l0, offset)
         if self.keep_open and layer.training:
             # A checkpoint's recompute draws the same z (same offset), so it keeps the same
-            # channels open for the BatchNorm's recompute.
-            self._open = z.detach().reshape(-1) != 0
+            # gates for the BatchNorm's recompute.
+            self._channel_z = z.detach().reshape(-1)
         return self.expand_gate(z)
 
     def masked_weight(self, layer: nn.Module) -> torch.Tensor | None:
@@ -661,18 +663,18 @@ class HardConcreteMask(MaskKind):
     def gates_output_channels(self, layer):
         return self.bias_gated(layer)
 
-    def open_channels(self, layer):
-        """Training: the channels whose z, sampled by the layer's last training forward, is
-        nonzero (kept only while keep_open is set). Eval: those whose median gate is
-        nonzero, a function of log α alone, as export bakes them."""
+    def channel_gates(self, layer):
+        """Training: the z sampled by the layer's last training forward (kept only while
+        keep_open is set). Eval: the median gate, a function of log α alone, as export
+        bakes it."""
         if not self.gates_output_channels(layer):
-            return super().open_channels(layer)
+            return super().channel_gates(layer)
         if not layer.training:
-            return self.gate(layer).reshape(-1) != 0
-        if self._open is None:
-            raise RuntimeError("open_channels of a training layer before its first training forward "
+            return self.gate(layer).reshape(-1)
+        if self._channel_z is None:
+            raise RuntimeError("channel_gates of a training layer before its first training forward "
                                "(or with keep_open unset): no z has been drawn")
-        return self._open
+        return self._channel_z
 
     def gate(self, layer, dtype=None):
         log_alpha = layer.weight_log_alpha.detach()
