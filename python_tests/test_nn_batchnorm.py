@@ -1,6 +1,7 @@
 """GatedBatchNorm2d: the BatchNorm after a structured hard-concrete conv runs on the conv's
-open channels only (closed: output exactly 0, running statistics unchanged; open: the
-running statistics are those of the ungated output y of x = z·y), against a
+open channels only (closed: output exactly 0, running statistics unchanged; open: z times
+the normalised channel, log α learning through it, and running statistics of the ungated
+output y of x = z·y), against a
 float64 reference in train and eval, with and without affine parameters and running
 statistics, gradients included; which BatchNorms sparsify gates (fx pairing), what it
 leaves alone, the warning for a model fx cannot trace; export (a plain BatchNorm2d with
@@ -55,9 +56,9 @@ def gated_pair(channels=5, affine=True, track=True, momentum=0.1, dtype=torch.fl
 def reference(x, z, bn, training):
     """float64: on the open channels (gate z > 0; x = z·y) an ordinary BatchNorm whose
     running statistics are y's (used as z·μ, z²·σ²; updated with x's batch statistics
-    divided by z, z²), 0 on the closed; returns (output, new running mean, new running var)
-    (statistics None when not tracked)."""
-    x, z = x.double(), z.double()
+    divided by z, z²), its output times z; 0 on the closed; returns (output, new running
+    mean, new running var) (statistics None when not tracked)."""
+    x, z = x.double(), z.detach().double()
     open_ = z != 0
     rm = None if bn.running_mean is None else bn.running_mean.detach().double().clone()
     rv = None if bn.running_var is None else bn.running_var.detach().double().clone()
@@ -69,7 +70,7 @@ def reference(x, z, bn, training):
     y = (x - mean[:, None, None]) / torch.sqrt(var[:, None, None] + bn.eps)
     if bn.affine:
         y = y * bn.weight.double()[:, None, None] + bn.bias.double()[:, None, None]
-    y = y * open_.double()[:, None, None]
+    y = y * z[:, None, None]
     if training and bn.track_running_stats:
         n = x.numel() / x.shape[1]
         f = bn.momentum if bn.momentum is not None else 1.0 / (int(bn.num_batches_tracked) + 1)
@@ -162,7 +163,8 @@ def test_to_dense_is_a_plain_batchnorm_computing_the_eval_function(affine, track
     conv.eval(), bn.eval()
     dense_conv, dense = conv.to_dense(), bn.to_dense()
     assert type(dense) is nn.BatchNorm2d and not hasattr(dense, "_gated_by")
-    assert list(dense.state_dict()) == list(bn.state_dict())
+    # Without affine parameters it gets them (γ = z, β = 0): nothing else scales by z.
+    assert set(dense.state_dict()) == set(bn.state_dict()) | ({"weight", "bias"} if not affine else set())
     x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(dense(dense_conv(x)), bn(conv(x)), rtol=0, atol=0)
@@ -527,8 +529,8 @@ def test_dpf_structured_keeps_its_feedback_through_batchnorm():
 
 def test_eval_normalises_a_gated_input_as_training_does():
     """Running statistics are the ungated output's: in eval a channel at median gate z sees
-    z·y and normalises it with z·μ, z²·σ², so its output is the plain BatchNorm's of y (up
-    to eps), as batch statistics make it in training. Kept as statistics of z·y, eval's
+    z·y and normalises it with z·μ, z²·σ², so its output is z times the plain BatchNorm's
+    of y (up to eps), as batch statistics make it in training. Kept as statistics of z·y, eval's
     median gate met statistics gathered under other sampled z: near-chance eval accuracy
     (README, structured L0 and BatchNorm)."""
     conv, bn = gated_pair(channels=7, dtype=torch.float64)
@@ -539,6 +541,29 @@ def test_eval_normalises_a_gated_input_as_training_does():
     assert ((z > 0) & (z < 1)).any()
     y = torch.randn(4, 7, 5, 5, dtype=torch.float64) * bn.running_var.sqrt()[:, None, None] + bn.running_mean[:, None, None]
     got = bn(y * z[:, None, None])
-    want = plain(y) * (z != 0)[:, None, None]
+    want = plain(y) * z[:, None, None]
     # eps = 1e-5 against z²σ² ≥ 0.25·0.5: a relative difference below 1e-4
     torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+
+
+def test_log_alpha_learns_through_the_batchnorm_as_the_reference():
+    """The output is z·BN(y), so the task's gradient reaches log α (a BatchNorm after the
+    gated conv normalises away the z its weights carry: without z on the output, as in the
+    authors' code, log α's task gradient came through eps alone). float64 reference: z from
+    the op at the same (seed, offset), conv and batch-statistics BatchNorm by hand."""
+    conv, bn = gated_pair(channels=7)
+    conv.train(), bn.train()
+    x = torch.randn(3, 2, 5, 6, dtype=torch.float64)
+    g = torch.randn(3, 7, 5, 6, dtype=torch.float64)
+    (bn(conv(x)) * g).sum().backward()
+    log_alpha = conv.weight_log_alpha.detach().clone().requires_grad_()
+    z = hard_concrete_gates(log_alpha, conv.mask.seed, conv.mask.offset - 1)
+    y = F.conv2d(x, conv.weight.detach() * z, conv.bias.detach() * z.reshape(-1), padding=1)
+    mean, var = y.mean((0, 2, 3), keepdim=True), y.var((0, 2, 3), unbiased=False, keepdim=True)
+    zc = z.reshape(1, -1, 1, 1)
+    out = ((y - mean) / torch.sqrt(var + bn.eps) * bn.weight.detach().view_as(zc) + bn.bias.detach().view_as(zc)) * zc
+    (out * g).sum().backward()
+    torch.testing.assert_close(conv.weight_log_alpha.grad, log_alpha.grad, rtol=1e-9, atol=1e-12)
+    z = z.detach().reshape(-1)
+    between = (z > 0) & (z < 1)
+    assert between.any() and conv.weight_log_alpha.grad.reshape(-1)[between].abs().min() > 1e-6

@@ -77,7 +77,7 @@ class MaskKind(abc.ABC):
 
     def channel_gates(self, layer: nn.Module) -> torch.Tensor:
         """The gate `layer`'s current forward multiplies each output channel by (0: closed),
-        a detached [out_channels] tensor; only where gates_output_channels(layer)."""
+        an [out_channels] tensor; only where gates_output_channels(layer)."""
         raise TypeError(f"mask kind {self.name!r} does not gate whole output channels")
 
     def after_apply(self, layer: nn.Module) -> None:
@@ -504,7 +504,8 @@ class HardConcreteMask(MaskKind):
         self._counter = torch.zeros((), dtype=torch.int64, device="cpu")
         self._last_offset = None  # the tensor the last training forward drew its noise at
         # Set when a BatchNorm is gated by this layer (sparsekern.nn.batchnorm): each
-        # training forward then keeps its z per channel (C values), for that BatchNorm.
+        # training forward then keeps its z per channel (C values, in the autograd graph:
+        # the BatchNorm scales its output by it), for that BatchNorm.
         self.keep_open = False
         self._channel_z = None
 
@@ -520,6 +521,11 @@ class HardConcreteMask(MaskKind):
         if not 0 <= value < 2**63:
             raise ValueError(f"mask option `offset` must be in [0, 2**63), got {value}")
         self._counter = torch.full((), int(value), dtype=torch.int64, device=self._counter.device)
+
+    def __getstate__(self):
+        # Without the last forward's z: it holds the autograd graph, which deepcopy and
+        # pickle refuse, and the next training forward draws it again.
+        return {**super().__getstate__(), "_channel_z": None}
 
     def __setstate__(self, state):
         # A mask pickled (torch.save(model)) before the offset became a tensor.
@@ -603,8 +609,9 @@ class HardConcreteMask(MaskKind):
             self._keep_forward_l0(layer, l0, offset)
         if self.keep_open and layer.training:
             # A checkpoint's recompute draws the same z (same offset), so it keeps the same
-            # gates for the BatchNorm's recompute.
-            self._channel_z = z.detach().reshape(-1)
+            # gates for the BatchNorm's recompute. Not detached: log α learns through the
+            # BatchNorm's use of it.
+            self._channel_z = z.reshape(-1)
         return self.expand_gate(z)
 
     def masked_weight(self, layer: nn.Module) -> torch.Tensor | None:
@@ -664,9 +671,9 @@ class HardConcreteMask(MaskKind):
         return self.bias_gated(layer)
 
     def channel_gates(self, layer):
-        """Training: the z sampled by the layer's last training forward (kept only while
-        keep_open is set). Eval: the median gate, a function of log α alone, as export
-        bakes it."""
+        """Training: the z sampled by the layer's last training forward, differentiable in
+        log α (kept only while keep_open is set). Eval: the median gate, a function of
+        log α alone, as export bakes it."""
         if not self.gates_output_channels(layer):
             return super().channel_gates(layer)
         if not layer.training:
