@@ -567,3 +567,34 @@ def test_log_alpha_learns_through_the_batchnorm_as_the_reference():
     z = z.detach().reshape(-1)
     between = (z > 0) & (z < 1)
     assert between.any() and conv.weight_log_alpha.grad.reshape(-1)[between].abs().min() > 1e-6
+
+
+def test_other_normalisation_layers_after_gated_convs_warn_and_stay():
+    """Only nn.BatchNorm2d is gated: a SyncBatchNorm (or InstanceNorm, FrozenBatchNorm2d)
+    after a structured hard-concrete conv turns a closed channel into its shift, so
+    sparsify says which, once, and leaves them as they are."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.SyncBatchNorm(6), nn.ReLU(),
+                          nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4))
+    with pytest.warns(UserWarning, match=r"not gated, as only nn.BatchNorm2d is: 1 \(SyncBatchNorm\)") as rec:
+        ConstrainedL0(model, 0.5, structured=True)
+    assert len([w for w in rec if "not gated" in str(w.message)]) == 1
+    assert type(model[1]) is nn.SyncBatchNorm and type(model[4]) is GatedBatchNorm2d
+
+
+def test_a_step_warns_when_convert_sync_batchnorm_replaced_the_gated_batchnorms():
+    """nn.SyncBatchNorm.convert_sync_batchnorm after attaching builds plain SyncBatchNorms
+    from the gated ones (it takes any BatchNorm): the first step names the convs whose
+    closed channels now come out as a shift."""
+    model = resnet()
+    method = ConstrainedL0(model, 0.5, structured=True)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert not gated_names(model)
+    opt = torch.optim.SGD(method.param_groups(lr=0.1))
+    model.eval()  # SyncBatchNorm trains on CUDA only; the check needs a forward, not training
+    loss = model(torch.randn(2, 3, 8, 8)).sum() + method.penalty()
+    loss.backward()
+    opt.step()
+    with pytest.warns(UserWarning, match=r"gated BatchNorms after conv1, layer1\.0\.conv1, layer1\.0\.conv2 and 18 more "
+                                         r"were replaced since sparsify .*convert_sync_batchnorm"):
+        method.step()

@@ -63,3 +63,9 @@ def choice(label: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"{label} must be one of {sorted(choices)}, got {value!r}")
     return value
+
+
+def first_few(items: list[str], shown: int = 3) -> str:
+    """The first `shown` items, comma-separated, then how many more (for error messages)."""
+    text = ", ".join(items[:shown])
+    return text if len(items) <= shown else f"{text} and {len(items) - shown} more"

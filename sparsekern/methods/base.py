@@ -28,6 +28,7 @@ from .. import _checks, ops
 from ..nn import export as export_model
 from ..nn import sparse_modules, sparsify
 from ..nn.sparsify import first_few, planned_weights
+from ..nn.batchnorm import lost_gates
 from ..nn.masks import HardConcreteMask, project_layers
 from ._state import check_mask_values, check_state
 
@@ -197,6 +198,15 @@ class PruningMethod:
         if len(idle) == len(self.layers):
             return  # no forward yet (or one that bypassed every mask: not told apart)
         self._checked_masks_applied = True
+        lost = lost_gates(self.model)
+        if lost:
+            warnings.warn(
+                f"the gated BatchNorms after {first_few(lost)} were replaced since sparsify (e.g. by "
+                "nn.SyncBatchNorm.convert_sync_batchnorm): a closed channel comes out of the new module as its "
+                "shift, and export(purge=True) may have to keep it. Train with the nn.BatchNorm2d layers sparsify "
+                "gated.",
+                stacklevel=4,
+            )
         if idle:
             warnings.warn(
                 f"{len(idle)} sparse layer(s) did not apply their mask in any forward so far: {idle[:5]}"

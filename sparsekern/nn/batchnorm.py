@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .._checks import first_few
 from .attention import SparseMultiheadAttention
 from .heads import PrunedMultiheadAttention
 from .modules import SPARSE_TYPES, SparseConv2d
@@ -218,7 +219,7 @@ def gate_batchnorms(model: nn.Module) -> list[str]:
     once. Returns the names of the BatchNorms gated now. Found with a torch.fx trace; a
     model fx cannot trace is left as it is, with one warning."""
     convs = {id(m) for m in model.modules() if isinstance(m, SparseConv2d) and m.mask.gates_output_channels(m)}
-    if not convs or not any(type(m) is nn.BatchNorm2d for m in model.modules()):
+    if not convs or not any(_normalisation(m) for m in model.modules()):
         return []  # nothing to pair: no trace (models of Linear layers, CNNs without BatchNorm)
     try:
         graph = _Tracer().trace(model)
@@ -235,16 +236,43 @@ def gate_batchnorms(model: nn.Module) -> list[str]:
     for node in graph.nodes:
         if node.op == "call_module":
             calls[id(modules[node.target])] = calls.get(id(modules[node.target]), 0) + 1
-    gated = []
+    gated, missed = [], []
     for node in graph.nodes:
         conv = modules.get(node.target) if node.op == "call_module" else None
         if conv is None or id(conv) not in convs or calls[id(conv)] != 1 or len(node.users) != 1:
             continue
         user = next(iter(node.users))
         bn = modules.get(user.target) if user.op == "call_module" else None
+        if type(bn) is not nn.BatchNorm2d and _normalisation(bn):
+            missed.append(f"{user.target} ({type(bn).__name__})")
         if (type(bn) is not nn.BatchNorm2d or calls[id(bn)] != 1 or user.args != (node,) or user.kwargs
                 or bn.num_features != conv.out_channels):
             continue
         _gate(bn, conv)
         gated.append(str(user.target))
+    if missed:
+        warnings.warn(
+            f"not gated, as only nn.BatchNorm2d is: {first_few(missed)} after structured hard-concrete convs; a "
+            "closed channel comes out of them as their shift and export(purge=True) may have to keep it. (For "
+            "SyncBatchNorm: sparsify or attach the method first, then convert_sync_batchnorm is no help either, "
+            "it replaces the gated BatchNorms; train with nn.BatchNorm2d.)",
+            stacklevel=3,
+        )
     return gated
+
+
+def lost_gates(model: nn.Module) -> list[str]:
+    """Names of the convs whose GatedBatchNorm2d is no longer in `model` (replaced after
+    sparsify, e.g. by nn.SyncBatchNorm.convert_sync_batchnorm, which builds plain
+    SyncBatchNorms from every BatchNorm): their closed channels come out of the new module
+    as its shift again."""
+    held = {id(m.conv) for m in model.modules() if isinstance(m, GatedBatchNorm2d)}
+    return [name for name, m in model.named_modules()
+            if isinstance(m, SparseConv2d) and getattr(m.mask, "keep_open", False) and id(m) not in held]
+
+
+def _normalisation(m) -> bool:
+    """A normalisation layer that would turn a closed (all-zero) channel into its shift:
+    any BatchNorm (SyncBatchNorm, subclasses), InstanceNorm, or torchvision's
+    FrozenBatchNorm2d (detection backbones; not a torch class, so known by name)."""
+    return isinstance(m, nn.modules.batchnorm._NormBase) or type(m).__name__ == "FrozenBatchNorm2d"

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from .._checks import first_few
 from ..ops.mask_math import FLOAT_DTYPES
 from .attention import SparseMultiheadAttention, projection_names
 from .batchnorm import gate_batchnorms
@@ -81,12 +82,6 @@ def _bypassed(model: nn.Module, name: str, own_parent: bool = False) -> str | No
         if reads:
             return f"{type(ancestor).__name__}.forward reads {' and '.join(f'`self.{r}`' for r in reads)}"
     return None
-
-
-def first_few(items: list[str], shown: int = 3) -> str:
-    """The first `shown` items, comma-separated, then how many more (for error messages)."""
-    text = ", ".join(items[:shown])
-    return text if len(items) <= shown else f"{text} and {len(items) - shown} more"
 
 
 def _names(names: list[str], shown: int = 3) -> str:
