@@ -243,7 +243,7 @@ def gate_batchnorms(model: nn.Module) -> list[str]:
             continue
         user = next(iter(node.users))
         bn = modules.get(user.target) if user.op == "call_module" else None
-        if type(bn) is not nn.BatchNorm2d and _normalisation(bn):
+        if not isinstance(bn, (nn.BatchNorm2d, GatedBatchNorm2d)) and _normalisation(bn):
             missed.append(f"{user.target} ({type(bn).__name__})")
         if (type(bn) is not nn.BatchNorm2d or calls[id(bn)] != 1 or user.args != (node,) or user.kwargs
                 or bn.num_features != conv.out_channels):
@@ -253,9 +253,8 @@ def gate_batchnorms(model: nn.Module) -> list[str]:
     if missed:
         warnings.warn(
             f"not gated, as only nn.BatchNorm2d is: {first_few(missed)} after structured hard-concrete convs; a "
-            "closed channel comes out of them as their shift and export(purge=True) may have to keep it. (For "
-            "SyncBatchNorm: sparsify or attach the method first, then convert_sync_batchnorm is no help either, "
-            "it replaces the gated BatchNorms; train with nn.BatchNorm2d.)",
+            "closed channel comes out of them as their shift and export(purge=True) may have to keep it. Train "
+            "with nn.BatchNorm2d there (SyncBatchNorm is not gated, before sparsify or after).",
             stacklevel=3,
         )
     return gated
