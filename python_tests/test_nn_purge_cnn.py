@@ -1,9 +1,9 @@
 """purge on torchvision architectures beyond ResNet: a depthwise conv (MobileNet,
 EfficientNet, ShuffleNet) is sliced with the conv that feeds it, its own zero rows become
-constants, and what purge cannot slice (grouped convs, squeeze-excitation, channel
-shuffles, cats) stays with its zero channels counted; tiny MobileNetV2/V3, EfficientNet,
+constants, and what purge cannot slice (grouped convs, channel shuffles, cats, residual
+adds) stays with its zero channels counted; tiny MobileNetV2/V3, EfficientNet,
 ShuffleNetV2, SqueezeNet, DenseNet, RegNetY, ConvNeXt and Swin purge to smaller models with
-the outputs unchanged (ViT: test_nn_heads.py)."""
+the outputs unchanged (squeeze-excitation: test_nn_purge_se.py; ViT: test_nn_heads.py)."""
 import pytest
 import torch
 import torchvision
@@ -130,12 +130,19 @@ def tiny(name):
 @pytest.mark.parametrize("name, sliced, whole", [
     # Expansion 1×1 and the depthwise 3×3 after it.
     ("mobilenet_v2", ["features.2.conv.0.0", "features.2.conv.1.0"], []),
-    # Blocks 2 and 3 have no squeeze-excitation; block 1's multiply by its scales stops the
-    # stem's group and its depthwise conv's.
-    ("mobilenet_v3_small", ["features.2.block.0.0", "features.2.block.1.0"], ["features.0.0", "features.1.block.0.0"]),
-    # Every MBConv has squeeze-excitation: expansion and depthwise conv stay whole, the
-    # excitation's squeeze units and the projection (read by the next expansion) shrink.
-    ("efficientnet_b0", ["features.2.0.block.2.fc1", "features.2.0.block.3.0"], ["features.2.0.block.0.0", "features.2.0.block.1.0"]),
+    # Block 1's squeeze-excitation is sliced with the stem and its depthwise conv (its
+    # multiply stopped them: they stayed whole); blocks 2 and 3 have none; block 4's
+    # expansion goes through its SE; its projection feeds block 5's residual add.
+    ("mobilenet_v3_small", ["features.0.0", "features.1.block.0.0", "features.1.block.1.fc2", "features.2.block.0.0",
+                            "features.2.block.1.0", "features.4.block.0.0", "features.4.block.1.0"],
+     ["features.4.block.3.0"]),
+    # Every MBConv has squeeze-excitation: expansion, depthwise conv and fc2's rows shrink
+    # together (they stayed whole while the multiply stopped the group), as do the squeeze
+    # units and the projection (read by the next expansion). The stem feeds block 1's
+    # residual add, so it and block 1's depthwise conv stay.
+    ("efficientnet_b0", ["features.2.0.block.0.0", "features.2.0.block.1.0", "features.2.0.block.2.fc2",
+                         "features.2.0.block.2.fc1", "features.2.0.block.3.0"],
+     ["features.0.0", "features.1.0.block.0.0"]),
     # The stem feeds both branches of the first unit (one through a depthwise conv); the
     # 1×1 → depthwise → 1×1 branch shrinks inside; the channel shuffle stops the rest.
     ("shufflenet_v2", ["conv1.0", "stage2.0.branch2.0", "stage2.0.branch2.3"], ["stage2.0.branch2.5"]),

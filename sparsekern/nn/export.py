@@ -215,9 +215,9 @@ def export(model: nn.Module, purge: bool = False, example_input=None) -> Exporte
 
     purge=True also removes structured zero channels (see sparsekern.nn.purge): conv output
     channels / linear neurons that are all zero, or that no later layer reads, with the
-    next layer's inputs and the BatchNorm in between sliced, and residual blocks'
-    output channels kept; and attention heads whose out_proj columns are all zero
-    (sparsekern.nn.heads). Needs a torch.fx-traceable model.
+    next layer's inputs and the BatchNorm, depthwise conv and squeeze-excitation in between
+    sliced, and residual blocks' output channels kept; and attention heads whose out_proj
+    columns are all zero (sparsekern.nn.heads). Needs a torch.fx-traceable model.
 
     A GatedBatchNorm2d becomes a plain nn.BatchNorm2d with its conv's eval gate baked in
     (GatedBatchNorm2d.to_dense), so its closed channels output 0 and purge removes them.
@@ -229,9 +229,10 @@ def export(model: nn.Module, purge: bool = False, example_input=None) -> Exporte
     "macs_before", "macs_after" (None without example_input), "removed_channels" and
     "kept_zero_channels" ({layer: count}; kept = all-zero output channels of a Conv2d /
     Linear that stay: their output reaches something purge does not slice (an add, a cat,
-    a multiply, a reshape, a grouped conv, the model output) or a constant that could not
-    be removed exactly; "<attention>.heads": attention heads removed, see
-    sparsekern.nn.heads)}.
+    a multiply other than squeeze-excitation's, a reshape, a grouped conv, the model
+    output) or a constant that could not be removed exactly (into a padded conv, or times
+    a squeeze-excitation's varying scale); "<attention>.heads": attention heads removed,
+    see sparsekern.nn.heads)}.
     """
     _check_model(model)
     if not isinstance(purge, bool):
