@@ -15,6 +15,7 @@ from .masks import (
 )
 from .modules import SparseConv2d, SparseLinear
 from .purge import purge_channels
+from .purgeable import purgeable_layers
 from .report import SparsityReport, report
 from .sparsify import sparse_modules, sparsify
 from .transformer import SparseTransformerEncoderLayer
@@ -31,6 +32,7 @@ __all__ = [
     "export",
     "Exported",
     "purge_channels",
+    "purgeable_layers",
     "count_params",
     "count_macs",
     "report",
