@@ -11,6 +11,7 @@ checkpointing."""
 import copy
 import io
 import math
+import re
 import warnings
 
 import pytest
@@ -203,7 +204,9 @@ def test_structured_l0_gates_every_batchnorm_behind_a_conv_and_keeps_the_state_d
     model = resnet()
     names = [n for n, _ in model.named_modules()]
     keys = set(model.state_dict())
-    method = ConstrainedL0(model, 0.5, structured=True)
+    # Every conv gated (an explicit include; the default gates the blocks' conv1 alone,
+    # test_structured_l0_default_gates_the_blocks_first_batchnorms).
+    method = ConstrainedL0(model, 0.5, structured=True, include="*")
     bns = sorted(n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d))
     assert gated_names(model) == bns and len(bns) == 21  # stem, 2 per block, 2 shortcuts
     for name in bns:
@@ -215,6 +218,15 @@ def test_structured_l0_gates_every_batchnorm_behind_a_conv_and_keeps_the_state_d
     assert [n for n, _ in model.named_modules()] == names
     assert set(model.state_dict()) == keys | {f"{n}.weight_log_alpha" for n, _ in method.layers}
     assert "conv" not in dict(model.layer1[0].bn1.named_children())
+
+
+def test_structured_l0_default_gates_the_blocks_first_batchnorms():
+    # The default gates the convs purge can slice, each block's conv1: their BatchNorms
+    # alone are gated; the stem's, conv2's and the shortcuts' stay plain.
+    model = resnet()
+    ConstrainedL0(model, 0.5, structured=True)
+    assert gated_names(model) == [f"layer{s}.{b}.bn1" for s in (1, 2, 3) for b in range(3)]
+    assert type(model.bn1) is nn.BatchNorm2d and type(model.layer2[0].shortcut[1]) is nn.BatchNorm2d
 
 
 @pytest.mark.parametrize("make", [
@@ -287,9 +299,14 @@ class Untraceable(nn.Module):
 def test_a_model_fx_cannot_trace_warns_once_and_still_trains():
     torch.manual_seed(0)
     model = Untraceable()
-    with pytest.warns(UserWarning, match=r"torch.fx cannot trace Untraceable .*not gated.*shift β.*purge") as rec:
+    with pytest.warns(UserWarning) as rec:
         method = ConstrainedL0(model, 0.5, structured=True)
-    assert len([w for w in rec if "torch.fx" in str(w.message)]) == 1
+    # One for the BatchNorms, one for the layer selection (every layer, as before).
+    messages = [str(w.message) for w in rec]
+    assert len([m for m in messages if re.search(r"torch.fx cannot trace Untraceable .*not gated.*shift β.*purge", m)]) == 1
+    assert len([m for m in messages if "structured default cannot tell" in m]) == 1
+    assert len(messages) == 2
+    assert [n for n, _ in method.layers] == ["conv", "fc"]
     assert type(model.bn) is nn.BatchNorm2d
     opt = torch.optim.SGD(method.param_groups(lr=0.1))
     before = model.fc.weight.detach().clone()
@@ -580,7 +597,8 @@ def test_other_normalisation_layers_after_gated_convs_warn_and_stay():
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.SyncBatchNorm(6), nn.ReLU(),
                           nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4))
     with pytest.warns(UserWarning, match=r"not gated, as only nn.BatchNorm2d is: 1 \(SyncBatchNorm\)") as rec:
-        ConstrainedL0(model, 0.5, structured=True)
+        # Every conv: purge cannot pass a SyncBatchNorm, so the default would gate none.
+        ConstrainedL0(model, 0.5, structured=True, include="*")
     assert len([w for w in rec if "not gated" in str(w.message)]) == 1
     assert type(model[1]) is nn.SyncBatchNorm and type(model[4]) is GatedBatchNorm2d
 
@@ -598,6 +616,6 @@ def test_a_step_warns_when_convert_sync_batchnorm_replaced_the_gated_batchnorms(
     loss = model(torch.randn(2, 3, 8, 8)).sum() + method.penalty()
     loss.backward()
     opt.step()
-    with pytest.warns(UserWarning, match=r"gated BatchNorms after conv1, layer1\.0\.conv1, layer1\.0\.conv2 and 18 more "
+    with pytest.warns(UserWarning, match=r"gated BatchNorms after layer1\.0\.conv1, layer1\.1\.conv1, layer1\.2\.conv1 and 6 more "
                                          r"were replaced since sparsify .*convert_sync_batchnorm"):
         method.step()

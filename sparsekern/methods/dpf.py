@@ -34,7 +34,15 @@ Modes (every count is of weights in the pruned layers, N in total):
 Layers: every Conv2d and Linear except the last Linear (ignore_classifier=True), which
 for the paper's ResNets / WideResNets is exactly "all conv layers; the last FC, biases
 and BN dense"; a model without a Linear (SqueezeNet) keeps its last Conv2d dense instead.
-Pass ignore_classifier=False to prune the classifier too.
+Pass ignore_classifier=False to prune the classifier too. "structured" without an
+`include` leaves out the convs whose channels export(purge=True) cannot remove
+(sparsekern.nn.purgeable_layers: on a ResNet the stem, every block's second conv and the
+shortcuts, whose outputs meet in an add; each block's first conv stays): ranked with the
+others, the stem's and the 1×1 shortcuts' filters (the smallest norms under kaiming
+fan-out init) were pruned whole, and the README's 8-epoch ResNet-20 digits run ended at
+10% train and test accuracy (now 98% / 96%). The sparsity is then over the selected
+layers. An explicit `include` is used as given; a model torch.fx cannot trace warns and
+takes every layer.
 
 Each update appends to `method.history`: {"iteration", "sparsity" (target s_t),
 "density" (achieved, global), "flips" (coordinates whose mask changed, global), "iou"
@@ -49,6 +57,7 @@ import torch
 
 from .. import ops
 from ._magnitude import HistoryState, exact_keep_masks, exclude_classifier, set_masks
+from ._structured import structured_include
 from .base import PruningMethod, check_choice, check_int, check_real
 from .schedules import zhu_gupta
 
@@ -67,6 +76,8 @@ class DPF(HistoryState, PruningMethod):
         self.mode = check_choice("mode", mode, MODES)
         exclude = exclude_classifier(model, exclude, ignore_classifier)
         self.ignore_classifier = ignore_classifier
+        if self.mode == "structured":
+            include = structured_include(model, include, exclude, method="DPF(mode='structured')")
         super().__init__(model, include=include, exclude=exclude)
         self.history: list[dict[str, Any]] = []
         if not self._awaiting_values:  # a meta model has no |w| to rank (its history had no counts to read)

@@ -19,6 +19,17 @@ weights and log α, step() ascends on the multipliers λ (dual restarts by defau
     small = method.export(purge=True).model             # structured: channels removed
 
 PenalizedL0 adds λ·Σ E[L0] instead (a fixed trade-off, no control of the density).
+
+Layers: every Conv2d and Linear (an attention's projections), unless `include` /
+`exclude` say otherwise. With structured=True and no `include`, the Conv2d layers whose
+channels export(purge=True) cannot remove are left dense (sparsekern.nn.purgeable_layers:
+a ResNet's stem, every block's second conv and its shortcut, whose outputs meet in an
+add; as in the authors' ResNets, each block's first conv is gated), while every Linear is
+gated as before; layers a per-layer `target_density` names are gated too. Gates there
+only spent the density budget on channels purge keeps: the README's 8-epoch ResNet-20
+digits run kept 151 closed conv2 channels and scored 86% train / 80.8% test; now it
+removes every closed channel and scores 99% / 96%. A model torch.fx cannot trace warns
+and gates every layer.
 """
 from __future__ import annotations
 
@@ -31,6 +42,7 @@ from torch import nn
 
 from ..nn.sparsify import planned_layer_names
 from ._state import check_tensor
+from ._structured import structured_include
 from .base import PruningMethod, check_bool, check_real, sum_terms
 
 DEFAULT_DROPRATE = {True: 0.3, False: 0.1}  # structured / unstructured (METHODS.md)
@@ -122,7 +134,8 @@ class ConstrainedL0(_HardConcreteMethod):
     target_density: ε in (0, 1]. A float: one model-wise constraint on the expected density
       of all sparse layers together (multiplier "global"), or with layerwise=True the same
       ε for every layer, one constraint each. A dict {layer name: ε}: one constraint per
-      named layer; layers not named are gated but unconstrained.
+      named layer; layers not named are gated but unconstrained (structured: the named
+      layers are gated even where purge cannot slice them).
     dual_lr: η of the dual ascent (paper: 1e-4 MNIST … 7e-4 CIFAR).
     dual_restarts: λ_g ← 0 whenever density_g ≤ ε_g (the paper's heuristic).
     gate_lr: lr of the log α group (default: the weights' lr; paper: 1.0 ResNet, 6.0 WRN).
@@ -143,6 +156,11 @@ class ConstrainedL0(_HardConcreteMethod):
                  droprate_init: float | None = None, rescale_init: bool = True, l2_weight: float = 0.0,
                  include=None, exclude=None):
         layerwise = check_bool("layerwise", layerwise)
+        if check_bool("structured", structured):
+            # The layers named in a per-layer target are gated even where purge cannot
+            # slice them: the user asked for them by name.
+            include = structured_include(model, include, exclude, method="ConstrainedL0(structured=True)",
+                                         keep=target_density if isinstance(target_density, dict) else ())
         targets = self._check_targets(model, target_density, include, exclude)
         if layerwise and isinstance(targets, dict):  # it was ignored: the dict's layers alone are constrained
             raise ValueError("`layerwise` applies to one ε for every layer; a per-layer `target_density` dict "
@@ -291,6 +309,8 @@ class PenalizedL0(_HardConcreteMethod):
                  rescale_init: bool = True, l2_weight: float = 0.0, gate_lr: float | None = None,
                  include=None, exclude=None):
         self.lam = check_real("lam", lam, low=0.0)
+        if check_bool("structured", structured):
+            include = structured_include(model, include, exclude, method="PenalizedL0(structured=True)")
         super().__init__(model, structured=structured, droprate_init=droprate_init, rescale_init=rescale_init,
                          l2_weight=l2_weight, gate_lr=gate_lr, include=include, exclude=exclude)
 
