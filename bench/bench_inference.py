@@ -184,7 +184,8 @@ def run_model(name: str, repeats: int, compiled: bool) -> tuple[str, list[bool]]
     checks = []
     makers = [(f"{label} {d:.0%}", make, d) for d in DENSITIES
               for label, make in (("L0 structured", l0_at), ("DPF structured", dpf_at))]
-    makers.append(("L0 structured 50%, every conv gated", lambda n, d: l0_at(n, d, include=None), 0.5))
+    # "*": every conv (include=None now gates only the purgeable ones, BLOCK_INNER's convs).
+    makers.append(("L0 structured 50%, every conv gated", lambda n, d: l0_at(n, d, include="*"), 0.5))
     x_check = torch.randn(8, 3, 32, 32)
     for key, make, density in makers:
         masked, method = make(name, density)

@@ -46,7 +46,8 @@ METHODS: dict[str, tuple[str | None, str | None, str]] = {
             "period=16 steps, straight-through backward (pruned weights keep learning and can "
             "return), Zhu & Gupta schedule reaching the target at the second lr decay (the "
             "paper), last FC / biases / BN dense. mode: global (paper) | layerwise | structured "
-            "(output-channel l2 norm; the export is purged)."),
+            "(output-channel l2 norm; the export is purged; without --include, only the convs whose "
+            "channels purge can remove, e.g. a ResNet block's first conv)."),
     "cs": ("cs", "ContinuousSparsification",
            "Continuous Sparsification (Savarese et al., NeurIPS 2020): soft mask "
            "sigma(beta*s)/sigma(s0), penalty lam*sum(mask) (code: lam=1e-8, s0=0), beta raised to "
@@ -65,7 +66,8 @@ METHODS: dict[str, tuple[str | None, str | None, str]] = {
            "et al. 2018): expected density <= target enforced by Lagrange multipliers "
            "(simultaneous GDA with dual restarts), gates beta=2/3, gamma=-0.1, zeta=1.1; "
            "structured gates (one per conv channel / linear input / attention head) make the export "
-           "purged."),
+           "purged; without --include they go on the convs whose channels purge can remove (a ResNet "
+           "block's first conv) and every Linear."),
     "l0-penalized": ("l0", "PenalizedL0",
                      "Penalised L0 (Louizos et al. 2018), the constrained paper's foil: loss + "
                      "lam * sum E[L0] with hard-concrete gates; the achieved density follows lam."),
@@ -91,7 +93,9 @@ FALLBACK_HELP = {
     "prune_fraction": "fraction of the remaining weights pruned per round",
     "rewind_iteration": "optimiser step whose weights each round rewinds to (0: the initialisation)",
     "ignore_classifier": "leave the classifier dense (the last nn.Linear; without one, the last nn.Conv2d)",
-    "include": "fnmatch patterns of the layers to prune (default: every Conv2d and Linear; an attention A counts as A.in_proj and A.out_proj)",
+    "include": "fnmatch patterns of the layers to prune (default: every Conv2d and Linear; an attention A counts as "
+               "A.in_proj and A.out_proj; dpf --mode structured and l0 --structured leave out the convs whose channels "
+               "the purged export cannot remove, e.g. a ResNet's stem, second convs and shortcuts)",
     "exclude": "fnmatch patterns of layers to leave dense",
     "end_iteration": "step at which the sparsity schedule reaches its target",
     "start_iteration": "step at which the sparsity schedule starts",
@@ -100,7 +104,8 @@ FALLBACK_HELP = {
     "period": "steps between two mask recomputations",
     "mode": "how the mask is chosen",
     "structured": "one gate per conv output channel / linear input neuron (attention out_proj: "
-                  "per head) instead of per weight (the export is purged)",
+                  "per head) instead of per weight (the export is purged); without --include, only the convs "
+                  "whose channels purge can remove are gated (a ResNet block's first conv), and every Linear",
     "layerwise": "one density constraint per layer instead of one for the whole model",
 }
 
