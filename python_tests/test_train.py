@@ -75,6 +75,25 @@ def test_resume_after_stop_equals_uninterrupted(method, tmp_path, capsys):
     assert first in md and then in md and md.index(first) < md.index(then)
 
 
+def test_a_run_started_under_another_default_selection_resumes_on_its_own_layers(tmp_path):
+    """The structured modes took every conv before their default became purgeable_layers;
+    such a run's config has no include, and its --resume failed ("entries differ"). It
+    resumes on the layers its checkpoint holds, to the result of a run that named them."""
+    args = ["train", "--method", "dpf", "--mode", "structured", "--sparsity", "0.5", *TINY, "--model", "resnet20",
+            "--max-batches", "2", "--period", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli.main([*args, "--include", "*", "--out", str(a)]) == 0
+    assert cli.main([*args, "--include", "*", "--out", str(b), "--stop-after", "1"]) == 0
+    config = json.loads((b / "config.json").read_text())
+    del config["method_options"]["include"]  # as a run started before the default changed has it
+    (b / "config.json").write_text(json.dumps(config))
+    assert cli.main(["train", "--out", str(b), "--resume"]) == 0
+    assert "resuming on the checkpoint's" in (b / "log.txt").read_text()
+    sa, sb = final_state(a), final_state(b)
+    assert sa["model"].keys() == sb["model"].keys()
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+
+
 class Crash(Exception):
     pass
 

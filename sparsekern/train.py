@@ -40,6 +40,7 @@ only a stale NAME.tmp, and a report.json means the run is complete.
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import math
 import os
@@ -408,6 +409,7 @@ class Trainer:
         if state["method"] is not None and self.method is None:
             self.method = self.method_cls(self.model, **self.method_kwargs)  # oneshot after its prune
         if self.method is not None and state["method"] is not None:
+            self._rebuild_on_saved_layers(state["method"])
             # Method first: CS's ticket phase converts the layers the model state then fills.
             self.method.load_state_dict(state["method"])
         self.model.load_state_dict(state["model"])
@@ -424,6 +426,21 @@ class Trainer:
             self.log(f"resumed from {path}: all {len(self.plan)} epochs are done; writing the report again")
         else:
             self.log(f"resumed from {path} at epoch {self.next_epoch + 1}/{len(self.plan)}")
+
+    def _rebuild_on_saved_layers(self, method_state: dict) -> None:
+        """A run whose config gives no include resumes over the layers its checkpoint holds
+        masks for. The default selection can change between versions (the structured modes
+        took every conv before they defaulted to purgeable_layers), and a run started under
+        the old one then failed to resume ("state ['masks'] entries differ"): the model and
+        method are built again on the saved layers; the checkpoint then fills them."""
+        saved = sorted({key.rsplit(".", 1)[0] for key in method_state.get("masks", {})})
+        if "include" in self.cfg.method_options or saved == sorted(name for name, _ in self.method.layers):
+            return
+        self.log(f"the checkpoint's {len(saved)} sparse layers differ from today's default selection for "
+                 f"{self.cfg.method} ({len(self.method.layers)}); resuming on the checkpoint's")
+        self.model = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
+        self.method_kwargs = {**self.method_kwargs, "include": [glob.escape(name) for name in saved]}
+        self.method = self.method_cls(self.model, **self.method_kwargs)
 
     def save(self, *, same_epoch: bool = False) -> None:
         """The checkpoint of the epochs done; same_epoch: the one loaded, written again
