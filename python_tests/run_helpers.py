@@ -1,5 +1,6 @@
 """What the CLI / training / report tests share: CIFAR-10 batch files in the official format
-(tiny), a one-thread fixture, and the files every finished run folder holds. Not a test
+(tiny), a one-thread fixture, the files every finished run folder holds, and
+BatchNorm statistics for the purge tests. Not a test
 module (pytest collects test_*.py only)."""
 import pickle
 import struct
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 RUN_FILES = ["config.json", "log.txt", "checkpoint.pt", "report.json", "report.md", "density_layers.png",
              "training.png", "exported_state_dict.pt", "exported_model.pt2"]
@@ -56,3 +58,15 @@ def write_cifar(root: Path, per_batch: int = 8, seed: int = 0) -> Path:
     names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
     _dump({b"num_cases_per_batch": per_batch, b"label_names": names, b"num_vis": 3072}, folder / "batches.meta")
     return folder
+
+
+@torch.no_grad()
+def tame_batchnorm(model):
+    """Random BatchNorm statistics of unit scale: no channel trivially zero, no blow-up."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.3)
+    return model

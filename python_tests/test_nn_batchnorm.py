@@ -25,16 +25,9 @@ from sparsekern.models import build_model
 from sparsekern.nn import GatedBatchNorm2d, SparseConv2d, sparse_modules
 from sparsekern.nn.batchnorm import gate_batchnorms
 from sparsekern.ops import hard_concrete_gates
+from run_helpers import one_thread  # noqa: F401  (one_thread: a fixture)
 
 CLOSED, OPEN = -20.0, 20.0  # log α far enough out that every sample is 0 / 1
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def gated_pair(channels=5, affine=True, track=True, momentum=0.1, dtype=torch.float64, seed=0):

@@ -13,28 +13,9 @@ from torchvision.models import convnext, efficientnet, regnet, swin_transformer
 from sparsekern import export, sparsify
 from sparsekern.methods import DPF, ConstrainedL0
 from sparsekern.nn import sparse_modules
+from run_helpers import one_thread, tame_batchnorm  # noqa: F401  (one_thread: a fixture)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@torch.no_grad()
-def tame_batchnorm(model):
-    """Random BatchNorm statistics of unit scale: no channel trivially zero, no blow-up."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.uniform_(0.5, 1.5)
-            m.bias.normal_(0, 0.3)
-    return model
 
 
 def depthwise_net(padding=1, groups=8, dw_out=8):

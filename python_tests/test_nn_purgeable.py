@@ -13,16 +13,9 @@ from sparsekern.methods import DPF, ConstrainedL0
 from sparsekern.models import build_model
 from sparsekern.nn import purgeable_layers
 from sparsekern.nn import purgeable as purgeable_module
+from run_helpers import one_thread  # noqa: F401  (one_thread: a fixture)
 
 RESNET20_CONV1 = [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def convs(model, depthwise=False):
