@@ -70,3 +70,12 @@ def tame_batchnorm(model):
             m.weight.uniform_(0.5, 1.5)
             m.bias.normal_(0, 0.3)
     return model
+
+
+@torch.no_grad()
+def close_random_gates(method, fraction: float):
+    """Closes about `fraction` of every hard-concrete layer's gates (log α = −20: every
+    sample and the median gate 0), drawn with torch's generator."""
+    for _, layer in method.layers:
+        log_alpha = layer.weight_log_alpha
+        log_alpha[torch.rand(log_alpha.shape) < fraction] = -20.0

@@ -13,7 +13,7 @@ from torchvision.models import convnext, efficientnet, regnet, swin_transformer
 from sparsekern import export, sparsify
 from sparsekern.methods import DPF, ConstrainedL0
 from sparsekern.nn import sparse_modules
-from run_helpers import one_thread, tame_batchnorm  # noqa: F401  (one_thread: a fixture)
+from run_helpers import close_random_gates, one_thread, tame_batchnorm  # noqa: F401  (one_thread: a fixture)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -135,9 +135,7 @@ def test_structured_l0_purge_of_torchvision_depthwise_models(name, sliced, whole
     # Every conv gated (the default gates only those purge can slice): `whole` must stay.
     method = ConstrainedL0(model, 0.5, structured=True, include="*")
     tame_batchnorm(model)
-    for _, layer in method.layers:  # 40% of the gates closed (median gate 0)
-        log_alpha = layer.weight_log_alpha
-        log_alpha[torch.rand(log_alpha.shape) < 0.4] = -20.0
+    close_random_gates(method, 0.4)  # median gate 0
     x = torch.randn(2, 3, 32, 32)
     purged, stats = method.export(purge=True, example_input=x)
     before = dict(model.named_modules())
@@ -211,9 +209,7 @@ def test_structured_l0_purge_of_other_torchvision_cnns(name, sliced, whole):
     model, size = other_tiny(name)
     method = ConstrainedL0(model, 0.5, structured=True, include="*")  # `whole` too, as above
     tame_batchnorm(model)
-    for _, layer in method.layers:
-        log_alpha = layer.weight_log_alpha
-        log_alpha[torch.rand(log_alpha.shape) < 0.4] = -20.0
+    close_random_gates(method, 0.4)  # median gate 0
     x = torch.randn(2, 3, size, size)
     purged, stats = method.export(purge=True, example_input=x)
     for layer in sliced:

@@ -14,7 +14,7 @@ from torchvision.ops import SqueezeExcitation
 from sparsekern import export, sparsify
 from sparsekern.methods import ConstrainedL0
 from sparsekern.nn import sparse_modules
-from run_helpers import one_thread, tame_batchnorm  # noqa: F401  (one_thread: a fixture)
+from run_helpers import close_random_gates, one_thread, tame_batchnorm  # noqa: F401  (one_thread: a fixture)
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -258,9 +258,7 @@ def test_structured_l0_purge_shrinks_torchvision_se_blocks(name, builder, max_af
     model = builder()
     method = ConstrainedL0(model, 0.5, structured=True, include="*")  # every conv gated, as the README table was measured
     tame_batchnorm(model)
-    for _, layer in method.layers:  # 40% of the gates closed (median gate 0)
-        log_alpha = layer.weight_log_alpha
-        log_alpha[torch.rand(log_alpha.shape) < 0.4] = -20.0
+    close_random_gates(method, 0.4)  # median gate 0
     x = torch.randn(2, 3, 32, 32)
     purged, stats = method.export(purge=True, example_input=x)
     before = {id(m): n for n, m in model.named_modules()}
@@ -297,9 +295,7 @@ def test_structured_l0_purge_of_regnet_y_squeeze_excitation(group_width):
     model = regnet.RegNet(params, num_classes=10, stem_width=8)
     method = ConstrainedL0(model, 0.5, structured=True, include="*")  # every conv gated, as the README table was measured
     tame_batchnorm(model)
-    for _, layer in method.layers:
-        log_alpha = layer.weight_log_alpha
-        log_alpha[torch.rand(log_alpha.shape) < 0.4] = -20.0
+    close_random_gates(method, 0.4)  # median gate 0
     x = torch.randn(2, 3, 32, 32)
     purged, stats = method.export(purge=True, example_input=x)
     before, after = dict(model.named_modules()), dict(purged.named_modules())
