@@ -206,7 +206,7 @@ def test_structured_l0_gates_every_batchnorm_behind_a_conv_and_keeps_the_state_d
         bn = model.get_submodule(name)
         conv = model.get_submodule(name[:-len("bn1")] + "conv1" if name.endswith("bn1") else
                                    name[:-len("bn2")] + "conv2" if name.endswith("bn2") else name[:-1] + "0")
-        assert bn.conv is conv and conv.mask.keep_open
+        assert bn.conv is conv and conv.mask.keep_channel_z
     # Not a submodule: the same modules and state_dict keys (plus the gates' own log α).
     assert [n for n, _ in model.named_modules()] == names
     assert set(model.state_dict()) == keys | {f"{n}.weight_log_alpha" for n, _ in method.layers}

@@ -27,7 +27,7 @@ from torch import nn
 from .. import _checks, ops
 from ..nn import export as export_model
 from ..nn import sparse_modules, sparsify
-from ..nn.sparsify import first_few, planned_weights
+from ..nn.sparsify import planned_weights
 from ..nn.batchnorm import lost_gates
 from ..nn.masks import HardConcreteMask, project_layers
 from ._state import check_mask_values, check_state
@@ -96,7 +96,7 @@ class PruningMethod:
         if other:
             raise ValueError(
                 f"`model` has sparse layers whose mask kind is not {type(self).__name__}'s {self.mask_kind!r}: "
-                f"{first_few(other)}. Start from a dense model (sparsekern.export(model).model bakes "
+                f"{_checks.first_few(other)}. Start from a dense model (sparsekern.export(model).model bakes "
                 "the masks in).")
         if self.ranks_at_init:
             # NaN / Inf weights (a diverged run): the ranking op raised only after sparsify
@@ -201,7 +201,7 @@ class PruningMethod:
         lost = lost_gates(self.model)
         if lost:
             warnings.warn(
-                f"the gated BatchNorms after {first_few(lost)} were replaced since sparsify (e.g. by "
+                f"the gated BatchNorms after {_checks.first_few(lost)} were replaced since sparsify (e.g. by "
                 "nn.SyncBatchNorm.convert_sync_batchnorm): a closed channel comes out of the new module as its "
                 "shift, and export(purge=True) may have to keep it. Train with the nn.BatchNorm2d layers sparsify "
                 "gated.",

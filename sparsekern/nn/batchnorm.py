@@ -64,9 +64,10 @@ from .transformer import Retyped, _retyped
 
 class GatedBatchNorm2d(nn.BatchNorm2d):
     """nn.BatchNorm2d that outputs exactly 0 for the channels its conv closed in this
-    forward, leaves their running_mean / running_var as they were, and is an ordinary
-    BatchNorm on the open ones. sparsify() makes these (see the module docstring); build
-    one yourself with GatedBatchNorm2d.from_dense(batchnorm, conv)."""
+    forward and leaves their running_mean / running_var as they were; an open channel's
+    output is z·BN(y), its running statistics those of the ungated conv output y (the
+    module docstring says why). sparsify() makes these; build one yourself with
+    GatedBatchNorm2d.from_dense(batchnorm, conv)."""
 
     dense_type = nn.BatchNorm2d
     _gated_by: tuple  # (conv,): a plain attribute, not a submodule
@@ -185,7 +186,7 @@ def _gate(bn: nn.BatchNorm2d, conv: nn.Module) -> GatedBatchNorm2d:
     # object.__setattr__: Module.__setattr__ would not register a tuple anyway, but a
     # plain attribute says so; a tuple, not a weakref, so deepcopy maps it to the copy's conv.
     object.__setattr__(bn, "_gated_by", (conv,))
-    conv.mask.keep_open = True
+    conv.mask.keep_channel_z = True
     return bn
 
 
@@ -267,7 +268,7 @@ def lost_gates(model: nn.Module) -> list[str]:
     as its shift again."""
     held = {id(m.conv) for m in model.modules() if isinstance(m, GatedBatchNorm2d)}
     return [name for name, m in model.named_modules()
-            if isinstance(m, SparseConv2d) and getattr(m.mask, "keep_open", False) and id(m) not in held]
+            if isinstance(m, SparseConv2d) and getattr(m.mask, "keep_channel_z", False) and id(m) not in held]
 
 
 def _normalisation(m) -> bool:

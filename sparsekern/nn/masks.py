@@ -506,7 +506,7 @@ class HardConcreteMask(MaskKind):
         # Set when a BatchNorm is gated by this layer (sparsekern.nn.batchnorm): each
         # training forward then keeps its z per channel (C values, in the autograd graph:
         # the BatchNorm scales its output by it), for that BatchNorm.
-        self.keep_open = False
+        self.keep_channel_z = False
         self._channel_z = None
 
     @property
@@ -533,8 +533,7 @@ class HardConcreteMask(MaskKind):
             state["_counter"] = torch.tensor(state.pop("offset"), dtype=torch.int64)
         state.setdefault("_last_offset", None)
         state.setdefault("inputs_per_gate", 1)
-        state.setdefault("keep_open", False)
-        state.pop("_open", None)
+        state.setdefault("keep_channel_z", False)
         state.setdefault("_channel_z", None)
         self.__dict__.update(state)
 
@@ -607,7 +606,7 @@ class HardConcreteMask(MaskKind):
         )
         if not recompute:
             self._keep_forward_l0(layer, l0, offset)
-        if self.keep_open and layer.training:
+        if self.keep_channel_z and layer.training:
             # A checkpoint's recompute draws the same z (same offset), so it keeps the same
             # gates for the BatchNorm's recompute. Not detached: log α learns through the
             # BatchNorm's use of it.
@@ -672,7 +671,7 @@ class HardConcreteMask(MaskKind):
 
     def channel_gates(self, layer):
         """Training: the z sampled by the layer's last training forward, differentiable in
-        log α (kept only while keep_open is set). Eval: the median gate, a function of
+        log α (kept only while keep_channel_z is set). Eval: the median gate, a function of
         log α alone, as export bakes it."""
         if not self.gates_output_channels(layer):
             return super().channel_gates(layer)
@@ -680,7 +679,7 @@ class HardConcreteMask(MaskKind):
             return self.gate(layer).reshape(-1)
         if self._channel_z is None:
             raise RuntimeError("channel_gates of a training layer before its first training forward "
-                               "(or with keep_open unset): no z has been drawn")
+                               "(or with keep_channel_z unset): no z has been drawn")
         return self._channel_z
 
     def gate(self, layer, dtype=None):

@@ -53,7 +53,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .heads import PrunedMultiheadAttention, prune_heads, weights_unused
-from .sparsify import first_few, sparse_modules
+from .._checks import first_few
+from .sparsify import sparse_modules
 
 # Per-channel modules a group may pass through, by what they do to a constant channel.
 _ELEMENTWISE = (
