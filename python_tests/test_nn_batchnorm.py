@@ -206,7 +206,7 @@ def test_structured_l0_gates_every_batchnorm_behind_a_conv_and_keeps_the_state_d
         bn = model.get_submodule(name)
         conv = model.get_submodule(name[:-len("bn1")] + "conv1" if name.endswith("bn1") else
                                    name[:-len("bn2")] + "conv2" if name.endswith("bn2") else name[:-1] + "0")
-        assert bn.conv is conv and conv.mask.keep_channel_z
+        assert bn.conv is conv and conv.mask.batchnorm_gated
     # Not a submodule: the same modules and state_dict keys (plus the gates' own log α).
     assert [n for n, _ in model.named_modules()] == names
     assert set(model.state_dict()) == keys | {f"{n}.weight_log_alpha" for n, _ in method.layers}
@@ -225,8 +225,8 @@ def test_structured_l0_default_gates_the_blocks_first_batchnorms():
 @pytest.mark.parametrize("make", [
     lambda m: ConstrainedL0(m, 0.5),                      # unstructured gates: no channel is closed as a whole
     lambda m: PenalizedL0(m, 1e-3, structured=False),
-    lambda m: DPF(m, sparsity=0.5, mode="structured"),   # see test_dpf_structured_keeps_its_feedback_through_batchnorm
-], ids=["l0 unstructured", "penalized unstructured", "dpf structured"])
+    lambda m: DPF(m, sparsity=0.5, mode="structured", gate_batchnorms=False),  # test_nn_batchnorm_dpf.py
+], ids=["l0 unstructured", "penalized unstructured", "dpf structured, plain"])
 def test_other_masks_leave_the_batchnorms_plain(make):
     model = resnet()
     make(model)
@@ -525,13 +525,13 @@ def test_activation_checkpointing_gives_the_same_gradients(reentrant):
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
 
 
-def test_dpf_structured_keeps_its_feedback_through_batchnorm():
-    """Why DPF(mode="structured") leaves its BatchNorms plain: DPF trains the pruned
-    filters with the gradient at the pruned model (straight-through), so they can come
-    back. Through an ordinary BatchNorm a pruned channel's gradient is alive; a gated one
-    would output 0 whatever the filter holds, and its gradient would be exactly 0."""
+def test_dpf_structured_with_plain_batchnorms_feeds_back_through_them():
+    """DPF(mode="structured", gate_batchnorms=False), the authors' code: through an
+    ordinary BatchNorm a pruned channel outputs relu(β) and its filter's gradient is
+    alive (γ/√eps times the output's); gated (the default, test_nn_batchnorm_dpf.py) it
+    outputs 0 whatever the filter holds, and that gradient is exactly 0."""
     model = conv_bn_net()
-    method = DPF(model, sparsity=0.3, mode="structured", ignore_classifier=True)
+    method = DPF(model, sparsity=0.3, mode="structured", ignore_classifier=True, gate_batchnorms=False)
     pruned = ~model[0].weight_mask.flatten(1).any(1)
     assert pruned.any() and type(model[1]) is nn.BatchNorm2d
     with torch.no_grad():

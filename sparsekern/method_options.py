@@ -46,8 +46,9 @@ METHODS: dict[str, tuple[str | None, str | None, str]] = {
             "period=16 steps, straight-through backward (pruned weights keep learning and can "
             "return), Zhu & Gupta schedule reaching the target at the second lr decay (the "
             "paper), last FC / biases / BN dense. mode: global (paper) | layerwise | structured "
-            "(output-channel l2 norm; the export is purged; without --include, only the convs whose "
-            "channels purge can remove, e.g. a ResNet block's first conv)."),
+            "(output-channel l2 norm, the BatchNorm after a pruned filter gated with it; the export is "
+            "purged; without --include, only the convs whose channels purge can remove, e.g. a ResNet "
+            "block's first conv)."),
     "cs": ("cs", "ContinuousSparsification",
            "Continuous Sparsification (Savarese et al., NeurIPS 2020): soft mask "
            "sigma(beta*s)/sigma(s0), penalty lam*sum(mask) (code: lam=1e-8, s0=0), beta raised to "
@@ -103,6 +104,9 @@ FALLBACK_HELP = {
     "initial_sparsity": "sparsity at start_iteration",
     "period": "steps between two mask recomputations",
     "mode": "how the mask is chosen",
+    "gate_batchnorms": "--mode structured: a BatchNorm2d right after a pruned filter outputs 0 for it, its γ and β "
+                       "masked with the filter (so the purged export removes the channel); --no-gate-batchnorms keeps "
+                       "plain BatchNorms, as the authors' code (a pruned channel outputs relu(β))",
     "structured": "one gate per conv output channel / linear input neuron (attention out_proj: "
                   "per head) instead of per weight (the export is purged); without --include, only the convs "
                   "whose channels purge can remove are gated (a ResNet block's first conv), and every Linear",

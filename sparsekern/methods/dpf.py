@@ -29,7 +29,15 @@ Modes (every count is of weights in the pruned layers, N in total):
   "ℓ2-norm based filter selection"). Channels are pruned in ascending norm order (ties by
   layer then channel index) for as long as the pruned weight count stays ≤ round(s_t·N):
   the achieved sparsity never exceeds the target and falls short of it by less than the
-  next channel's size. Biases stay dense, so a pruned channel still outputs its bias.
+  next channel's size. A BatchNorm2d right after a selected conv is gated by its
+  filters (gate_batchnorms=True, the default; sparsekern.nn.batchnorm): a pruned filter's
+  BatchNorm channel outputs 0 and keeps its running statistics, its γ and β masked with
+  the filter and trained straight through like its weights, so export(purge=True) removes
+  the channel. The authors' code keeps the BatchNorm plain (gate_batchnorms=False): its
+  pruned channels output the constant relu(β), which purge has to keep, and the README's
+  8-epoch ResNet-20 digits run kept 74 (gated, over three seeds: +0.2 to +2.2 points of
+  test accuracy, 0.31-0.34 of dense's MACs exported instead of 0.58-0.62). Biases stay
+  dense, so a pruned channel without such a BatchNorm still outputs its bias.
 
 Layers: every Conv2d and Linear except the last Linear (ignore_classifier=True), which
 for the paper's ResNets / WideResNets is exactly "all conv layers; the last FC, biases
@@ -56,9 +64,10 @@ from typing import Any
 import torch
 
 from .. import ops
+from ..nn.batchnorm import gate_batchnorms as gate_batchnorms_of
 from ._magnitude import HistoryState, exact_keep_masks, exclude_classifier, set_masks
 from ._structured import structured_include
-from .base import PruningMethod, check_choice, check_int, check_real
+from .base import PruningMethod, check_bool, check_choice, check_int, check_real
 from .schedules import zhu_gupta
 
 MODES = ("global", "layerwise", "structured")
@@ -69,16 +78,22 @@ class DPF(HistoryState, PruningMethod):
     ranks_at_init = True
 
     def __init__(self, model, sparsity: float, end_iteration: int | None = None, period: int = 16,
-                 mode: str = "global", include=None, exclude=None, ignore_classifier: bool = True):
+                 mode: str = "global", include=None, exclude=None, ignore_classifier: bool = True,
+                 gate_batchnorms: bool = True):
         self.sparsity = check_real("sparsity", sparsity, low=0.0, high=1.0, high_open=True)
         self.end_iteration = None if end_iteration is None else check_int("end_iteration", end_iteration, low=1)
         self.period = check_int("period", period, low=1)
         self.mode = check_choice("mode", mode, MODES)
+        self.gate_batchnorms = check_bool("gate_batchnorms", gate_batchnorms)
         exclude = exclude_classifier(model, exclude, ignore_classifier)
         self.ignore_classifier = ignore_classifier
         if self.mode == "structured":
             include = structured_include(model, include, exclude, method="DPF(mode='structured')")
         super().__init__(model, include=include, exclude=exclude)
+        if self.mode == "structured" and self.gate_batchnorms:
+            for _, layer in self.layers:
+                layer.mask.whole_channels = True
+            gate_batchnorms_of(model)
         self.history: list[dict[str, Any]] = []
         if not self._awaiting_values:  # a meta model has no |w| to rank (its history had no counts to read)
             self._update_mask()  # t = 0: Algorithm 1 computes the first mask before any step

@@ -80,6 +80,14 @@ class MaskKind(abc.ABC):
         an [out_channels] tensor; only where gates_output_channels(layer)."""
         raise TypeError(f"mask kind {self.name!r} does not gate whole output channels")
 
+    def eval_channel_gates(self, layer: nn.Module) -> torch.Tensor:
+        """channel_gates(layer) of an eval-mode forward, whatever the layer's mode: what
+        export bakes (only where gates_output_channels(layer))."""
+        raise TypeError(f"mask kind {self.name!r} does not gate whole output channels")
+
+    # Set on a layer's mask once a BatchNorm after it is gated by it (sparsekern.nn.batchnorm).
+    batchnorm_gated: bool = False
+
     def after_apply(self, layer: nn.Module) -> None:
         """Called after the layer's Module._apply (to(), half(), cuda(), to_empty(), ...)
         converted every float tensor on it: puts right what that blanket conversion gets
@@ -266,12 +274,37 @@ class BinaryMask(MaskKind):
 
 class StraightThroughMask(BinaryMask):
     """Like binary in the forward; the backward passes G to every weight unmasked, so pruned
-    weights keep learning and can come back (DPF)."""
+    weights keep learning and can come back (DPF).
+
+    whole_channels=True (DPF's structured mode) declares that the mask keeps or prunes a
+    conv's output channels whole: a BatchNorm2d right after such a conv is then gated by
+    it (sparsekern.nn.batchnorm), its affine parameters masked with the channel, straight
+    through as the weights are. A channel whose weights are all pruned is closed."""
 
     name = "straight_through"
+    whole_channels = False  # a class default: masks pickled before the option read False
+
+    def __init__(self, *, whole_channels: bool = False):
+        self.whole_channels = _bool("whole_channels", whole_channels)
 
     def masked_weight(self, layer):
         return None  # the pruned weights keep training: they are not zero
+
+    def gates_output_channels(self, layer):
+        return self.whole_channels and layer.weight.dim() == 4
+
+    def channel_gates(self, layer):
+        """1 for a channel with some weight kept, 0 for one pruned whole; no gradient (the
+        BatchNorm passes its affine parameters' straight through)."""
+        if not self.gates_output_channels(layer):
+            return super().channel_gates(layer)
+        return layer.weight_mask.flatten(1).any(1).to(layer.weight.dtype)
+
+    def eval_channel_gates(self, layer):
+        return self.channel_gates(layer)  # the same in both modes
+
+    def options(self):
+        return {"whole_channels": True} if self.whole_channels else {}
 
 
 # The lowest initial score: 1/σ(s0) (the gate's scale) stays finite in float32 (e^80 ≈
@@ -503,10 +536,9 @@ class HardConcreteMask(MaskKind):
         self.seed = seed
         self._counter = torch.zeros((), dtype=torch.int64, device="cpu")
         self._last_offset = None  # the tensor the last training forward drew its noise at
-        # Set when a BatchNorm is gated by this layer (sparsekern.nn.batchnorm): each
-        # training forward then keeps its z per channel (C values, in the autograd graph:
+        # Once a BatchNorm is gated by this layer (batchnorm_gated, sparsekern.nn.batchnorm)
+        # each training forward keeps its z per channel (C values, in the autograd graph:
         # the BatchNorm scales its output by it), for that BatchNorm.
-        self.keep_channel_z = False
         self._channel_z = None
 
     @property
@@ -533,7 +565,8 @@ class HardConcreteMask(MaskKind):
             state["_counter"] = torch.tensor(state.pop("offset"), dtype=torch.int64)
         state.setdefault("_last_offset", None)
         state.setdefault("inputs_per_gate", 1)
-        state.setdefault("keep_channel_z", False)
+        if "keep_channel_z" in state:  # its name until the straight-through mask could be gated too
+            state["batchnorm_gated"] = state.pop("keep_channel_z")
         state.setdefault("_channel_z", None)
         self.__dict__.update(state)
 
@@ -606,7 +639,7 @@ class HardConcreteMask(MaskKind):
         )
         if not recompute:
             self._keep_forward_l0(layer, l0, offset)
-        if self.keep_channel_z and layer.training:
+        if self.batchnorm_gated and layer.training:
             # A checkpoint's recompute draws the same z (same offset), so it keeps the same
             # gates for the BatchNorm's recompute. Not detached: log α learns through the
             # BatchNorm's use of it.
@@ -671,16 +704,21 @@ class HardConcreteMask(MaskKind):
 
     def channel_gates(self, layer):
         """Training: the z sampled by the layer's last training forward, differentiable in
-        log α (kept only while keep_channel_z is set). Eval: the median gate, a function of
-        log α alone, as export bakes it."""
+        log α (kept only once a BatchNorm is gated by the layer). Eval: the median gate, a
+        function of log α alone, as export bakes it."""
         if not self.gates_output_channels(layer):
             return super().channel_gates(layer)
         if not layer.training:
-            return self.gate(layer).reshape(-1)
+            return self.eval_channel_gates(layer)
         if self._channel_z is None:
             raise RuntimeError("channel_gates of a training layer before its first training forward "
-                               "(or with keep_channel_z unset): no z has been drawn")
+                               "(or with no BatchNorm gated by it): no z has been drawn")
         return self._channel_z
+
+    def eval_channel_gates(self, layer):
+        if not self.gates_output_channels(layer):
+            return super().eval_channel_gates(layer)
+        return self.gate(layer).reshape(-1)
 
     def gate(self, layer, dtype=None):
         log_alpha = layer.weight_log_alpha.detach()
