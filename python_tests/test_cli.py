@@ -209,6 +209,11 @@ def fails(capsys, argv, *needles):
      ["--mask-lr: --method dpf has no learnable mask parameters", "cs, concave, l0, l0-penalized"]),
     (["--method", "dense", "--mask-lr", "0.1"], ["--mask-lr: --method dense has no learnable"]),
     (["--method", "dense", "--nesterov", "--momentum", "0"], ["--nesterov needs --momentum > 0"]),
+    # A RuntimeError from end_round() / to_ticket() after the first round had trained.
+    (["--method", "imp", "--rounds", "2", "--epochs", "1", "--max-batches", "2", "--rewind-iteration", "3"],
+     ["--rewind-iteration 3: the first round ends after 2 steps", "<= 2"]),
+    (["--method", "cs", "--epochs", "2", "--max-batches", "1", "--rewind-iteration", "3"],
+     ["--rewind-iteration 3: the first round ends after 2 steps", "<= 2"]),
 ])
 def test_bad_arguments_fail_before_anything_is_written(args, needles, tmp_path, capsys):
     out = tmp_path / "run"

@@ -525,6 +525,23 @@ def test_lr_after_a_rewind_continues_from_the_rewind_iteration(tmp_path):
     assert lr == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))
 
 
+def test_rewind_iteration_may_be_the_first_rounds_last_step_not_later(tmp_path):
+    """The weights of step k must exist when the first round ends: k = the round's last
+    step rewinds there; k one step later is refused before anything is written (it raised
+    a RuntimeError from end_round() after the first round had trained)."""
+    cfg = RunConfig("imp", "mlp", epochs=1, rounds=2, max_batches=4, batch_size=32,
+                    method_options={"rewind_iteration": 4})
+    trainer = train.Trainer(cfg, tmp_path / "run", log=lambda s: None)
+    trainer.out.mkdir()
+    with pytest.raises(train.Interrupted):
+        trainer.fit(stop_after=1)
+    assert trainer.method.iteration == 4 and trainer.phase_step == 4
+    cfg.method_options["rewind_iteration"] = 5
+    with pytest.raises(ValueError, match=r"--rewind-iteration 5: the first round ends after 4 steps"):
+        train.Trainer(cfg, tmp_path / "never-written", log=lambda s: None)
+    assert not (tmp_path / "never-written").exists()
+
+
 def test_method_kwargs_come_from_flags_and_the_run(tmp_path):
     never = tmp_path / "never-written"
     cfg = RunConfig("gmp", "mlp", density=0.25, epochs=8, max_batches=10, milestones=[4, 6],

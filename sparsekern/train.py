@@ -348,6 +348,7 @@ class Trainer:
         self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes).to(self.device)
         self.example = self.data.example_input(2).to(self.device)
         self.method_kwargs, self.param_mask_lr = self._method_kwargs()
+        self._check_rewind_point()
         self.method = None
         if self.method_cls is not None:
             if cfg.method == "oneshot" and self.plan[0].phase == "pretrain":
@@ -388,6 +389,21 @@ class Trainer:
                              layer_density=cfg.layer_density,
                                   epochs=cfg.epochs, seed=cfg.seed, end_iteration_default=end, rounds=cfg.rounds)
         return kwargs, mask_lr
+
+    def _check_rewind_point(self) -> None:
+        """ValueError naming --rewind-iteration when the first rewind (end_round, or CS's
+        to_ticket) comes before that step: the weights to rewind to would not exist yet,
+        and end_round() raised a RuntimeError after the first round had trained, leaving
+        a folder that neither --resume nor a new run could use."""
+        first = next((i for i, spec in enumerate(self.plan) if spec.after in ("end_round", "to_ticket")), None)
+        k = self.method_kwargs.get("rewind_iteration", 0)
+        if first is None or not isinstance(k, int):  # a bad type: the constructor names it
+            return
+        steps = (first + 1) * self.steps_per_epoch
+        if k > steps:
+            raise ValueError(f"--rewind-iteration {k}: the first round ends after {steps} steps ({first + 1} "
+                             f"epoch(s) of {self.steps_per_epoch}), before the weights of step {k} it would "
+                             f"rewind to exist; give --rewind-iteration <= {steps}")
 
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
