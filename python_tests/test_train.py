@@ -265,6 +265,37 @@ def test_make_folder_fsyncs_each_new_folder_into_its_parent(tmp_path, monkeypatc
     assert synced == []
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fsynced fds through /proc")
+def test_each_log_line_is_fsynced_before_the_epochs_checkpoint(tmp_path, monkeypatch):
+    """log.txt was appended to and closed, never fsynced: a power cut could keep an epoch's
+    checkpoint and lose its log line. Now, when the checkpoint is written, log.txt has been
+    fsynced with the epoch's line in it (and the folder once, when log.txt was created)."""
+    out = tmp_path / "run"
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append((path, os.fstat(fd).st_size))
+        return real_fsync(fd)
+
+    at_save = []
+    real_save = train.Trainer.save
+
+    def save(self, **kw):
+        log = (out / "log.txt").read_bytes()
+        last = [size for path, size in synced if path == str(out / "log.txt")][-1:]
+        at_save.append((log.decode().splitlines()[-1], last == [len(log)]))
+        return real_save(self, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(train.Trainer, "save", save)
+    cfg = RunConfig("dense", "mlp", epochs=2, max_batches=2, batch_size=32)
+    train.run(cfg, out, log=lambda s: None)
+    assert [(line.split("  ")[0], durable) for line, durable in at_save] == [("epoch 1/2", True), ("epoch 2/2", True)]
+    first_line = next(i for i, (path, _) in enumerate(synced) if path == str(out / "log.txt"))
+    assert synced[first_line + 1][0] == str(out)  # log.txt's entry in the folder, right after its first line
+
+
 def test_folder_fsync_is_skipped_where_the_platform_cannot_do_it(tmp_path, monkeypatch):
     """Windows cannot open a directory (PermissionError), some network filesystems refuse
     a directory fsync (EINVAL): the file is written all the same. An I/O error raises."""

@@ -35,7 +35,8 @@ The run folder:
                          without sparsekern or the model's Python class
 Every file but log.txt is written atomically (NAME.tmp, fsync, rename, fsync of the
 folder), report.json last: a run killed at any moment (SIGKILL) leaves no truncated file,
-only a stale NAME.tmp, and a report.json means the run is complete.
+only a stale NAME.tmp, and a report.json means the run is complete. log.txt is appended
+to, each line flushed and fsynced (sparsekern.checkpoint.append_line).
 """
 from __future__ import annotations
 
@@ -485,8 +486,7 @@ class Trainer:
     # ---- the loop
     def log(self, line: str) -> None:
         self._print(line)
-        with open(self.out / "log.txt", "a") as f:
-            f.write(line + "\n")
+        ckpt.append_line(self.out / "log.txt", line)  # durable before the checkpoint that follows it
 
     def _set_lr(self, spec: EpochSpec) -> float:
         factor = lr_factor(self.cfg, self.phase_step / self.steps_per_epoch, spec.phase_epochs)
