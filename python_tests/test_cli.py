@@ -209,6 +209,11 @@ def fails(capsys, argv, *needles):
      ["--mask-lr: --method dpf has no learnable mask parameters", "cs, concave, l0, l0-penalized"]),
     (["--method", "dense", "--mask-lr", "0.1"], ["--mask-lr: --method dense has no learnable"]),
     (["--method", "dense", "--nesterov", "--momentum", "0"], ["--nesterov needs --momentum > 0"]),
+    # Each trained (inf: NaN weights) or died with a traceback after config.json and log.txt were written,
+    # or failed naming another argument (scikit-learn's `random_state`).
+    (["--method", "dense", "--weight-decay", "inf"], ["--weight-decay must be a finite number >= 0, got inf"]),
+    (["--method", "dense", "--seed", str(2**32)], ["--seed must be < 2**32", "got 4294967296"]),
+    (["--method", "dense", "--device", "meta"], ["--device meta holds shapes only"]),
     # A RuntimeError from end_round() / to_ticket() after the first round had trained.
     (["--method", "imp", "--rounds", "2", "--epochs", "1", "--max-batches", "2", "--rewind-iteration", "3"],
      ["--rewind-iteration 3: the first round ends after 2 steps", "<= 2"]),

@@ -172,7 +172,9 @@ class RunConfig:
         # torch checks this in SGD's defaults only, not per group: it ran plain SGD.
         need(not (self.optimizer == "sgd" and self.nesterov and self.momentum == 0),
              "--nesterov needs --momentum > 0")
-        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        # inf passed: the first step made every weight NaN, after config.json and log.txt were written.
+        need(self.weight_decay >= 0 and math.isfinite(self.weight_decay),
+             f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         need(self.mask_lr is None or self.mask_lr > 0, f"--mask-lr must be > 0, got {self.mask_lr}")
         need(self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {list(LR_SCHEDULES)}")
         need(self.milestones is None or all(m >= 0 for m in self.milestones), "--milestones must be >= 0")
@@ -188,12 +190,26 @@ class RunConfig:
         need(self.test_batch_size >= 1, f"--test-batch-size must be >= 1, got {self.test_batch_size}")
         need(self.max_batches is None or self.max_batches >= 1, f"--max-batches must be >= 1, got {self.max_batches}")
         need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
+        # scikit-learn's split refused it, in a message that named its own `random_state`.
+        need(self.data != "digits" or self.seed < 2**32,
+             f"--seed must be < 2**32 = {2**32} with --data digits (scikit-learn's train/test split takes 32-bit "
+             f"seeds), got {self.seed}")
         need(self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}")
         try:
             device = torch.device(self.device)
         except RuntimeError as e:
             raise ValueError(f"--device {self.device!r}: {e}") from None
         need(device.type != "cuda" or torch.cuda.is_available(), f"--device {self.device}: CUDA is not available")
+        # meta tensors have no values: the run wrote config.json and log.txt, then died in
+        # torch.autocast with a traceback.
+        need(device.type != "meta", "--device meta holds shapes only, no values: nothing can be trained on it")
+        try:
+            # A device torch knows by name but cannot use here (mps / xpu in a build without
+            # them, cuda:7 on a one-GPU machine) raised a traceback while the model was built.
+            torch.empty(0, device=device)
+        except Exception as e:  # NotImplementedError, RuntimeError, AssertionError, ... by backend
+            raise ValueError(f"--device {self.device}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                             ) from None
 
     @property
     def target_sparsity(self) -> float | None:
