@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from run_helpers import one_thread, write_cifar  # noqa: F401  (fixture)
+from run_helpers import _dump, one_thread, write_cifar  # noqa: F401  (fixture)
 
 from sparsekern.data import CIFAR_FILES, load_cifar10, load_dataset, load_digits, random_crop_flip
 
@@ -81,6 +81,28 @@ def test_cifar_wrong_format_is_a_value_error(tmp_path):
     (folder / "data_batch_2").write_bytes((folder / "data_batch_2").read_bytes()[:100])  # truncated
     with pytest.raises(ValueError, match="data_batch_2: not the CIFAR-10 python format"):
         load_dataset("cifar10", seed=0, data_dir=tmp_path)
+
+
+def test_cifar_batches_of_another_shape_empty_or_with_non_integer_labels_are_named(tmp_path):
+    """Each of these reached the user as a message naming only the folder (rows of another
+    size, a corrupt batches.meta), a traceback after the data loaded (an empty test_batch), or
+    not at all (labels 1.5 truncated to 1)."""
+    folder = write_cifar(tmp_path)
+    _dump({b"labels": [1, 2], b"data": np.zeros((2, 100), np.uint8)}, folder / "data_batch_2")
+    with pytest.raises(ValueError, match="data_batch_2: not the CIFAR-10 python format"):
+        load_dataset("cifar10", seed=0, data_dir=tmp_path)
+    folder = write_cifar(tmp_path / "b")
+    (folder / "batches.meta").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="batches.meta: not the CIFAR-10 python format"):
+        load_dataset("cifar10", seed=0, data_dir=tmp_path / "b")
+    folder = write_cifar(tmp_path / "c")
+    _dump({b"labels": [], b"data": np.zeros((0, 3072), np.uint8)}, folder / "test_batch")
+    with pytest.raises(ValueError, match="no images in test_batch"):
+        load_dataset("cifar10", seed=0, data_dir=tmp_path / "c")
+    folder = write_cifar(tmp_path / "d")
+    _dump({b"labels": [1.5, 2.0], b"data": np.zeros((2, 3072), np.uint8)}, folder / "data_batch_1")
+    with pytest.raises(ValueError, match="the labels of data_batch_1, .*data_batch_5 must be integers 0..9"):
+        load_dataset("cifar10", seed=0, data_dir=tmp_path / "d")
 
 
 def test_random_crop_flip_moves_pixels_within_the_padded_frame():

@@ -160,17 +160,32 @@ def _cifar_class():
 
 
 def _unreadable_file(folder: Path, files: list) -> Path | None:
-    """The first batch file that does not unpickle to a dict with "data" and "labels" (only
-    on the error path: torchvision's reader does not say which file failed)."""
+    """The first batch file that does not unpickle to a dict with "data" (rows of 3,072
+    bytes) and "labels" (only on the error path: torchvision's reader does not say which
+    file failed)."""
     for name, _ in files:
         try:
             with open(folder / name, "rb") as f:
                 entry = pickle.load(f, encoding="latin1")
             if not (isinstance(entry, dict) and "data" in entry and ("labels" in entry or "fine_labels" in entry)):
                 return folder / name
+            # A batch of another image size: torchvision's concatenation failed naming no file.
+            if np.ndim(entry["data"]) != 2 or np.shape(entry["data"])[1] != 3 * 32 * 32:
+                return folder / name
         except Exception:  # any failure to read it names this file
             return folder / name
     return None
+
+
+def _unreadable_meta(path: Path) -> Path | None:
+    """`path` (batches.meta) unless it unpickles to a dict with "label_names": a corrupt
+    one was blamed on the whole folder."""
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        return None if isinstance(entry, dict) and "label_names" in entry else path
+    except Exception:  # any failure to read it names this file
+        return path
 
 
 def load_cifar10(data_dir) -> Dataset:
@@ -181,9 +196,19 @@ def load_cifar10(data_dir) -> Dataset:
         try:
             ds = cls(str(root), train=train, download=False)
         except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
-            where = _unreadable_file(root / CIFAR_FOLDER, cls.train_list + cls.test_list) or root / CIFAR_FOLDER
+            folder = root / CIFAR_FOLDER
+            where = (_unreadable_file(folder, cls.train_list + cls.test_list)
+                     or _unreadable_meta(folder / cls.meta["filename"]) or folder)
             raise ValueError(f"{where}: not the CIFAR-10 python format ({type(e).__name__}: {e})") from e
+        names = ", ".join(name for name, _ in (cls.train_list if train else cls.test_list))
+        if len(ds.data) == 0:
+            # The run died later with a traceback from a shape error (an empty test split:
+            # while building the example input).
+            raise ValueError(f"{root / CIFAR_FOLDER}: no images in {names}")
         x = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))  # HWC → CHW, uint8
+        # Non-integer labels (1.5) were truncated to integers without a word.
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ds.targets):
+            raise ValueError(f"{root / CIFAR_FOLDER}: the labels of {names} must be integers 0..9")
         y = torch.tensor(ds.targets, dtype=torch.int64)
         if len(y) != len(x) or (len(y) and not (0 <= int(y.min()) and int(y.max()) < 10)):
             raise ValueError(f"{root / CIFAR_FOLDER}: labels must be 0..9, one per image")
