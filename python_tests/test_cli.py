@@ -208,6 +208,9 @@ def fails(capsys, argv, *needles):
     (["--method", "dpf", "--sparsity", "0.5", "--mask-lr", "0.1"],
      ["--mask-lr: --method dpf has no learnable mask parameters", "cs, concave, l0, l0-penalized"]),
     (["--method", "dense", "--mask-lr", "0.1"], ["--mask-lr: --method dense has no learnable"]),
+    # --gate-lr was silently overridden by --mask-lr.
+    (["--method", "l0", "--density", "0.5", "--gate-lr", "1.0", "--mask-lr", "0.5"],
+     ["--mask-lr and --gate-lr both set the lr of the gates", "--method l0: give one"]),
     (["--method", "dense", "--nesterov", "--momentum", "0"], ["--nesterov needs --momentum > 0"]),
     # Each trained (inf: NaN weights) or died with a traceback after config.json and log.txt were written,
     # or failed naming another argument (scikit-learn's `random_state`).

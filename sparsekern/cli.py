@@ -256,9 +256,15 @@ def _interrupted(trainer, out: Path) -> str:
     return f"interrupted; the last checkpoint is after epoch {trainer.saved_epochs}/{len(trainer.plan)}; {resume}"
 
 
-def _refuse_unused(config: dict) -> None:
+def _refuse_unused(config: dict, options: dict) -> None:
     """ValueError for a flag the run would ignore: given, it says the user expects an effect."""
     from .ops.mask_math import LEARNABLE_KINDS
+
+    # Both set the lr of the gates' group; param_groups(mask_lr=) overrode gate_lr, so
+    # `--gate-lr 1.0 --mask-lr 0.5` trained the gates at 0.5 without a word.
+    if "mask_lr" in config and "gate_lr" in options:
+        raise ValueError(f"--mask-lr and --gate-lr both set the lr of the gates (log α) of --method "
+                         f"{config['method']}: give one")
 
     sgd_only = [f for f in ("momentum", "nesterov") if f in config]
     if config.get("optimizer") == "adam" and sgd_only:
@@ -286,7 +292,7 @@ def cmd_train(argv: list[str]) -> int:
             missing = [f"--{k}" for k in ("method", "model") if k not in config]
             if missing:
                 parser.error(f"the following arguments are required: {', '.join(missing)}")
-            _refuse_unused(config)
+            _refuse_unused(config, options)
             cfg = train.RunConfig(**config, method_options=options)
         trainer = train.Trainer(cfg, out, resume=control["resume"], progress=control["progress"])
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
