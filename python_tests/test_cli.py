@@ -217,6 +217,9 @@ def fails(capsys, argv, *needles):
     (["--method", "dense", "--weight-decay", "inf"], ["--weight-decay must be a finite number >= 0, got inf"]),
     (["--method", "dense", "--seed", str(2**32)], ["--seed must be < 2**32", "got 4294967296"]),
     (["--method", "dense", "--device", "meta"], ["--device meta holds shapes only"]),
+    # "`end_iteration` (--end-iteration) must be >= 4, got 2": a flag not given, a value derived.
+    (["--method", "gmp", "--sparsity", "0.5", "--epochs", "1", "--max-batches", "2", "--start-iteration", "3"],
+     ["--start-iteration 3: the sparsity schedule ends at step 2", "--end-iteration not given", "> 3"]),
     # A RuntimeError from end_round() / to_ticket() after the first round had trained.
     (["--method", "imp", "--rounds", "2", "--epochs", "1", "--max-batches", "2", "--rewind-iteration", "3"],
      ["--rewind-iteration 3: the first round ends after 2 steps", "<= 2"]),

@@ -405,6 +405,13 @@ class Trainer:
         kwargs = mo.method_kwargs(cfg.method, given, sparsity=cfg.target_sparsity, density=cfg.density,
                              layer_density=cfg.layer_density,
                                   epochs=cfg.epochs, seed=cfg.seed, end_iteration_default=end, rounds=cfg.rounds)
+        start = given.get("start_iteration")
+        if "end_iteration" in ctor and "end_iteration" not in given and isinstance(start, int) and start >= end:
+            # GMP's check then said "`end_iteration` (--end-iteration) must be >= 4, got 2":
+            # a flag the user never gave, and a value they could not see.
+            raise ValueError(f"--start-iteration {start}: the sparsity schedule ends at step {end}, before it would "
+                             f"start (--end-iteration not given: the step of the second lr decay, else 3/4 of the "
+                             f"{phase_epochs * self.steps_per_epoch} training steps); give --end-iteration > {start}")
         return kwargs, mask_lr
 
     def _check_rewind_point(self) -> None:
