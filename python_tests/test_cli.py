@@ -220,6 +220,9 @@ def fails(capsys, argv, *needles):
     # "`end_iteration` (--end-iteration) must be >= 4, got 2": a flag not given, a value derived.
     (["--method", "gmp", "--sparsity", "0.5", "--epochs", "1", "--max-batches", "2", "--start-iteration", "3"],
      ["--start-iteration 3: the sparsity schedule ends at step 2", "--end-iteration not given", "> 3"]),
+    # A traceback from BatchNorm at the end of the first epoch (a last batch of 1 image over 1x1 maps).
+    (["--method", "dense", "--model", "torchvision:resnet18", "--batch-size", "4"],
+     ["--batch-size 4: each epoch's last batch holds 1 image (1437 = 359 x 4 + 1)", "Expected more than 1 value"]),
     # A RuntimeError from end_round() / to_ticket() after the first round had trained.
     (["--method", "imp", "--rounds", "2", "--epochs", "1", "--max-batches", "2", "--rewind-iteration", "3"],
      ["--rewind-iteration 3: the first round ends after 2 steps", "<= 2"]),

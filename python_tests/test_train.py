@@ -573,6 +573,26 @@ def test_rewind_iteration_may_be_the_first_rounds_last_step_not_later(tmp_path):
     assert not (tmp_path / "never-written").exists()
 
 
+def test_the_last_batch_probe_leaves_the_model_and_the_rng_alone(tmp_path):
+    """digits' 1,437 images in batches of 4 leave a last batch of 1: the model is probed
+    with one image in training mode. A model that can take it (no BatchNorm over 1x1 maps)
+    trains as before: the probe runs on a copy (BatchNorm statistics unchanged) under a
+    forked RNG (dropout's draw does not shift the run's)."""
+    cfg = RunConfig("dense", "mlp", batch_size=4)
+    trainer = train.Trainer(cfg, tmp_path / "never-written", log=lambda s: None)
+    trainer.model = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.BatchNorm2d(1), torch.nn.Flatten(),
+                                        torch.nn.Linear(64, 10))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    trainer._check_last_batch()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+    with pytest.raises(ValueError, match=r"--batch-size 4: each epoch's last batch holds 1 image"):
+        train.Trainer(RunConfig("dense", "torchvision:resnet18", batch_size=4), tmp_path / "never-written")
+    train.Trainer(RunConfig("dense", "torchvision:resnet18", batch_size=4, max_batches=3), tmp_path / "never-written")
+    assert not (tmp_path / "never-written").exists()
+
+
 def test_method_kwargs_come_from_flags_and_the_run(tmp_path):
     never = tmp_path / "never-written"
     cfg = RunConfig("gmp", "mlp", density=0.25, epochs=8, max_batches=10, milestones=[4, 6],
