@@ -74,6 +74,13 @@ MODES = ("global", "layerwise", "structured")
 
 
 class DPF(HistoryState, PruningMethod):
+    """DPF(model, sparsity, end_iteration=None, period=16, mode="global", include=None,
+    exclude=None, ignore_classifier=True)
+
+    Dynamic pruning with feedback: the module docstring has the usage, the schedule, the
+    modes and the `history` entries.
+    """
+
     mask_kind = "straight_through"
     ranks_at_init = True
 

@@ -23,6 +23,14 @@ from .schedules import zhu_gupta
 
 
 class GradualMagnitude(HistoryState, PruningMethod):
+    """GradualMagnitude(model, sparsity, end_iteration, start_iteration=0, frequency=100,
+    initial_sparsity=0.0, include=None, exclude=None, ignore_classifier=False)
+
+    Zhu & Gupta's cubic schedule from initial_sparsity at start_iteration to sparsity at
+    end_iteration, updated every `frequency` steps, masks monotone (module docstring);
+    `history` holds one entry per update.
+    """
+
     mask_kind = "binary"
     ranks_at_init = True
 

@@ -23,6 +23,13 @@ from .base import PruningMethod, check_real
 
 
 class IMP(HistoryState, PruningMethod):
+    """IMP(model, prune_fraction=0.2, rewind_iteration=0, include=None, exclude=None,
+    ignore_classifier=False)
+
+    Iterative magnitude pruning with rewinding: the module docstring has the usage and
+    what each end_round() prunes; `history` holds one entry per level.
+    """
+
     mask_kind = "binary"
     round_based = True
 

@@ -17,6 +17,12 @@ from .base import PruningMethod, check_real
 
 
 class OneShot(PruningMethod):
+    """OneShot(model, sparsity, include=None, exclude=None, ignore_classifier=False)
+
+    Prunes round(sparsity · N) weights by global |w| at construction; the masks stay fixed
+    while the model is fine-tuned (module docstring).
+    """
+
     mask_kind = "binary"
     ranks_at_init = True
 
