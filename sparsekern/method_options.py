@@ -95,8 +95,8 @@ FALLBACK_HELP = {
     "rewind_iteration": "optimiser step whose weights each round rewinds to (0: the initialisation)",
     "ignore_classifier": "leave the classifier dense (the last nn.Linear; without one, the last nn.Conv2d)",
     "include": "fnmatch patterns of the layers to prune (default: every Conv2d and Linear; an attention A counts as "
-               "A.in_proj and A.out_proj; dpf --mode structured and l0 --structured leave out the convs whose channels "
-               "the purged export cannot remove, e.g. a ResNet's stem, second convs and shortcuts)",
+               "A.in_proj and A.out_proj; dpf --mode structured and l0 / l0-penalized --structured leave out the convs "
+               "whose channels the purged export cannot remove, e.g. a ResNet's stem, second convs and shortcuts)",
     "exclude": "fnmatch patterns of layers to leave dense",
     "end_iteration": "step at which the sparsity schedule reaches its target",
     "start_iteration": "step at which the sparsity schedule starts",
