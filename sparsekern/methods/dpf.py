@@ -75,7 +75,7 @@ MODES = ("global", "layerwise", "structured")
 
 class DPF(HistoryState, PruningMethod):
     """DPF(model, sparsity, end_iteration=None, period=16, mode="global", include=None,
-    exclude=None, ignore_classifier=True)
+    exclude=None, ignore_classifier=True, gate_batchnorms=True)
 
     Dynamic pruning with feedback: the module docstring has the usage, the schedule, the
     modes and the `history` entries.
