@@ -1,5 +1,7 @@
 """Edge cases an audit of the ops found: a compiled caller passing a changing float (an
 annealed β), a Linear with no inputs, a NaN DPF threshold, a keep-mask on another device."""
+import re
+
 import pytest
 import torch
 
@@ -38,3 +40,56 @@ def test_zero_masked_refuses_a_keep_on_another_device():
     with pytest.raises(ValueError, match="keep"):
         ops.zero_masked_(w, torch.zeros(3, dtype=torch.bool, device="meta"))
     assert torch.equal(w, before)
+
+
+# --- the torch.ops.sparsekern.* ops called directly ------------------------------------------
+
+_B, _G, _Z = 2.0 / 3.0, -0.1, 1.1
+
+
+def _raw_cases():
+    """(op, arguments, the argument put on the meta device, its label): one per op that
+    takes two or more tensors. The other arguments are CPU tensors."""
+    w, keep, s, la = torch.randn(3, 4), torch.rand(3, 4) > 0.5, torch.randn(3, 4), torch.randn(5)
+    x, b, w4 = torch.randn(2, 4), torch.randn(3), torch.randn(3, 2, 1, 1)
+    off, one = torch.tensor(0), torch.tensor(0.5)
+    M = lambda t: t.to("meta")  # noqa: E731
+    hc = (_B, _G, _Z, True)
+    return {
+        "magnitude_threshold": (([la, M(la)], 2), "tensors[1]"),
+        "magnitude_masks": (([la, M(la)], 2), "tensors[1]"),
+        "philox_uniform_": ((torch.empty(3), 0, M(off)), "offset"),
+        "mask_apply": ((w, M(s), "sigmoid", 1.0, 1.0), "mask"),
+        "mask_apply_backward": ((s, w, M(s), "sigmoid", 1.0, 1.0, True), "mask"),
+        "zero_masked_": (([w.clone()], [M(keep)]), "keeps[0]"),
+        "binary_prune_state": ((w, M(keep)), "keep"),
+        "sigmoid_mask_l1_backward": ((one, M(s), 1.0, 1.0), "scores"),
+        "mask_apply_l1": ((w, M(s), "relaxed", 1.0, 1.0), "mask"),
+        "mask_apply_l1_backward": ((s, one, w, M(s), "relaxed", 1.0, 1.0), "mask"),
+        "hard_concrete_sample_fused": ((la, 0, M(off), 1, *hc), "offset"),
+        "hard_concrete_sample_fused_backward": ((la, M(one), la, 0, off, 1, *hc), "grad_l0"),
+        "hard_concrete_masked_weight_fused": ((la, M(la), 0, off, *hc), "log_alpha"),
+        "hard_concrete_masked_weight_fused_backward": ((la, one, la, la, 0, off, *hc, M(la)), "w_eff"),
+        "hard_concrete_sample": ((la, 0, M(off), 1, *hc), "offset"),
+        "hard_concrete_sample_backward": ((la, one, la, 0, M(off), 1, *hc), "offset"),
+        "hard_concrete_masked_weight": ((la, M(la), 0, off, *hc), "log_alpha"),
+        "hard_concrete_masked_weight_backward": ((la, one, la, la, 0, M(off), *hc), "offset"),
+        "masked_linear": ((x, w, b, M(keep), "binary", 1.0, 1.0), "mask"),
+        "masked_linear_grad_input": ((torch.randn(2, 3), w, M(keep), "binary", 1.0, 1.0), "mask"),
+        "masked_linear_grad_weight": ((torch.randn(2, 3), x, w, M(s), "sigmoid", 1.0, 1.0, True, True), "mask"),
+        "masked_conv2d_weight": ((w4, M(torch.rand(3, 2, 1, 1)), "relaxed", 1.0, 1.0), "mask"),
+        "masked_conv2d_weight_backward": ((w4, w4, M(torch.rand(3, 2, 1, 1)), "relaxed", 1.0, 1.0, True), "mask"),
+        "sigmoid_mask_l1_op_backward": ((one, M(s), 1.0, 1.0), "scores"),
+        "dpf_mask_update": (([la], [la > 0], M(torch.tensor(0.5))), "threshold"),
+        "mask_flips": (([la > 0], [M(la > 0)]), "prev_masks[0]"),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_raw_cases()))
+def test_raw_ops_refuse_a_meta_argument_beside_cpu_ones(name):
+    # Any meta argument sends the call to the Meta kernel, the op's fake: with the other
+    # arguments on the CPU it returned an uninitialised CPU tensor as the result (e.g.
+    # binary_prune_state's "state" 94024749947941), silently.
+    args, label = _raw_cases()[name]
+    with pytest.raises(ValueError, match=re.escape(f"`{label}` must be on ") + ".* device cpu, got meta"):
+        getattr(torch.ops.sparsekern, name)(*args)

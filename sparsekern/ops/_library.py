@@ -7,6 +7,8 @@ these strings equal the compiled ones.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Callable
 
 import torch
@@ -59,3 +61,41 @@ def cpp_op(name: str, reference: Callable) -> torch._ops.OpOverloadPacket:
         _fallback_lib.define(CPP_SCHEMAS[name])
         _fallback_lib.impl(name, reference, "CompositeExplicitAutograd")
     return getattr(torch.ops.sparsekern, name)
+
+
+def fake(op) -> Callable:
+    """Decorator: registers the function as the fake impl of `op` (a "sparsekern::name"
+    string or a triton_op), behind a check that every tensor argument is on one device
+    (ValueError naming the first one that is not).
+
+    Why: the dispatcher runs the Meta kernel, which is the fake, whenever any argument is
+    a meta tensor. Called with the others on the CPU, every op returned the fake's
+    uninitialised CPU tensor as its result, silently (mask_apply with a meta mask: values
+    like 4e-25 and 2e-18; binary_prune_state: the "state" 94024749947941), where aten ops
+    raise. Under torch.compile the same check refuses mixed devices at trace time. The
+    public functions in sparsekern.ops check devices themselves; this covers the
+    torch.ops.sparsekern.* ops called directly."""
+    def register(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            first = None
+            for name, value in signature.bind(*args, **kwargs).arguments.items():
+                items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
+                for i, t in items:
+                    if not isinstance(t, torch.Tensor):
+                        continue
+                    label = name if i is None else f"{name}[{i}]"
+                    if first is None:
+                        first = (label, t.device)
+                    elif t.device != first[1]:
+                        raise ValueError(f"`{label}` must be on `{first[0]}`'s device {first[1]}, got {t.device}")
+            return fn(*args, **kwargs)
+
+        if isinstance(op, str):
+            torch.library.register_fake(op)(checked)
+        else:
+            op.register_fake(checked)
+        return fn
+    return register

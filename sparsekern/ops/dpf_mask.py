@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 
 from . import reference
+from ._library import fake
 from ..kernels.dpf_mask import flips as _triton_flips
 from ..kernels.dpf_mask import update as _triton_update
 
@@ -50,13 +51,13 @@ def _counts_fake(tensors):
     return tuple(tensors[0].new_empty((len(tensors),), dtype=torch.int64) for _ in range(2))
 
 
-@_update_op.register_fake
+@fake(_update_op)
 def _update_fake(weights, prev_masks, threshold):
     masks = [w.new_empty(w.shape, dtype=torch.bool) for w in weights]
     return (masks, *_counts_fake(weights))
 
 
-@_flips_op.register_fake
+@fake(_flips_op)
 def _flips_fake(new_masks, prev_masks):
     return _counts_fake(new_masks)
 

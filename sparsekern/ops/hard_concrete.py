@@ -35,7 +35,7 @@ import torch
 from .. import _checks
 from .._extension import HAS_EXTENSION
 from . import mask_math, reference
-from ._library import cpp_op
+from ._library import cpp_op, fake
 from ..kernels.hard_concrete import backward as _triton_backward
 from ..kernels.hard_concrete import sample as _triton_sample
 
@@ -60,7 +60,7 @@ def _philox_reference(out: torch.Tensor, seed: int, offset: torch.Tensor) -> Non
 _philox_op = cpp_op("philox_uniform_", _philox_reference)
 
 
-@torch.library.register_fake("sparsekern::philox_uniform_")
+@fake("sparsekern::philox_uniform_")
 def _philox_fake(out, seed, offset):
     return None
 
@@ -109,12 +109,12 @@ _fused_sample = cpp_op("hard_concrete_sample_fused", _sample_torch)
 _fused_backward = cpp_op("hard_concrete_sample_fused_backward", _backward_torch)
 
 
-@torch.library.register_fake("sparsekern::hard_concrete_sample_fused")
+@fake("sparsekern::hard_concrete_sample_fused")
 def _fused_sample_fake(log_alpha, seed, offset, group_size, beta, gamma, zeta, training):
     return log_alpha.new_empty(log_alpha.shape), log_alpha.new_empty((), dtype=torch.float32)
 
 
-@torch.library.register_fake("sparsekern::hard_concrete_sample_fused_backward")
+@fake("sparsekern::hard_concrete_sample_fused_backward")
 def _fused_backward_fake(grad_z, grad_l0, log_alpha, seed, offset, group_size, beta, gamma, zeta, training):
     return log_alpha.new_empty(log_alpha.shape)
 
@@ -166,13 +166,13 @@ _sample_op.register_kernel("cpu")(_sample_cpu)
 _backward_op.register_kernel("cpu")(_backward_cpu)
 
 
-@_sample_op.register_fake
+@fake(_sample_op)
 def _sample_fake(log_alpha, seed, offset, group_size, beta, gamma, zeta, training):
     z = log_alpha.new_empty(log_alpha.shape)
     return z, log_alpha.new_empty((), dtype=_acc_dtype(log_alpha.dtype))
 
 
-@_backward_op.register_fake
+@fake(_backward_op)
 def _backward_fake(grad_z, grad_l0, log_alpha, seed, offset, group_size, beta, gamma, zeta, training):
     return log_alpha.new_empty(log_alpha.shape)
 

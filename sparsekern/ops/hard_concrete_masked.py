@@ -37,7 +37,7 @@ import torch
 from .._extension import HAS_EXTENSION
 from . import hard_concrete as hc
 from . import mask_math
-from ._library import cpp_op
+from ._library import cpp_op, fake
 
 try:
     from ..kernels.hard_concrete import masked_backward as _triton_backward
@@ -71,12 +71,12 @@ _fused_forward = cpp_op("hard_concrete_masked_weight_fused", _forward_torch)
 _fused_backward = cpp_op("hard_concrete_masked_weight_fused_backward", _backward_torch)
 
 
-@torch.library.register_fake("sparsekern::hard_concrete_masked_weight_fused")
+@fake("sparsekern::hard_concrete_masked_weight_fused")
 def _fused_forward_fake(weight, log_alpha, seed, offset, beta, gamma, zeta, training):
     return torch.empty_like(weight, memory_format=torch.contiguous_format), log_alpha.new_empty((), dtype=torch.float32)
 
 
-@torch.library.register_fake("sparsekern::hard_concrete_masked_weight_fused_backward")
+@fake("sparsekern::hard_concrete_masked_weight_fused_backward")
 def _backward_fake(grad, grad_l0, weight, log_alpha, seed, offset, beta, gamma, zeta, training, w_eff=None):
     # Also the fake of the triton_op's backward below: same arguments, same results.
     fmt = torch.contiguous_format
@@ -133,13 +133,13 @@ _op.register_kernel("cpu")(_forward_cpu)
 _backward_op.register_kernel("cpu")(_backward_cpu)
 
 
-@_op.register_fake
+@fake(_op)
 def _(weight, log_alpha, seed, offset, beta, gamma, zeta, training):
     w_eff = torch.empty_like(weight, memory_format=torch.contiguous_format)
     return w_eff, log_alpha.new_empty((), dtype=hc._acc_dtype(log_alpha.dtype))
 
 
-_backward_op.register_fake(_backward_fake)
+fake(_backward_op)(_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):

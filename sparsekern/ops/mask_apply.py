@@ -19,7 +19,7 @@ import torch
 
 from .._extension import HAS_EXTENSION
 from . import mask_math
-from ._library import cpp_op
+from ._library import cpp_op, fake
 
 Tensor = torch.Tensor
 
@@ -68,44 +68,44 @@ _grad_mask_op = cpp_op("binary_grad_mask", lambda weight, keep: weight.alias())
 _binary_weight_op = cpp_op("binary_masked_weight", lambda weight, keep: weight * keep)
 
 
-@torch.library.register_fake("sparsekern::mask_apply")
+@fake("sparsekern::mask_apply")
 def _(weight, mask, kind, beta, scale):
     return torch.empty_like(weight)
 
 
-@torch.library.register_fake("sparsekern::mask_apply_backward")
+@fake("sparsekern::mask_apply_backward")
 def _(grad, weight, mask, kind, beta, scale, mask_grad):
     if mask_grad and kind in mask_math.LEARNABLE_KINDS:
         return torch.empty_like(weight), torch.empty_like(mask)
     return torch.empty_like(weight), mask.new_empty(0)
 
 
-@torch.library.register_fake("sparsekern::mask_apply_l1")
+@fake("sparsekern::mask_apply_l1")
 def _(weight, mask, kind, beta, scale):
     return torch.empty_like(weight), weight.new_empty((), dtype=torch.float32)
 
 
-@torch.library.register_fake("sparsekern::mask_apply_l1_backward")
+@fake("sparsekern::mask_apply_l1_backward")
 def _(grad, grad_l1, weight, mask, kind, beta, scale):
     return torch.empty_like(weight), torch.empty_like(mask)
 
 
-@torch.library.register_fake("sparsekern::zero_masked_")
+@fake("sparsekern::zero_masked_")
 def _(weights, keeps):
     return None
 
 
-@torch.library.register_fake("sparsekern::binary_prune_state")
+@fake("sparsekern::binary_prune_state")
 def _(weight, keep):
     return weight.new_empty((), dtype=torch.long)
 
 
-@torch.library.register_fake("sparsekern::binary_grad_mask")
+@fake("sparsekern::binary_grad_mask")
 def _(weight, keep):
     return weight.alias()
 
 
-@torch.library.register_fake("sparsekern::binary_masked_weight")
+@fake("sparsekern::binary_masked_weight")
 def _(weight, keep):
     return torch.empty_like(weight)
 

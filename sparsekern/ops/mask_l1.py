@@ -18,7 +18,7 @@ import torch
 from .. import _checks
 from .._extension import HAS_EXTENSION
 from . import mask_math, reference
-from ._library import cpp_op
+from ._library import cpp_op, fake
 
 try:
     from ..kernels.mask_l1 import sigmoid_l1 as _triton_forward
@@ -47,12 +47,12 @@ _cpp_forward = cpp_op("sigmoid_mask_l1", _forward_torch)
 _cpp_backward = cpp_op("sigmoid_mask_l1_backward", _backward_torch)
 
 
-@torch.library.register_fake("sparsekern::sigmoid_mask_l1")
+@fake("sparsekern::sigmoid_mask_l1")
 def _(scores, beta, scale):
     return scores.new_empty(())
 
 
-@torch.library.register_fake("sparsekern::sigmoid_mask_l1_backward")
+@fake("sparsekern::sigmoid_mask_l1_backward")
 def _(grad, scores, beta, scale):
     return torch.empty_like(scores)
 
@@ -97,12 +97,12 @@ _op.register_kernel("cpu")(_forward_cpu)
 _backward_op.register_kernel("cpu")(_backward_cpu)
 
 
-@_op.register_fake
+@fake(_op)
 def _(scores, beta, scale):
     return scores.new_empty((), dtype=_acc(scores.dtype))
 
 
-@_backward_op.register_fake
+@fake(_backward_op)
 def _(grad, scores, beta, scale):
     return torch.empty_like(scores, memory_format=torch.contiguous_format)
 

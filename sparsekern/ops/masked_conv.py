@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import mask_apply, mask_math
+from ._library import fake
 
 try:
     from ..kernels.masked_conv import masked_weight, masked_weight_backward, weight_format
@@ -79,12 +80,12 @@ _masked_weight_op.register_kernel("cpu")(_forward_torch)
 _backward_op.register_kernel("cpu")(_backward_torch)
 
 
-@_masked_weight_op.register_fake
+@fake(_masked_weight_op)
 def _(weight, mask, kind, beta, scale):
     return torch.empty_like(weight, memory_format=weight_format(weight))
 
 
-@_backward_op.register_fake
+@fake(_backward_op)
 def _(grad_w_eff, weight, mask, kind, beta, scale, mask_grad):
     fmt = weight_format(weight)
     grad_w = torch.empty_like(weight, memory_format=fmt)

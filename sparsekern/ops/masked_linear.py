@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import mask_apply, mask_math, reference
+from ._library import fake
 
 try:
     from ..kernels.masked_linear import masked_linear_grad_weight, masked_matmul
@@ -91,17 +92,17 @@ _grad_input_op.register_kernel("cpu")(_grad_input_torch)
 _grad_weight_op.register_kernel("cpu")(_grad_weight_torch)
 
 
-@_masked_linear_op.register_fake
+@fake(_masked_linear_op)
 def _(x, weight, bias, mask, kind, beta, scale):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-@_grad_input_op.register_fake
+@fake(_grad_input_op)
 def _(grad_y, weight, mask, kind, beta, scale):
     return grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
 
 
-@_grad_weight_op.register_fake
+@fake(_grad_weight_op)
 def _(grad_y, x, weight, mask, kind, beta, scale, mask_grad, bias_grad):
     grad_m = mask.new_empty(mask.shape if mask_grad and kind in mask_math.LEARNABLE_KINDS else (0,))
     grad_b = grad_y.new_empty((weight.shape[0],) if bias_grad else (0,))

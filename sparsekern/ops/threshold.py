@@ -13,7 +13,7 @@ import torch
 
 from .. import _checks
 from . import reference
-from ._library import cpp_op
+from ._library import cpp_op, fake
 
 _threshold_op = cpp_op("magnitude_threshold", reference.magnitude_threshold)
 _masks_op = cpp_op("magnitude_masks", reference.magnitude_masks)
@@ -21,12 +21,12 @@ _masks_op = cpp_op("magnitude_masks", reference.magnitude_masks)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-@torch.library.register_fake("sparsekern::magnitude_threshold")
+@fake("sparsekern::magnitude_threshold")
 def _threshold_fake(tensors, n_prune):
     return tensors[0].new_empty((), dtype=torch.float32)
 
 
-@torch.library.register_fake("sparsekern::magnitude_masks")
+@fake("sparsekern::magnitude_masks")
 def _masks_fake(tensors, n_prune):
     masks = [t.new_empty(t.shape, dtype=torch.bool) for t in tensors]
     return masks, tensors[0].new_empty((), dtype=torch.float32)
