@@ -93,3 +93,28 @@ def test_raw_ops_refuse_a_meta_argument_beside_cpu_ones(name):
     args, label = _raw_cases()[name]
     with pytest.raises(ValueError, match=re.escape(f"`{label}` must be on ") + ".* device cpu, got meta"):
         getattr(torch.ops.sparsekern, name)(*args)
+
+
+MASKED_OPS = {
+    "masked_linear": lambda d, m: (torch.randn(2, 4, dtype=d), torch.randn(3, 4, dtype=d), None, m),
+    "masked_linear_grad_input": lambda d, m: (torch.randn(2, 3, dtype=d), torch.randn(3, 4, dtype=d), m),
+    "masked_linear_grad_weight": lambda d, m: (torch.randn(2, 3, dtype=d), torch.randn(2, 4, dtype=d),
+                                               torch.randn(3, 4, dtype=d), m),
+    "masked_conv2d_weight": lambda d, m: (torch.randn(3, 4, 1, 1, dtype=d), m.reshape(3, 4, 1, 1)),
+    "masked_conv2d_weight_backward": lambda d, m: (torch.randn(3, 4, 1, 1, dtype=d), torch.randn(3, 4, 1, 1, dtype=d),
+                                                   m.reshape(3, 4, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(MASKED_OPS))
+def test_raw_masked_ops_refuse_an_unknown_kind(name, dtype, device):
+    # The Triton ops' CPU kernels and fakes took any string: "relaxd" ran as a float gate
+    # wherever the C++ kernels (float32, which check it) did not take the call (float64
+    # gave values; meta, shapes).
+    args = MASKED_OPS[name](dtype, torch.rand(3, 4, dtype=dtype))
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    extra = (True, True) if name == "masked_linear_grad_weight" else (True,) if name.endswith("backward") else ()
+    with pytest.raises(ValueError, match="`kind`"):
+        getattr(torch.ops.sparsekern, name)(*args, "relaxd", 1.0, 1.0, *extra)

@@ -130,6 +130,9 @@ def cpp_layout(weight: Tensor, mask: Tensor, kind: str) -> bool:
 
 def masked_weight(weight: Tensor, mask: Tensor, kind: str, beta: float, scale: float) -> Tensor:
     """weight ⊙ g in weight's dtype and memory format (values only; no autograd)."""
+    # The masked ops' CPU kernels reach here with `kind` unchecked when called directly
+    # (torch.ops.sparsekern.masked_linear): an unknown kind took the float-gate branch.
+    mask_math.check_kind(kind)
     if cpp_layout(weight, mask, kind):
         return _apply_op(weight, mask, kind, beta, scale)
     return mask_math.masked_weight(weight, mask, kind, beta, scale)
@@ -140,6 +143,7 @@ def weight_and_mask_grads(
 ) -> tuple[Tensor, Optional[Tensor]]:
     """mask_math.weight_and_mask_grads: (grad_w, grad_mask or None); grad_w comes out in
     weight's memory format on the C++ path."""
+    mask_math.check_kind(kind)  # as in masked_weight
     # Not for an empty weight: an empty grad's strides are arbitrary (expanded: (0, ...)),
     # and under torch.compile the stride comparison below is traced on other strides than
     # the grad has at run time, so the C++ kernel's stride check raised ValueError.

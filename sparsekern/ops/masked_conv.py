@@ -82,11 +82,13 @@ _backward_op.register_kernel("cpu")(_backward_torch)
 
 @fake(_masked_weight_op)
 def _(weight, mask, kind, beta, scale):
+    mask_math.check_kind(kind)
     return torch.empty_like(weight, memory_format=weight_format(weight))
 
 
 @fake(_backward_op)
 def _(grad_w_eff, weight, mask, kind, beta, scale, mask_grad):
+    mask_math.check_kind(kind)
     fmt = weight_format(weight)
     grad_w = torch.empty_like(weight, memory_format=fmt)
     if not (mask_grad and kind in mask_math.LEARNABLE_KINDS):

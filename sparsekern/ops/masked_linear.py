@@ -94,16 +94,19 @@ _grad_weight_op.register_kernel("cpu")(_grad_weight_torch)
 
 @fake(_masked_linear_op)
 def _(x, weight, bias, mask, kind, beta, scale):
+    mask_math.check_kind(kind)
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 @fake(_grad_input_op)
 def _(grad_y, weight, mask, kind, beta, scale):
+    mask_math.check_kind(kind)
     return grad_y.new_empty((grad_y.shape[0], weight.shape[1]))
 
 
 @fake(_grad_weight_op)
 def _(grad_y, x, weight, mask, kind, beta, scale, mask_grad, bias_grad):
+    mask_math.check_kind(kind)
     grad_m = mask.new_empty(mask.shape if mask_grad and kind in mask_math.LEARNABLE_KINDS else (0,))
     grad_b = grad_y.new_empty((weight.shape[0],) if bias_grad else (0,))
     return weight.new_empty(weight.shape), grad_m, grad_b
