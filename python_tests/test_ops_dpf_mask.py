@@ -116,6 +116,8 @@ def test_iou_from_counts(device):
     inter = sum(int((a & b).sum()) for a, b in zip(prev, new))
     union = sum(int((a | b).sum()) for a, b in zip(prev, new))
     assert ops.mask_iou(nnz_prev.sum(), nnz_new.sum(), flips.sum()).item() == pytest.approx(inter / union)
+    # Python ints count too (as before): IoU of {0, 1, 2} and {1, 2, 3} is 2 / 4.
+    assert ops.mask_iou(3, torch.tensor(3), 2).item() == 0.5
 
 
 def test_weights_requiring_grad_and_python_threshold(device):
@@ -188,6 +190,9 @@ T = torch.tensor(0.1)
         (lambda: ops.mask_flips(P, P[0]), TypeError, "prev_masks"),
         (lambda: ops.mask_flips(P, []), ValueError, "prev_masks"),
         (lambda: ops.mask_flips(P, [torch.ones(2, dtype=torch.bool)]), ValueError, r"prev_masks\[0\]"),
+        (lambda: ops.mask_iou([3], torch.tensor([2]), torch.tensor([1])), TypeError, "nnz_prev"),
+        (lambda: ops.mask_iou(torch.tensor([3]), [2], torch.tensor([1])), TypeError, "nnz_new"),
+        (lambda: ops.mask_iou(torch.tensor([3]), torch.tensor([2]), (1,)), TypeError, "flips"),
     ],
 )
 def test_bad_inputs_raise(call, error, name):

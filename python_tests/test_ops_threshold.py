@@ -235,8 +235,15 @@ def test_exact_count_form(device):
     ({"n_prune": -1}, ValueError, "n_prune"),
     ({"n_prune": 4}, ValueError, "at most the 3"),
     ({"n_prune": 1.5}, TypeError, "n_prune"),
+    ({"n_prune": 1, "check_finite": "no"}, TypeError, "check_finite"),
 ])
 @pytest.mark.parametrize("fn", [ops.magnitude_threshold, ops.magnitude_masks])
 def test_exact_count_bad_inputs(fn, kwargs, error, match):
     with pytest.raises(error, match=match):
         fn([torch.ones(3)], **kwargs)
+
+
+def test_return_threshold_must_be_a_bool():
+    # A truthy non-bool was taken as True: return_threshold="no" returned (masks, threshold).
+    with pytest.raises(TypeError, match="`return_threshold`"):
+        ops.magnitude_masks([torch.ones(3)], 0.5, return_threshold="no")

@@ -165,10 +165,21 @@ def mask_flips(
     return _flips_op(new_masks, prev_masks)
 
 
+def _count(name: str, value) -> torch.Tensor:
+    """A count for mask_iou: a tensor as is, an int as a tensor. Anything else raised
+    AttributeError (lists: [1] + [2] concatenated, then had no .double())."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return torch.tensor(int(value))
+    raise TypeError(f"`{name}` must be a torch.Tensor or an int, got {type(value).__name__}")
+
+
 def mask_iou(nnz_prev: torch.Tensor, nnz_new: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     """Intersection over union of consecutive masks from their counts (float64, per
     tensor): (nnz_prev + nnz_new - flips) / (nnz_prev + nnz_new + flips), 1 where both
     masks are empty. Elementwise; pass the counts summed over tensors for the global IoU."""
+    nnz_prev, nnz_new, flips = _count("nnz_prev", nnz_prev), _count("nnz_new", nnz_new), _count("flips", flips)
     total = (nnz_prev + nnz_new).double()
     union = total + flips
     return torch.where(union > 0, (total - flips) / union.clamp(min=1), 1.0)

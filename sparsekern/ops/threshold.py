@@ -94,6 +94,7 @@ def magnitude_threshold(
     to the host (a sync); pass False on a hot path, and the result is NaN instead.
     """
     tensors, n_prune = _check(tensors, sparsity, n_prune)
+    _checks.boolean("`check_finite`", check_finite)
     threshold = _threshold_op(tensors, n_prune)
     if check_finite:
         _raise_if_nonfinite(threshold)
@@ -117,6 +118,9 @@ def magnitude_masks(
     magnitude_threshold (with False, NaN/Inf inputs give a NaN threshold and all-True masks).
     """
     tensors, n_prune = _check(tensors, sparsity, n_prune)
+    # Truthy non-bools were taken as True: return_threshold="no" returned (masks, threshold).
+    _checks.boolean("`check_finite`", check_finite)
+    _checks.boolean("`return_threshold`", return_threshold)
     masks, threshold = _masks_op(tensors, n_prune)
     if check_finite:
         _raise_if_nonfinite(threshold)
