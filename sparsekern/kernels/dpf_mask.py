@@ -44,6 +44,16 @@ def _flips_kernel(new_ptr, prev_ptr, nnz_ptr, flips_ptr, t, n, BLOCK: tl.constex
     _count(keep, prev_ptr, idx, inb, nnz_ptr, flips_ptr, t)
 
 
+def _check_pairs(tensors: list[torch.Tensor], prev_masks: list[torch.Tensor]) -> None:
+    # The kernels read prev_masks[t] at every index of tensors[t]: a smaller one was read
+    # out of bounds (raw torch.ops.sparsekern.* calls reach here unchecked).
+    if len(prev_masks) != len(tensors):
+        raise ValueError(f"`prev_masks` must have {len(tensors)} tensors, got {len(prev_masks)}")
+    for t, (x, prev) in enumerate(zip(tensors, prev_masks)):
+        if prev.shape != x.shape:
+            raise ValueError(f"`prev_masks[{t}]` must have shape {tuple(x.shape)}, got {tuple(prev.shape)}")
+
+
 def _counters(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     device = tensors[0].device
     return (torch.zeros(len(tensors), dtype=torch.int64, device=device),
@@ -55,6 +65,9 @@ def update(
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """(masks, nnz, flips) for same-shaped weights/prev_masks on one device and a 0-dim
     float32 threshold there."""
+    _check_pairs(weights, prev_masks)
+    if threshold.numel() != 1:
+        raise ValueError(f"`threshold` must have one element, got shape {tuple(threshold.shape)}")
     nnz, flips = _counters(weights)
     masks = []
     for t, (w, prev) in enumerate(zip(weights, prev_masks)):
@@ -70,6 +83,7 @@ def update(
 
 def flips(new_masks: list[torch.Tensor], prev_masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(nnz, flips) for same-shaped bool masks on one device."""
+    _check_pairs(new_masks, prev_masks)
     nnz, flips_ = _counters(new_masks)
     for t, (new, prev) in enumerate(zip(new_masks, prev_masks)):
         n = new.numel()

@@ -187,6 +187,9 @@ def _launch_backward(grad_out, grad_l0, log_alpha, weight, seed, offset, beta, g
     """(grad log_alpha, grad_w or None): grad_out is z's gradient, or w_eff's when weight
     is given; grad_l0 already times group_size; the inputs contiguous and of one shape."""
     masked = weight is not None
+    _check_same_shape("grad_w_eff" if masked else "grad_z", grad_out, log_alpha)
+    if grad_l0.numel() != 1:  # the kernel reads its first element
+        raise ValueError(f"grad_l0 must have one element, got shape {tuple(grad_l0.shape)}")
     n = log_alpha.numel()
     grad = torch.empty_like(log_alpha)
     grad_w = torch.empty_like(weight) if masked else None

@@ -141,6 +141,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def check_shape(what: str, t: torch.Tensor, shape) -> None:
+    """The launchers index tensors by the weight's sizes: one of other sizes was read out
+    of bounds (raw torch.ops.sparsekern.* calls reach here unchecked)."""
+    if t.shape != tuple(shape):
+        raise ValueError(f"`{what}` must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_mask(mask: torch.Tensor, weight: torch.Tensor) -> None:
+    """mask of weight's shape, or broadcastable to it with weight's number of dims."""
+    if mask.shape == weight.shape:  # the common case, first: one comparison
+        return
+    if mask.dim() != weight.dim() or any(m not in (1, w) for m, w in zip(mask.shape, weight.shape)):
+        raise ValueError(f"`mask` must have weight's shape {tuple(weight.shape)} or broadcast to it "
+                         f"with as many dims, got {tuple(mask.shape)}")
+
+
 def weight_format(weight: torch.Tensor) -> torch.memory_format:
     """The layout w_eff and grad_w are produced in: channels_last when the weight is
     (and not also plain contiguous), else contiguous."""
@@ -181,6 +197,7 @@ def masked_weight(
     *, block: tuple[int, int] = (32, 128),
 ) -> torch.Tensor:
     """w_eff = weight ⊙ g(mask), in weight's dtype and weight_format(weight)."""
+    check_mask(mask, weight)
     weight, mask, O, R, smo, smr, _, _ = _rows_view(weight, mask)
     out = torch.empty_like(weight)
     if out.numel() == 0:
@@ -201,6 +218,8 @@ def masked_weight_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_w, grad_mask) from G = dL/dw_eff in one pass. grad_mask has the mask's shape
     and dtype; it is an empty tensor when not asked for or when `kind` has none."""
+    check_mask(mask, weight)
+    check_shape("grad_w_eff", grad_w_eff, weight.shape)
     full_mask = mask.shape == weight.shape
     mask_shape, mask_dtype = mask.shape, mask.dtype
     weight, mask_v, O, R, smo, smr, reduce_o, reduce_r = _rows_view(weight, mask)

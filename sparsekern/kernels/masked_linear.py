@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .masked_conv import KIND_CODES, LEARNABLE, apply_gate, gate_slope, interpreting, store_mask_grad, weight_grad
+from .masked_conv import (KIND_CODES, LEARNABLE, apply_gate, check_mask, check_shape, gate_slope, interpreting,
+                          store_mask_grad, weight_grad)
 
 
 @triton.jit
@@ -156,6 +157,10 @@ def masked_matmul(
     a @ (weight ⊙ g) (grad_x: a is G_y [M, out]), in a's dtype. mask may be a
     broadcastable hard_concrete gate; it is read through stride 0."""
     M = a.shape[0]
+    check_mask(mask, weight)
+    check_shape("a", a, (M, weight.shape[1] if transpose_weight else weight.shape[0]))
+    if bias is not None:
+        check_shape("bias", bias, (weight.shape[0],))
     sm0, sm1 = _mask_strides(mask)
     if transpose_weight:  # B[k, n] = w[n, k]
         N, K = weight.shape
@@ -193,6 +198,9 @@ def masked_linear_grad_weight(
     """
     M = grad_y.shape[0]
     N, K = weight.shape
+    check_mask(mask, weight)
+    check_shape("grad_y", grad_y, (M, N))
+    check_shape("x", x, (M, K))
     mask_grad = mask_grad and kind in LEARNABLE
     reduce_n = mask.shape[0] == 1 and N != 1
     reduce_k = mask.shape[1] == 1 and K != 1
