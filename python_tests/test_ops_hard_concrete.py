@@ -403,6 +403,13 @@ def test_cpu_noise_kernel_rejects_bad_output():
         torch.ops.sparsekern.philox_uniform_(torch.empty(4, 4).t(), 0, off(0))
 
 
+@pytest.mark.parametrize("numel", [0, 1, 37])
+def test_cpu_noise_kernel_opcheck(numel):
+    # The one mutating op (out is written in place): its schema's alias annotation, fake
+    # and dispatch had no opcheck.
+    torch.library.opcheck(torch.ops.sparsekern.philox_uniform_.default, (torch.empty(numel), 3, off(5)))
+
+
 # --- the fused C++ CPU kernels (csrc/cpu/hard_concrete_cpu.cpp) ---------------------------
 # float32 / float16 / bfloat16 on the CPU run sparsekern::hard_concrete_sample_fused and its
 # backward. Their oracle is float64 math on the same float32 noise u (the float64 reference
