@@ -220,6 +220,11 @@ def fails(capsys, argv, *needles):
     # "`end_iteration` (--end-iteration) must be >= 4, got 2": a flag not given, a value derived.
     (["--method", "gmp", "--sparsity", "0.5", "--epochs", "1", "--max-batches", "2", "--start-iteration", "3"],
      ["--start-iteration 3: the sparsity schedule ends at step 2", "--end-iteration not given", "> 3"]),
+    # Accepted: the schedule was cut off where training stopped, far from the target.
+    (["--method", "gmp", "--density", "0.2", "--epochs", "1", "--max-batches", "2", "--end-iteration", "3"],
+     ["--end-iteration 3: the run trains 2 steps", "<= 2"]),
+    (["--method", "dpf", "--sparsity", "0.5", "--epochs", "1", "--max-batches", "2", "--end-iteration", "100000"],
+     ["--end-iteration 100000: the run trains 2 steps", "never reach its target"]),
     # A traceback from BatchNorm at the end of the first epoch (a last batch of 1 image over 1x1 maps).
     (["--method", "dense", "--model", "torchvision:resnet18", "--batch-size", "4"],
      ["--batch-size 4: each epoch's last batch holds 1 image (1437 = 359 x 4 + 1)", "Expected more than 1 value"]),
@@ -234,6 +239,15 @@ def test_bad_arguments_fail_before_anything_is_written(args, needles, tmp_path, 
     base = ["--model", "mlp"] if "--model" not in args else []
     fails(capsys, ["train", *args, *base, "--threads", "1", "--out", str(out)], *needles)
     assert not out.exists()
+
+
+def test_out_expands_a_home_folder(tmp_path, monkeypatch):
+    # Quoted, '~/runs/x' reaches the program as is: it made a folder named '~' here.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--method", "dense", "--model", "mlp", "--epochs", "1", "--max-batches", "1",
+                     "--threads", "1", "--out", "~/runs/x"]) == 0
+    assert (tmp_path / "home" / "runs" / "x" / "report.json").exists() and not (tmp_path / "~").exists()
 
 
 def test_existing_run_needs_resume(tmp_path, capsys):

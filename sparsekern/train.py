@@ -342,7 +342,8 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, out: Path, *, resume: bool = False, progress: bool | None = None,
                  log: Callable[[str], None] = print):
-        self.cfg, self.out, self.resume, self.progress, self._print = cfg, Path(out), resume, progress, log
+        # expanduser: as --data-dir; a quoted '~/runs/x' made a folder named '~' in the working directory.
+        self.cfg, self.out, self.resume, self.progress, self._print = cfg, Path(out).expanduser(), resume, progress, log
         cfg.validate()
         check_out(self.out)
         if resume:
@@ -413,6 +414,13 @@ class Trainer:
             raise ValueError(f"--start-iteration {start}: the sparsity schedule ends at step {end}, before it would "
                              f"start (--end-iteration not given: the step of the second lr decay, else 3/4 of the "
                              f"{phase_epochs * self.steps_per_epoch} training steps); give --end-iteration > {start}")
+        steps = phase_epochs * self.steps_per_epoch
+        if isinstance(given.get("end_iteration"), int) and given["end_iteration"] > steps:
+            # Accepted before: `gmp --density 0.2 --end-iteration 100000` finished far from its
+            # target, the schedule cut off where training stopped.
+            raise ValueError(f"--end-iteration {given['end_iteration']}: the run trains {steps} steps "
+                             f"({phase_epochs} epoch(s) of {self.steps_per_epoch}), so the sparsity schedule would "
+                             f"never reach its target; give --end-iteration <= {steps}")
         return kwargs, mask_lr
 
     def _check_last_batch(self) -> None:
