@@ -295,16 +295,35 @@ class StraightThroughMask(BinaryMask):
 
     def channel_gates(self, layer):
         """1 for a channel with some weight kept, 0 for one pruned whole; no gradient (the
-        BatchNorm passes its affine parameters' straight through)."""
+        BatchNorm passes its affine parameters' straight through). Kept until the mask
+        changes (DPF recomputes it every `period` steps): the any() over a ResNet-20
+        stage-3 mask took 28 us, a third of what the gated BatchNorm added to its step."""
         if not self.gates_output_channels(layer):
             return super().channel_gates(layer)
-        return layer.weight_mask.flatten(1).any(1).to(layer.weight.dtype)
+        mask, dtype = layer.weight_mask, layer.weight.dtype
+        if torch.compiler.is_compiling():  # dynamo cannot guard on a version counter
+            return mask.flatten(1).any(1).to(dtype)
+        kept = self.__dict__.get("_channel_gates")
+        if kept is not None and kept[0] is mask and kept[1] == mask._version and kept[2].dtype == dtype:
+            return kept[2]
+        gates = mask.flatten(1).any(1).to(dtype)
+        self._channel_gates = (mask, mask._version, gates)
+        return gates
 
     def eval_channel_gates(self, layer):
         return self.channel_gates(layer)  # the same in both modes
 
     def options(self):
         return {"whole_channels": True} if self.whole_channels else {}
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_channel_gates", None)  # a cache (and a reference to the old mask tensor)
+        return state
+
+    def after_apply(self, layer):
+        super().after_apply(layer)
+        self.__dict__.pop("_channel_gates", None)
 
 
 # The lowest initial score: 1/σ(s0) (the gate's scale) stays finite in float32 (e^80 ≈
