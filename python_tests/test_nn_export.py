@@ -253,6 +253,15 @@ def test_bad_export_arguments():
         export(model, example_input=(1, 5))
 
 
+def test_example_input_missing_batch_dim_names_it():
+    # A conv takes an unbatched (C, H, W) input, the BatchNorm after it then raises a
+    # ValueError ("expected 4D input (got 3D input)"), which export passed on unwrapped:
+    # it did not say which argument was wrong.
+    model = sparsify(convnet())
+    with pytest.raises(ValueError, match=r"`example_input` of shape \(3, 8, 8\) does not fit"):
+        export(model, purge=True, example_input=(3, 8, 8))
+
+
 def test_purge_channels_wants_a_plain_model():
     # A sparse model failed in the fx trace ("purge needs a model torch.fx can trace").
     model = sparsify(mlp(), mask="hard_concrete", structured=True)

@@ -242,7 +242,10 @@ def export(model: nn.Module, purge: bool = False, example_input=None) -> Exporte
     exported = bake(copy.deepcopy(model))
     try:  # the first forward of `example`: a shape that does not fit fails here
         macs_before = None if example is None else count_macs(exported, example)
-    except RuntimeError as e:  # torch's "mat1 and mat2 shapes cannot be multiplied", not naming the argument
+    except (RuntimeError, ValueError) as e:
+        # torch's "mat1 and mat2 shapes cannot be multiplied" (RuntimeError), or a BatchNorm's
+        # "expected 4D input (got 3D input)" (ValueError) for a shape without its batch dim,
+        # which a conv accepts unbatched: neither names the argument.
         raise ValueError(f"`example_input` of shape {tuple(example.shape)} does not fit the model's forward: {e}") from e
     stats = {"params_before": count_params(exported), "macs_before": macs_before}
     removed, kept = purge_channels(exported, example) if purge else ({}, {})
