@@ -276,3 +276,25 @@ def test_state_dict_round_trip_continues_bit_exactly(phase):
         method.end_round()
         restored.end_round()
         _assert_same((model.state_dict(), method.state_dict()), (fresh.state_dict(), restored.state_dict()))
+
+
+def test_ticket_checkpoint_into_a_search_model_says_which_order():
+    # A ticket checkpoint holds binary `weight_mask` entries; a fresh search-phase model has
+    # `weight_score`. Loaded model first (the README's order for a meta-built model), torch
+    # raised only "Unexpected key(s) ... fc1.weight_mask ...", not saying why or what to do.
+    model = mlp()
+    method = ContinuousSparsification(model, epochs_per_round=2)
+    train(model, method, sgd(method), batches(2))
+    method.to_ticket()
+    model_state, method_state = copy.deepcopy(model.state_dict()), method.state_dict()
+
+    fresh = mlp(seed=1)
+    fresh_method = ContinuousSparsification(fresh, epochs_per_round=2)
+    with pytest.raises(RuntimeError, match=r"weight_mask belongs to another mask kind than this layer's 'sigmoid'.*"
+                                           r"after the method's load_state_dict"):
+        fresh.load_state_dict(model_state)
+    # The order the message gives works: the method binarises the layers, then the model loads.
+    fresh_method.load_state_dict(method_state)
+    fresh.load_state_dict(model_state)
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)

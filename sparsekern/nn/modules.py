@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import mask_apply, mask_math, reference
-from .masks import MaskKind, make_mask
+from .masks import MASK_KINDS, MaskKind, make_mask
 
 
 def _as_mask(mask, options: dict) -> MaskKind:
@@ -117,6 +117,18 @@ class _SparseMixin:
         names = [prefix + n for n in self.mask.state_names]
         if prefix + "weight" in state_dict and not any(n in state_dict for n in names):
             missing_keys[:] = [k for k in missing_keys if k not in names]
+            # Another mask kind's entries instead of ours: torch only listed them as
+            # unexpected keys. The common case is a ContinuousSparsification ticket
+            # (binary weight_mask) loaded into a fresh search-phase model (weight_score).
+            other = sorted({n for kind in MASK_KINDS.values() for n in kind.state_names}
+                           - set(self.mask.state_names))
+            found = [prefix + n for n in other if prefix + n in state_dict]
+            if found:
+                error_msgs.append(
+                    f"{found[0]} belongs to another mask kind than this layer's {self.mask.name!r} (its entries: "
+                    f"{names}). A checkpoint from a ContinuousSparsification ticket (to_ticket(): binary masks) "
+                    "loads into a fresh search-phase model after the method's load_state_dict, which turns the "
+                    "layers binary first; other kinds need the method the checkpoint was saved with.")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mask={self.mask!r}"
